@@ -1,0 +1,417 @@
+//! `rangekv bench log`: the raft log engine under a raft-like load, side by side with
+//! TiKV's raft-engine and with RocksDB used as a raft log (sync WAL writes).
+//!
+//! Workload: `writers` threads; each owns every `writers`-th of `ranges` ranges and, in
+//! turn, appends one entry of `entry_bytes` to its next range together with that
+//! range's hard state — what one raft Ready asks — and waits until it is durable
+//! (fsync on every group). Every 1024 entries a range is compacted to 512 behind, as
+//! raft log GC would, so the log stays bounded. Each engine runs the same workload in
+//! its own directory, one after another, in one invocation.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use hdrhistogram::Histogram;
+use raft::eraftpb::{Entry, HardState};
+use rangekv_log::file::DiskFileSystem;
+use rangekv_log::{LogBatch, LogConfig, LogEngine, LogIo};
+use rangekv_types::RangeId;
+use serde::Serialize;
+
+use crate::report::{latency_histogram, Latency, COMMIT};
+
+/// Entries a range keeps behind its newest before the benchmark compacts it.
+const COMPACT_EVERY_ENTRIES: u64 = 1024;
+const KEEP_ENTRIES: u64 = 512;
+
+#[derive(Debug, Clone, clap::Args, Serialize)]
+pub struct LogBenchArgs {
+    /// Ranges (raft groups) whose logs share the engine.
+    #[arg(long, default_value_t = 100)]
+    pub ranges: u64,
+    /// Concurrent writer threads, each waiting for its own appends to be durable.
+    #[arg(long, default_value_t = 64)]
+    pub writers: u64,
+    /// Payload bytes of each entry.
+    #[arg(long, default_value_t = 1024)]
+    pub entry_bytes: usize,
+    /// How long each engine runs.
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Stop each writer after this many appends instead (for smoke tests).
+    #[arg(long)]
+    pub operations: Option<u64>,
+    /// Engines to run beside rangekv: raft-engine, rocksdb (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "")]
+    pub compare: Vec<String>,
+    /// rangekv's writer: auto, uring or sync.
+    #[arg(long, default_value = "auto")]
+    pub io: String,
+    /// Groups in flight at once in rangekv's writer.
+    #[arg(long, default_value_t = 2)]
+    pub pipeline_depth: usize,
+    /// Directory for the engines' files (must be a real disk: fsync on tmpfs is free).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineResult {
+    pub engine: String,
+    pub operations: u64,
+    pub seconds: f64,
+    pub ops_per_sec: f64,
+    pub mb_per_sec: f64,
+    /// fsyncs per second, where the engine reports them.
+    pub syncs_per_sec: Option<f64>,
+    /// Appends per fsync, where the engine reports it.
+    pub mean_group_size: Option<f64>,
+    pub mean_us: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LogBenchReport {
+    pub results: Vec<EngineResult>,
+    pub config: LogBenchArgs,
+    pub commit: &'static str,
+}
+
+/// One engine under test: writes one range's append + hard state durably.
+trait RaftLog: Sync {
+    fn append(&self, range: u64, entry: Entry, hard_state: &HardState, compact_to: Option<u64>)
+        -> anyhow::Result<()>;
+    /// (syncs, requests) so far, when the engine counts them.
+    fn sync_counts(&self) -> Option<(u64, u64)> {
+        None
+    }
+}
+
+struct Rangekv(LogEngine);
+
+impl RaftLog for Rangekv {
+    fn append(
+        &self,
+        range: u64,
+        entry: Entry,
+        hard_state: &HardState,
+        compact_to: Option<u64>,
+    ) -> anyhow::Result<()> {
+        let mut batch = LogBatch::new();
+        let term = entry.term;
+        batch.append(RangeId(range), vec![entry]);
+        batch.set_hard_state(RangeId(range), hard_state.clone());
+        if let Some(index) = compact_to {
+            batch.compact_to(RangeId(range), index, term);
+        }
+        Ok(self.0.write_sync(batch)?)
+    }
+
+    fn sync_counts(&self) -> Option<(u64, u64)> {
+        let stats = self.0.stats();
+        Some((stats.syncs, stats.requests))
+    }
+}
+
+#[derive(Clone)]
+struct EntryExt;
+
+impl raft_engine::MessageExt for EntryExt {
+    type Entry = Entry;
+    fn index(entry: &Entry) -> u64 {
+        entry.index
+    }
+}
+
+struct RaftEngine(raft_engine::Engine);
+
+const HARD_STATE_KEY: &[u8] = b"hard_state";
+
+impl RaftLog for RaftEngine {
+    fn append(
+        &self,
+        range: u64,
+        entry: Entry,
+        hard_state: &HardState,
+        compact_to: Option<u64>,
+    ) -> anyhow::Result<()> {
+        let mut batch = raft_engine::LogBatch::default();
+        batch.add_entries::<EntryExt>(range, &[entry])?;
+        batch.put_message(range, HARD_STATE_KEY.to_vec(), hard_state)?;
+        if let Some(index) = compact_to {
+            batch.add_command(range, raft_engine::Command::Compact { index: index + 1 });
+        }
+        self.0.write(&mut batch, true)?;
+        Ok(())
+    }
+}
+
+struct Rocks(rocksdb::DB);
+
+impl RaftLog for Rocks {
+    fn append(
+        &self,
+        range: u64,
+        entry: Entry,
+        hard_state: &HardState,
+        compact_to: Option<u64>,
+    ) -> anyhow::Result<()> {
+        use protobuf::Message as _;
+        let key = |index: u64| {
+            let mut key = [0u8; 17];
+            key[0] = b'e';
+            key[1..9].copy_from_slice(&range.to_be_bytes());
+            key[9..].copy_from_slice(&index.to_be_bytes());
+            key
+        };
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put(key(entry.index), entry.write_to_bytes()?);
+        let mut state_key = [0u8; 9];
+        state_key[0] = b's';
+        state_key[1..].copy_from_slice(&range.to_be_bytes());
+        batch.put(state_key, hard_state.write_to_bytes()?);
+        if let Some(index) = compact_to {
+            batch.delete_range(key(0), key(index + 1));
+        }
+        let mut options = rocksdb::WriteOptions::default();
+        options.set_sync(true);
+        self.0.write_opt(batch, &options)?;
+        Ok(())
+    }
+}
+
+fn open_engine(name: &str, dir: &Path, args: &LogBenchArgs) -> anyhow::Result<Box<dyn RaftLog>> {
+    std::fs::create_dir_all(dir)?;
+    Ok(match name {
+        "rangekv" => {
+            let io: LogIo = args.io.parse().map_err(anyhow::Error::msg)?;
+            let config = LogConfig {
+                io,
+                pipeline_depth: args.pipeline_depth,
+                ..LogConfig::default()
+            };
+            let engine = LogEngine::open(Arc::new(DiskFileSystem::open(dir)?), config)?;
+            eprintln!("rangekv log writer: {}", engine.io_backend());
+            Box::new(Rangekv(engine))
+        }
+        "raft-engine" => {
+            let config = raft_engine::Config {
+                dir: dir.to_string_lossy().into_owned(),
+                ..Default::default()
+            };
+            Box::new(RaftEngine(raft_engine::Engine::open(config)?))
+        }
+        "rocksdb" => {
+            let mut options = rocksdb::Options::default();
+            options.create_if_missing(true);
+            Box::new(Rocks(rocksdb::DB::open(&options, dir)?))
+        }
+        other => anyhow::bail!("unknown engine {other:?}: expected raft-engine or rocksdb"),
+    })
+}
+
+fn entry_for(index: u64, payload: &bytes::Bytes) -> Entry {
+    let mut entry = Entry::default();
+    entry.index = index;
+    entry.term = 1;
+    entry.data = payload.clone();
+    entry
+}
+
+fn run_engine(engine: &dyn RaftLog, name: &str, args: &LogBenchArgs) -> anyhow::Result<EngineResult> {
+    let payload = bytes::Bytes::from(vec![0x5au8; args.entry_bytes]);
+    let stop = AtomicBool::new(false);
+    let deadline = Duration::from_secs_f64(args.seconds);
+    let before = engine.sync_counts();
+    let started = Instant::now();
+    let histograms: Vec<anyhow::Result<(Histogram<u64>, u64)>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..args.writers)
+            .map(|writer| {
+                let (payload, stop) = (&payload, &stop);
+                scope.spawn(move || -> anyhow::Result<(Histogram<u64>, u64)> {
+                    let owned: Vec<u64> =
+                        (1..=args.ranges).filter(|r| r % args.writers == writer % args.writers).collect();
+                    let mut histogram = latency_histogram();
+                    let mut next_index = vec![1u64; owned.len()];
+                    let mut done = 0u64;
+                    if owned.is_empty() {
+                        return Ok((histogram, 0));
+                    }
+                    loop {
+                        if let Some(limit) = args.operations {
+                            if done >= limit {
+                                break;
+                            }
+                        } else if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let slot = (done as usize) % owned.len();
+                        let index = next_index[slot];
+                        next_index[slot] += 1;
+                        let mut hard_state = HardState::default();
+                        hard_state.term = 1;
+                        hard_state.commit = index;
+                        let compact = (index % COMPACT_EVERY_ENTRIES == 0).then(|| index - KEEP_ENTRIES);
+                        let begin = Instant::now();
+                        engine.append(owned[slot], entry_for(index, payload), &hard_state, compact)?;
+                        histogram.record(begin.elapsed().as_micros().max(1) as u64)?;
+                        done += 1;
+                    }
+                    Ok((histogram, done))
+                })
+            })
+            .collect();
+        if args.operations.is_none() {
+            while started.elapsed() < deadline && !workers.iter().all(|w| w.is_finished()) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            stop.store(true, Ordering::Relaxed);
+        }
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|_| Err(anyhow::anyhow!("writer panicked"))))
+            .collect()
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    let mut total = latency_histogram();
+    let mut operations = 0;
+    for result in histograms {
+        let (histogram, done) = result.with_context(|| format!("{name} writer"))?;
+        total.add(&histogram)?;
+        operations += done;
+    }
+    let latency = Latency::from_histogram(&total);
+    let after = engine.sync_counts();
+    let (syncs_per_sec, mean_group_size) = match (before, after) {
+        (Some((s0, r0)), Some((s1, r1))) if s1 > s0 => (
+            Some((s1 - s0) as f64 / seconds),
+            Some((r1 - r0) as f64 / (s1 - s0) as f64),
+        ),
+        _ => (None, None),
+    };
+    let ops_per_sec = operations as f64 / seconds;
+    Ok(EngineResult {
+        engine: name.to_string(),
+        operations,
+        seconds,
+        ops_per_sec,
+        mb_per_sec: ops_per_sec * args.entry_bytes as f64 / 1e6,
+        syncs_per_sec,
+        mean_group_size,
+        mean_us: latency.mean_us,
+        p50_us: latency.p50_us,
+        p99_us: latency.p99_us,
+        p999_us: latency.p999_us,
+        max_us: latency.max_us,
+    })
+}
+
+/// Runs the benchmark; prints the table and, if asked, writes the JSON report.
+pub fn run(args: &LogBenchArgs) -> anyhow::Result<LogBenchReport> {
+    anyhow::ensure!(args.ranges >= 1 && args.writers >= 1, "--ranges and --writers must be at least 1");
+    let scratch = match &args.dir {
+        Some(dir) => tempfile::tempdir_in(dir)?,
+        None => tempfile::tempdir()?,
+    };
+    let mut names = vec!["rangekv".to_string()];
+    names.extend(args.compare.iter().filter(|n| !n.is_empty()).cloned());
+    for name in &names[1..] {
+        anyhow::ensure!(
+            name == "raft-engine" || name == "rocksdb",
+            "unknown engine {name:?}: --compare takes raft-engine and rocksdb"
+        );
+    }
+    let mut results = Vec::new();
+    for name in &names {
+        let dir = scratch.path().join(name);
+        let engine = open_engine(name, &dir, args)?;
+        results.push(run_engine(engine.as_ref(), name, args)?);
+        drop(engine);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+    let report = LogBenchReport {
+        results,
+        config: args.clone(),
+        commit: COMMIT,
+    };
+    print_table(&report);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(report)
+}
+
+fn print_table(report: &LogBenchReport) {
+    let config = &report.config;
+    println!(
+        "log bench: {} ranges x {} writers x {} B entries, fsync every group, commit {}",
+        config.ranges, config.writers, config.entry_bytes, report.commit
+    );
+    println!(
+        "{:<12} {:>10} {:>8} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8}",
+        "engine", "ops/s", "MB/s", "syncs/s", "group", "p50_us", "p99_us", "p999_us", "vs_this"
+    );
+    let ours = report.results.first().map_or(0.0, |r| r.ops_per_sec);
+    for r in &report.results {
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+        println!(
+            "{:<12} {:>10.0} {:>8.1} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8.2}",
+            r.engine,
+            r.ops_per_sec,
+            r.mb_per_sec,
+            opt(r.syncs_per_sec),
+            opt(r.mean_group_size),
+            r.p50_us,
+            r.p99_us,
+            r.p999_us,
+            if r.ops_per_sec > 0.0 { ours / r.ops_per_sec } else { 0.0 }
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiny_run_of_every_engine_reports_the_json_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("out.json");
+        let args = LogBenchArgs {
+            ranges: 2,
+            writers: 2,
+            entry_bytes: 64,
+            seconds: 0.0,
+            operations: Some(1100),
+            compare: vec!["raft-engine".into(), "rocksdb".into()],
+            io: "auto".into(),
+            pipeline_depth: 2,
+            dir: Some(dir.path().to_path_buf()),
+            json: Some(json.clone()),
+        };
+        let report = run(&args).unwrap();
+        let engines: Vec<_> = report.results.iter().map(|r| r.engine.as_str()).collect();
+        assert_eq!(engines, ["rangekv", "raft-engine", "rocksdb"]);
+        for result in &report.results {
+            assert_eq!(result.operations, 2200, "{}", result.engine);
+            assert!(result.ops_per_sec > 0.0 && result.p50_us > 0 && result.p99_us >= result.p50_us);
+        }
+        let ours = &report.results[0];
+        assert!(ours.mean_group_size.unwrap() >= 1.0);
+        let parsed: serde_json::Value = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
+        assert_eq!(parsed["results"][1]["engine"], "raft-engine");
+        assert!(parsed["results"][0]["p999_us"].as_u64().is_some());
+        assert_eq!(parsed["config"]["ranges"], 2);
+        assert!(parsed["commit"].is_string());
+    }
+}

@@ -1,0 +1,754 @@
+//! The engine's public face: open (with recovery), write batches, read entries, GC.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::JoinHandle;
+
+use raft::eraftpb::{Entry, HardState};
+use rangekv_types::RangeId;
+
+use crate::file::{FileSystem, SegmentFile};
+use crate::format::{self, EncodedEntry, Parsed, Record};
+use crate::index::{Fetch, Location, RangeLog};
+use crate::writer::{self, Waker};
+
+/// How the writer does its I/O (`log.io` in the store's configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogIo {
+    /// io_uring where the kernel and the sandbox allow it, else `Sync`.
+    #[default]
+    Auto,
+    /// io_uring, or fail to open.
+    Uring,
+    /// `pwrite` + `fdatasync` from the writer thread.
+    Sync,
+}
+
+impl std::str::FromStr for LogIo {
+    type Err = String;
+    fn from_str(raw: &str) -> Result<Self, String> {
+        match raw {
+            "auto" => Ok(LogIo::Auto),
+            "uring" => Ok(LogIo::Uring),
+            "sync" => Ok(LogIo::Sync),
+            other => Err(format!("log.io must be auto, uring or sync, not {other:?}")),
+        }
+    }
+}
+
+/// Sizes and limits of the log engine. Units last.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Size of each preallocated segment file.
+    pub segment_bytes: u64,
+    /// A group stops taking requests past this many bytes (one request always fits).
+    pub group_bytes_max: usize,
+    /// Groups written and syncing at once; 1 disables pipelining.
+    pub pipeline_depth: usize,
+    /// Memory for cached recent entries, across all ranges.
+    pub cache_bytes_max: usize,
+    /// Bytes queued for the writer before `write` blocks its caller.
+    pub queue_bytes_max: usize,
+    /// Once the segments hold more than this, cold ranges pinning the oldest segment
+    /// are rewritten into the newest so it can be deleted.
+    pub rewrite_threshold_bytes: u64,
+    pub io: LogIo,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            segment_bytes: 128 * 1024 * 1024,
+            group_bytes_max: 4 * 1024 * 1024,
+            pipeline_depth: 2,
+            cache_bytes_max: 256 * 1024 * 1024,
+            queue_bytes_max: 64 * 1024 * 1024,
+            rewrite_threshold_bytes: 2 * 1024 * 1024 * 1024,
+            io: LogIo::Auto,
+        }
+    }
+}
+
+impl LogConfig {
+    /// The largest batch one write accepts: what fits in a segment after its header.
+    pub fn batch_bytes_max(&self) -> usize {
+        (self.segment_bytes - format::SEGMENT_HEADER_BYTES) as usize
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LogError {
+    /// A write or sync failed: fatal, the engine has stopped.
+    #[error("log I/O failed on {file} at offset {offset}: {source}; the log engine is stopped")]
+    Io {
+        file: String,
+        offset: u64,
+        source: Arc<io::Error>,
+    },
+    /// Replay found a record that fails its checksum or makes no sense, not at the tail.
+    #[error("corrupt raft log: {file} at offset {offset}: {reason}")]
+    Corrupt {
+        file: String,
+        offset: u64,
+        reason: String,
+    },
+    /// The engine stopped earlier (see the first error it reported).
+    #[error("log engine stopped: {0}")]
+    Stopped(String),
+    /// The batch cannot be written as asked; nothing of it was written.
+    #[error("invalid log write for {range}: {reason}")]
+    Invalid { range: RangeId, reason: String },
+    #[error("log batch of {bytes} bytes exceeds batch_bytes_max={limit}")]
+    TooLarge { bytes: usize, limit: usize },
+    #[error("io_uring is not available ({0}); set log.io = auto or sync")]
+    UringUnavailable(String),
+}
+
+impl LogError {
+    pub(crate) fn io(file: String, offset: u64, source: io::Error) -> Self {
+        LogError::Io {
+            file,
+            offset,
+            source: Arc::new(source),
+        }
+    }
+}
+
+/// Why a read of a range's log failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReadError {
+    #[error("entry compacted")]
+    Compacted,
+    #[error("entry not in the log yet")]
+    Unavailable,
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+/// One change to a range's log, placed in the batch's buffer.
+#[derive(Debug)]
+pub(crate) enum Update {
+    Entries {
+        range: RangeId,
+        first_index: u64,
+        placed: Vec<EncodedEntry>,
+        terms: Vec<u64>,
+        /// The entries themselves, for the cache; empty when not to be cached.
+        cached: Vec<Entry>,
+    },
+    HardState {
+        range: RangeId,
+        hard_state: HardState,
+    },
+    Compaction {
+        range: RangeId,
+        truncated_index: u64,
+        truncated_term: u64,
+    },
+    Removal {
+        range: RangeId,
+    },
+}
+
+impl Update {
+    pub(crate) fn range(&self) -> RangeId {
+        match self {
+            Update::Entries { range, .. }
+            | Update::HardState { range, .. }
+            | Update::Compaction { range, .. }
+            | Update::Removal { range } => *range,
+        }
+    }
+}
+
+/// Changes to the logs of any number of ranges, written and synced together.
+/// Encoding happens here, on the caller's thread; the writer only concatenates.
+#[derive(Debug, Default)]
+pub struct LogBatch {
+    pub(crate) buf: Vec<u8>,
+    pub(crate) updates: Vec<Update>,
+}
+
+impl LogBatch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends `entries` (contiguous) to `range`, replacing its entries from
+    /// `entries[0].index` on, as raft-rs asks when a follower's log conflicts.
+    pub fn append(&mut self, range: RangeId, entries: Vec<Entry>) {
+        self.append_inner(range, entries, true);
+    }
+
+    pub(crate) fn append_inner(&mut self, range: RangeId, entries: Vec<Entry>, cache: bool) {
+        let Some(first) = entries.first() else {
+            return;
+        };
+        let first_index = first.index;
+        let placed = format::encode_entries(&mut self.buf, range, &entries);
+        let terms = entries.iter().map(|e| e.term).collect();
+        self.updates.push(Update::Entries {
+            range,
+            first_index,
+            placed,
+            terms,
+            cached: if cache { entries } else { Vec::new() },
+        });
+    }
+
+    pub fn set_hard_state(&mut self, range: RangeId, hard_state: HardState) {
+        format::encode_hard_state(&mut self.buf, range, &hard_state);
+        self.updates.push(Update::HardState { range, hard_state });
+    }
+
+    /// Drops `range`'s entries up to `truncated_index`, whose term is
+    /// `truncated_term`. Past the last entry, the log restarts after it (snapshot,
+    /// bootstrap).
+    pub fn compact_to(&mut self, range: RangeId, truncated_index: u64, truncated_term: u64) {
+        format::encode_compaction_point(&mut self.buf, range, truncated_index, truncated_term);
+        self.updates.push(Update::Compaction {
+            range,
+            truncated_index,
+            truncated_term,
+        });
+    }
+
+    /// Forgets `range` entirely (its replica left this store).
+    pub fn remove_range(&mut self, range: RangeId) {
+        format::encode_range_removal(&mut self.buf, range);
+        self.updates.push(Update::Removal { range });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.updates.is_empty()
+    }
+
+    /// Encoded size.
+    pub fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+/// Called once when a batch is durable (or failed).
+pub type Completion = Box<dyn FnOnce(Result<(), LogError>) + Send>;
+
+pub(crate) struct Request {
+    pub batch: LogBatch,
+    pub done: Completion,
+}
+
+#[derive(Default)]
+pub(crate) struct Queue {
+    pub requests: VecDeque<Request>,
+    pub bytes: usize,
+    pub shutdown: bool,
+}
+
+/// Counters since open, for benchmarks and metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LogStats {
+    pub requests: u64,
+    pub groups: u64,
+    pub syncs: u64,
+    pub bytes: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub requests: AtomicU64,
+    pub groups: AtomicU64,
+    pub syncs: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+pub(crate) struct Shared {
+    pub config: LogConfig,
+    pub fs: Arc<dyn FileSystem>,
+    pub ranges: RwLock<HashMap<RangeId, Arc<Mutex<RangeLog>>>>,
+    pub segments: RwLock<BTreeMap<u64, Arc<dyn SegmentFile>>>,
+    /// The segment being written; GC never touches it or anything newer.
+    pub active_segment: AtomicU64,
+    pub queue: Mutex<Queue>,
+    pub queue_not_full: Condvar,
+    pub waker: Waker,
+    pub failed: AtomicBool,
+    pub failure: Mutex<Option<LogError>>,
+    pub counters: Counters,
+    pub gc: Mutex<()>,
+}
+
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every lock here guards plain data whose invariants hold between statements.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub(crate) fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub(crate) fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub(crate) fn segment_name(sequence: u64) -> String {
+    format!("{sequence:016x}.rlog")
+}
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    let hex = name.strip_suffix(".rlog")?;
+    (hex.len() == 16).then_some(())?;
+    u64::from_str_radix(hex, 16).ok()
+}
+
+impl Shared {
+    pub fn range(&self, range: RangeId) -> Option<Arc<Mutex<RangeLog>>> {
+        read(&self.ranges).get(&range).cloned()
+    }
+
+    pub fn range_or_insert(&self, range: RangeId) -> Arc<Mutex<RangeLog>> {
+        if let Some(log) = self.range(range) {
+            return log;
+        }
+        write(&self.ranges).entry(range).or_default().clone()
+    }
+
+    pub fn failure(&self) -> LogError {
+        match &*lock(&self.failure) {
+            Some(error) => LogError::Stopped(error.to_string()),
+            None => LogError::Stopped("the log engine shut down".into()),
+        }
+    }
+
+    /// Reads one entry from disk, checking it against the checksum taken at write.
+    pub fn read_entry(&self, index: u64, at: Location) -> Result<Entry, LogError> {
+        let file = read(&self.segments).get(&at.segment).cloned();
+        let name = segment_name(at.segment);
+        let Some(file) = file else {
+            return Err(LogError::Corrupt {
+                file: self.fs.describe(&name),
+                offset: at.offset,
+                reason: format!("segment of entry {index} is gone"),
+            });
+        };
+        let mut raw = vec![0u8; at.len as usize];
+        file.read_exact_at(&mut raw, at.offset)
+            .map_err(|e| LogError::io(self.fs.describe(&name), at.offset, e))?;
+        let corrupt = |reason: &str| LogError::Corrupt {
+            file: self.fs.describe(&name),
+            offset: at.offset,
+            reason: format!("entry {index}: {reason}"),
+        };
+        if crc32c::crc32c(&raw) != at.crc {
+            return Err(corrupt("checksum mismatch on read"));
+        }
+        format::decode_entry(&raw, index).map_err(corrupt)
+    }
+
+    /// Deletes every segment older than the oldest one a range still needs.
+    pub fn collect_garbage(&self) -> usize {
+        let _one_at_a_time = lock(&self.gc);
+        let active = self.active_segment.load(Ordering::SeqCst);
+        let logs: Vec<_> = read(&self.ranges).values().cloned().collect();
+        let oldest_needed = logs
+            .iter()
+            .filter_map(|log| lock(log).pinned_segment())
+            .min()
+            .unwrap_or(active)
+            .min(active);
+        let doomed: Vec<u64> = read(&self.segments)
+            .range(..oldest_needed)
+            .map(|(sequence, _)| *sequence)
+            .collect();
+        for sequence in &doomed {
+            write(&self.segments).remove(sequence);
+            let name = segment_name(*sequence);
+            if let Err(error) = self.fs.remove(&name) {
+                // Not a durability problem: the segment only holds dead records.
+                tracing::warn!(file = %self.fs.describe(&name), %error, "could not delete log segment");
+            }
+        }
+        doomed.len()
+    }
+}
+
+struct Handle {
+    shared: Arc<Shared>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    io_name: &'static str,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        lock(&self.shared.queue).shutdown = true;
+        self.shared.waker.wake();
+        if let Some(thread) = lock(&self.writer).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The log engine of one store. Cheap to clone; the writer stops when the last clone
+/// is dropped, after finishing what was queued.
+#[derive(Clone)]
+pub struct LogEngine {
+    handle: Arc<Handle>,
+}
+
+/// What replay found, before the writer starts.
+struct Recovered {
+    ranges: HashMap<RangeId, Arc<Mutex<RangeLog>>>,
+    segments: BTreeMap<u64, Arc<dyn SegmentFile>>,
+    next_sequence: u64,
+}
+
+fn replay(fs: &dyn FileSystem) -> Result<Recovered, LogError> {
+    let list = fs
+        .list()
+        .map_err(|e| LogError::io(fs.describe(""), 0, e))?;
+    let mut sequences: Vec<(u64, String)> = list
+        .into_iter()
+        .filter_map(|name| parse_segment_name(&name).map(|seq| (seq, name)))
+        .collect();
+    sequences.sort();
+    let mut ranges: HashMap<RangeId, RangeLog> = HashMap::new();
+    let mut segments = BTreeMap::new();
+    // Bounds come from the segment's own length, not from today's configuration.
+    let record_bytes_max = usize::MAX;
+    let count = sequences.len();
+    for (position, (sequence, name)) in sequences.iter().enumerate() {
+        let last = position + 1 == count;
+        let described = fs.describe(name);
+        let file = fs.open(name).map_err(|e| LogError::io(described.clone(), 0, e))?;
+        let len = file.len().map_err(|e| LogError::io(described.clone(), 0, e))?;
+        let mut bytes = vec![0u8; len as usize];
+        file.read_exact_at(&mut bytes, 0)
+            .map_err(|e| LogError::io(described.clone(), 0, e))?;
+        let corrupt = |offset: usize, reason: String| LogError::Corrupt {
+            file: described.clone(),
+            offset: offset as u64,
+            reason,
+        };
+        match format::decode_segment_header(&bytes) {
+            Ok(found) if found == *sequence => {}
+            Ok(found) => {
+                return Err(corrupt(0, format!("header says segment {found}")));
+            }
+            Err(why) if last => {
+                // A crash while creating the newest segment: it holds nothing.
+                tracing::warn!(file = %described, why, "removing half-created log segment");
+                fs.remove(name).map_err(|e| LogError::io(described.clone(), 0, e))?;
+                continue;
+            }
+            Err(why) => return Err(corrupt(0, why.to_string())),
+        }
+        let mut at = format::SEGMENT_HEADER_BYTES as usize;
+        loop {
+            match format::parse_record(&bytes, at, record_bytes_max) {
+                Parsed::Record(record, next) => {
+                    apply_replayed(&mut ranges, record, *sequence)
+                        .map_err(|reason| corrupt(at, reason))?;
+                    at = next;
+                }
+                Parsed::End => break,
+                Parsed::Invalid(why) if last => {
+                    tracing::warn!(file = %described, offset = at, why, "truncating torn tail of the log");
+                    break;
+                }
+                Parsed::Invalid(why) => return Err(corrupt(at, why.to_string())),
+            }
+        }
+        if last && (at as u64) < len {
+            // Cut the tail (torn bytes, or preallocated zeros) so that this segment,
+            // no longer the newest once a new one starts, ends exactly at its records.
+            file.truncate(at as u64)
+                .map_err(|e| LogError::io(described.clone(), at as u64, e))?;
+        }
+        segments.insert(*sequence, file);
+    }
+    let next_sequence = sequences.last().map_or(1, |(seq, _)| seq + 1);
+    Ok(Recovered {
+        ranges: ranges
+            .into_iter()
+            .map(|(range, log)| (range, Arc::new(Mutex::new(log))))
+            .collect(),
+        segments,
+        next_sequence,
+    })
+}
+
+fn apply_replayed(
+    ranges: &mut HashMap<RangeId, RangeLog>,
+    record: Record,
+    segment: u64,
+) -> Result<(), String> {
+    match record {
+        Record::Entries {
+            range,
+            first_index,
+            entries,
+        } => {
+            let locations: Vec<Location> = entries
+                .iter()
+                .map(|(term, placed)| Location {
+                    segment,
+                    offset: placed.offset as u64,
+                    len: placed.len,
+                    crc: placed.crc,
+                    term: *term,
+                })
+                .collect();
+            ranges
+                .entry(range)
+                .or_default()
+                .append(first_index, &locations, &[])
+                .map_err(|e| format!("{range}: {e:?}"))?;
+        }
+        Record::HardState { range, hard_state } => {
+            ranges.entry(range).or_default().set_hard_state(hard_state, segment);
+        }
+        Record::CompactionPoint {
+            range,
+            truncated_index,
+            truncated_term,
+        } => {
+            ranges
+                .entry(range)
+                .or_default()
+                .compact(truncated_index, truncated_term, segment);
+        }
+        Record::RangeRemoval { range } => {
+            ranges.remove(&range);
+        }
+    }
+    Ok(())
+}
+
+impl LogEngine {
+    /// Opens the log in `fs`, replaying it, and starts the writer.
+    pub fn open(fs: Arc<dyn FileSystem>, config: LogConfig) -> Result<LogEngine, LogError> {
+        assert!(
+            config.pipeline_depth >= 1,
+            "pipeline_depth is at least 1 (1 = no pipelining)"
+        );
+        assert!(
+            config.segment_bytes > format::SEGMENT_HEADER_BYTES + 4096,
+            "segment_bytes leaves room for records"
+        );
+        let recovered = replay(fs.as_ref())?;
+        let backend = writer::choose_backend(&config, fs.as_ref())?;
+        let io_name = backend.name();
+        tracing::info!(io = io_name, segments = recovered.segments.len(), ranges = recovered.ranges.len(), "raft log engine opened");
+        let waker = Waker::new().map_err(|e| LogError::io("eventfd".into(), 0, e))?;
+        let shared = Arc::new(Shared {
+            config,
+            fs,
+            ranges: RwLock::new(recovered.ranges),
+            segments: RwLock::new(recovered.segments),
+            active_segment: AtomicU64::new(recovered.next_sequence),
+            queue: Mutex::new(Queue::default()),
+            queue_not_full: Condvar::new(),
+            waker,
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            counters: Counters::default(),
+            gc: Mutex::new(()),
+        });
+        let writer = writer::Writer::start(shared.clone(), backend, recovered.next_sequence)?;
+        let thread = std::thread::Builder::new()
+            .name("rangekv-log-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| LogError::io("writer thread".into(), 0, e))?;
+        Ok(LogEngine {
+            handle: Arc::new(Handle {
+                shared,
+                writer: Mutex::new(Some(thread)),
+                io_name,
+            }),
+        })
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.handle.shared
+    }
+
+    /// Which writer runs: `"io_uring"` or `"sync"`.
+    pub fn io_backend(&self) -> &'static str {
+        self.handle.io_name
+    }
+
+    /// Queues `batch`; `done` runs on the writer thread once it is durable, or with the
+    /// error that stopped the engine. Blocks while `queue_bytes_max` bytes are queued.
+    pub fn write(
+        &self,
+        batch: LogBatch,
+        done: impl FnOnce(Result<(), LogError>) + Send + 'static,
+    ) {
+        let shared = self.shared();
+        let limit = shared.config.batch_bytes_max();
+        if batch.bytes() > limit {
+            done(Err(LogError::TooLarge {
+                bytes: batch.bytes(),
+                limit,
+            }));
+            return;
+        }
+        if batch.is_empty() {
+            done(Ok(()));
+            return;
+        }
+        let mut queue = lock(&shared.queue);
+        while queue.bytes > shared.config.queue_bytes_max
+            && !queue.shutdown
+            && !shared.failed.load(Ordering::SeqCst)
+        {
+            queue = shared
+                .queue_not_full
+                .wait(queue)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        if queue.shutdown || shared.failed.load(Ordering::SeqCst) {
+            drop(queue);
+            done(Err(shared.failure()));
+            return;
+        }
+        queue.bytes += batch.bytes();
+        queue.requests.push_back(Request {
+            batch,
+            done: Box::new(done),
+        });
+        drop(queue);
+        shared.waker.wake_if_sleeping();
+    }
+
+    /// Writes `batch` and waits until it is durable.
+    pub fn write_sync(&self, batch: LogBatch) -> Result<(), LogError> {
+        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+        self.write(batch, move |result| {
+            let _ = sender.send(result);
+        });
+        receiver
+            .recv()
+            .unwrap_or_else(|_| Err(self.shared().failure()))
+    }
+
+    /// Drops `range`'s entries before `first_index` (they are applied and no longer
+    /// needed), durably.
+    pub fn compact(&self, range: RangeId, first_index: u64) -> Result<(), LogError> {
+        let truncated_index = first_index.saturating_sub(1);
+        let term = self.term(range, truncated_index).map_err(|e| LogError::Invalid {
+            range,
+            reason: format!("cannot compact to {first_index}: {e}"),
+        })?;
+        let mut batch = LogBatch::new();
+        batch.compact_to(range, truncated_index, term);
+        self.write_sync(batch)
+    }
+
+    /// The error that stopped the engine, if it has stopped on one.
+    pub fn failure(&self) -> Option<LogError> {
+        lock(&self.shared().failure).clone()
+    }
+
+    pub fn first_index(&self, range: RangeId) -> u64 {
+        self.shared()
+            .range(range)
+            .map_or(1, |log| lock(&log).first_index())
+    }
+
+    pub fn last_index(&self, range: RangeId) -> u64 {
+        self.shared()
+            .range(range)
+            .map_or(0, |log| lock(&log).last_index())
+    }
+
+    pub fn hard_state(&self, range: RangeId) -> HardState {
+        self.shared()
+            .range(range)
+            .map(|log| lock(&log).hard_state.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn term(&self, range: RangeId, index: u64) -> Result<u64, ReadError> {
+        let Some(log) = self.shared().range(range) else {
+            return if index == 0 {
+                Ok(0)
+            } else {
+                Err(ReadError::Unavailable)
+            };
+        };
+        let log = lock(&log);
+        log.term(index).ok_or(if index < log.truncated_index {
+            ReadError::Compacted
+        } else {
+            ReadError::Unavailable
+        })
+    }
+
+    /// Entries `low..high` of `range`, at most `max_bytes` of them (but at least one).
+    pub fn entries(
+        &self,
+        range: RangeId,
+        low: u64,
+        high: u64,
+        max_bytes: Option<u64>,
+    ) -> Result<Vec<Entry>, ReadError> {
+        let fetches = {
+            let Some(log) = self.shared().range(range) else {
+                return if low >= high {
+                    Ok(Vec::new())
+                } else {
+                    Err(ReadError::Unavailable)
+                };
+            };
+            let log = lock(&log);
+            if low < log.first_index() {
+                return Err(ReadError::Compacted);
+            }
+            if high > log.last_index() + 1 {
+                return Err(ReadError::Unavailable);
+            }
+            if low >= high {
+                return Ok(Vec::new());
+            }
+            log.fetch(low, high, max_bytes.unwrap_or(u64::MAX))
+        };
+        let mut entries = Vec::with_capacity(fetches.len());
+        for fetch in fetches {
+            entries.push(match fetch {
+                Fetch::Cached(entry) => entry,
+                Fetch::Disk(index, at) => self.shared().read_entry(index, at)?,
+            });
+        }
+        raft::util::limit_size(&mut entries, max_bytes);
+        Ok(entries)
+    }
+
+    /// Ranges that have a log here.
+    pub fn ranges(&self) -> Vec<RangeId> {
+        let mut ranges: Vec<_> = read(&self.shared().ranges).keys().copied().collect();
+        ranges.sort();
+        ranges
+    }
+
+    /// Deletes segments no range needs; returns how many.
+    pub fn collect_garbage(&self) -> usize {
+        self.shared().collect_garbage()
+    }
+
+    /// Segment files on disk now.
+    pub fn segment_count(&self) -> usize {
+        read(&self.shared().segments).len()
+    }
+
+    pub fn stats(&self) -> LogStats {
+        let c = &self.shared().counters;
+        LogStats {
+            requests: c.requests.load(Ordering::Relaxed),
+            groups: c.groups.load(Ordering::Relaxed),
+            syncs: c.syncs.load(Ordering::Relaxed),
+            bytes: c.bytes.load(Ordering::Relaxed),
+        }
+    }
+}

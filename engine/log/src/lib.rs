@@ -1,0 +1,33 @@
+//! rangekv's raft log engine: the raft log of every range on a store in one
+//! append-only log, written by one writer thread that gathers every pending append
+//! into one group: one write and one `fdatasync` for all of them.
+//!
+//! - [`format`]: segment and record layout (`len | crc32c | kind | payload`).
+//! - [`file`]: the file layer ([`file::FileSystem`]) — real files or the crash
+//!   simulator in [`sim`].
+//! - `writer`: the group-commit loop, pipelined; io_uring (`uring`) links each group's
+//!   write to its `fdatasync`; the portable writer uses `pwrite` + `fdatasync`.
+//! - `index`: per range, where each entry lives, its hard state, and a cache.
+//! - [`RangeStorage`]: `raft::Storage` over one range of the log.
+//!
+//! Boundary: knows raft-rs's `Entry`/`HardState` and files; knows nothing of RocksDB,
+//! gRPC or tokio. Invariants: a completion reports success only after the group's
+//! bytes are written **and** synced; groups complete strictly in submission order; a
+//! failed write or sync stops the engine for good (it is never retried); replay checks
+//! every checksum, truncates a torn tail of the last segment only, and refuses to open
+//! on corruption anywhere else, naming the file and offset.
+
+mod engine;
+pub mod file;
+pub mod format;
+mod index;
+pub mod sim;
+mod storage;
+mod uring;
+mod writer;
+
+pub use engine::{LogBatch, LogConfig, LogEngine, LogError, LogIo, LogStats, ReadError};
+pub use storage::RangeStorage;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,669 @@
+//! The log engine's tests: one conformance suite run over every writer (io_uring,
+//! pwrite + fdatasync, `auto`, and the simulated file system), the crash-point loop
+//! over the fault-injecting file system, corruption handling, and a real process
+//! killed with SIGKILL in the middle of appending.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write as _};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use raft::eraftpb::{Entry, HardState};
+use rangekv_types::RangeId;
+
+use crate::file::{DiskFileSystem, FileSystem};
+use crate::sim::{SimFileSystem, SimRng};
+use crate::{LogBatch, LogConfig, LogEngine, LogError, LogIo, ReadError};
+
+/// The entry every test writes at (range, index): its content is a function of both,
+/// so anything read back can be checked, and anything invented is caught.
+fn entry(range: RangeId, index: u64) -> Entry {
+    let mut e = Entry::default();
+    e.index = index;
+    e.term = 1 + index / 16;
+    let len = (range.get() * 31 + index * 7) % 300;
+    e.data = (0..len)
+        .map(|i| (i as u64 ^ index ^ range.get()) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    e
+}
+
+fn entries(range: RangeId, from: u64, to_inclusive: u64) -> Vec<Entry> {
+    (from..=to_inclusive).map(|i| entry(range, i)).collect()
+}
+
+fn small_config(io: LogIo) -> LogConfig {
+    LogConfig {
+        segment_bytes: 64 * 1024,
+        group_bytes_max: 16 * 1024,
+        io,
+        ..LogConfig::default()
+    }
+}
+
+fn append(engine: &LogEngine, range: RangeId, from: u64, to: u64) {
+    let mut batch = LogBatch::new();
+    batch.append(range, entries(range, from, to));
+    engine.write_sync(batch).unwrap();
+}
+
+fn assert_log(engine: &LogEngine, range: RangeId, first: u64, last: u64) {
+    assert_eq!(engine.first_index(range), first, "{range} first index");
+    assert_eq!(engine.last_index(range), last, "{range} last index");
+    if last >= first {
+        let read = engine.entries(range, first, last + 1, None).unwrap();
+        assert_eq!(read, entries(range, first, last), "{range} entries");
+    }
+}
+
+/// Where a conformance test keeps its files, and how it reopens them.
+enum Store {
+    Disk(tempfile::TempDir),
+    Sim(SimFileSystem),
+}
+
+impl Store {
+    fn fs(&self) -> Arc<dyn FileSystem> {
+        match self {
+            Store::Disk(dir) => Arc::new(DiskFileSystem::open(dir.path()).unwrap()),
+            Store::Sim(fs) => Arc::new(fs.clone()),
+        }
+    }
+}
+
+/// Runs the conformance suite over one writer.
+mod conformance {
+    use super::*;
+
+    pub fn store(kind: &str) -> Store {
+        match kind {
+            "sim" => Store::Sim(SimFileSystem::new()),
+            _ => Store::Disk(tempfile::tempdir().unwrap()),
+        }
+    }
+
+    pub fn open(store: &Store, config: LogConfig) -> LogEngine {
+        let engine = LogEngine::open(store.fs(), config).unwrap();
+        if let Ok(expected) = std::env::var("RANGEKV_EXPECT_LOG_IO") {
+            assert_eq!(engine.io_backend(), expected, "writer chosen by log.io");
+        }
+        engine
+    }
+
+    pub fn appends_survive_reopen(kind: &str, io: LogIo) {
+        let store = store(kind);
+        let (a, b) = (RangeId(1), RangeId(2));
+        let mut hard_state = HardState::default();
+        hard_state.term = 3;
+        hard_state.vote = 2;
+        hard_state.commit = 9;
+        {
+            let engine = open(&store, small_config(io));
+            append(&engine, a, 1, 10);
+            let mut batch = LogBatch::new();
+            batch.append(b, entries(b, 1, 5));
+            batch.append(a, entries(a, 11, 12));
+            batch.set_hard_state(a, hard_state.clone());
+            engine.write_sync(batch).unwrap();
+            assert_log(&engine, a, 1, 12);
+            assert_log(&engine, b, 1, 5);
+            assert_eq!(engine.term(a, 12).unwrap(), entry(a, 12).term);
+            assert_eq!(engine.hard_state(a), hard_state);
+        }
+        let engine = open(&store, small_config(io));
+        assert_log(&engine, a, 1, 12);
+        assert_log(&engine, b, 1, 5);
+        assert_eq!(engine.hard_state(a), hard_state);
+        assert_eq!(engine.hard_state(b), HardState::default());
+        assert_eq!(engine.ranges(), vec![a, b]);
+    }
+
+    pub fn concurrent_writers_all_complete(kind: &str, io: LogIo) {
+        let store = store(kind);
+        let writers = 8u64;
+        let appends = 150u64;
+        {
+            let engine = open(&store, small_config(io));
+            std::thread::scope(|scope| {
+                for w in 0..writers {
+                    let engine = engine.clone();
+                    scope.spawn(move || {
+                        let range = RangeId(100 + w);
+                        let (sender, receiver) = mpsc::channel();
+                        for index in 1..=appends {
+                            let mut batch = LogBatch::new();
+                            batch.append(range, vec![entry(range, index)]);
+                            let sender = sender.clone();
+                            engine.write(batch, move |result| {
+                                sender.send((index, result.is_ok())).unwrap();
+                            });
+                        }
+                        let done: Vec<_> = receiver.iter().take(appends as usize).collect();
+                        let order: Vec<u64> = done.iter().map(|(i, _)| *i).collect();
+                        assert!(done.iter().all(|(_, ok)| *ok), "every append succeeds");
+                        assert_eq!(order, (1..=appends).collect::<Vec<_>>(), "completions in order");
+                    });
+                }
+            });
+            let stats = engine.stats();
+            assert_eq!(stats.requests, writers * appends);
+            assert!(stats.groups <= stats.requests && stats.syncs >= stats.groups);
+        }
+        let engine = open(&store, small_config(io));
+        for w in 0..writers {
+            assert_log(&engine, RangeId(100 + w), 1, appends);
+        }
+        assert!(engine.segment_count() > 1, "64 KiB segments rotated");
+    }
+
+    pub fn conflicting_append_truncates(kind: &str, io: LogIo) {
+        let store = store(kind);
+        let range = RangeId(7);
+        let mut replacement = entry(range, 5);
+        replacement.term = 99;
+        replacement.data = b"new leader".to_vec().into();
+        {
+            let engine = open(&store, small_config(io));
+            append(&engine, range, 1, 10);
+            let mut batch = LogBatch::new();
+            batch.append(range, vec![replacement.clone()]);
+            engine.write_sync(batch).unwrap();
+            assert_eq!(engine.last_index(range), 5);
+        }
+        let engine = open(&store, small_config(io));
+        assert_eq!(engine.last_index(range), 5);
+        assert_eq!(engine.term(range, 5).unwrap(), 99);
+        assert_eq!(engine.entries(range, 4, 6, None).unwrap(), vec![entry(range, 4), replacement]);
+    }
+
+    pub fn bad_batches_are_refused_whole(kind: &str, io: LogIo) {
+        let store = store(kind);
+        let engine = open(&store, small_config(io));
+        let range = RangeId(3);
+        append(&engine, range, 1, 3);
+        let mut gap = LogBatch::new();
+        gap.append(RangeId(9), entries(RangeId(9), 1, 1));
+        gap.append(range, entries(range, 8, 9));
+        assert!(matches!(engine.write_sync(gap), Err(LogError::Invalid { .. })));
+        assert_eq!(engine.last_index(RangeId(9)), 0, "nothing of a refused batch lands");
+        let mut huge = LogBatch::new();
+        huge.append(range, vec![{
+            let mut e = entry(range, 4);
+            e.data = vec![0u8; 128 * 1024].into();
+            e
+        }]);
+        assert!(matches!(engine.write_sync(huge), Err(LogError::TooLarge { .. })));
+        append(&engine, range, 4, 5);
+        assert_log(&engine, range, 1, 5);
+    }
+
+    pub fn compaction_and_gc_free_segments(kind: &str, io: LogIo) {
+        let store = store(kind);
+        let (hot, cold) = (RangeId(1), RangeId(2));
+        let config = LogConfig {
+            rewrite_threshold_bytes: 4 * 64 * 1024,
+            ..small_config(io)
+        };
+        {
+            let engine = open(&store, config.clone());
+            append(&engine, cold, 1, 3);
+            let mut next = 1;
+            for _ in 0..40 {
+                append(&engine, hot, next, next + 9);
+                next += 10;
+                engine.compact(hot, next - 5).unwrap();
+            }
+            assert_eq!(engine.first_index(hot), next - 5);
+            assert!(matches!(engine.entries(hot, 1, 2, None), Err(ReadError::Compacted)));
+            // The cold range pinned the first segment; rotations past the threshold
+            // rewrote it forward, so old segments went away.
+            assert!(engine.segment_count() <= 6, "{} segments", engine.segment_count());
+            assert_log(&engine, cold, 1, 3);
+            engine.compact(hot, next).unwrap();
+            assert_log(&engine, hot, next, next - 1);
+        }
+        let engine = open(&store, config);
+        assert_log(&engine, cold, 1, 3);
+        assert_eq!(engine.first_index(hot), 401);
+        assert_eq!(engine.term(hot, 400).unwrap(), entry(hot, 400).term);
+    }
+
+    pub fn removal_and_restart_points(kind: &str, io: LogIo) {
+        let store = store(kind);
+        {
+            let engine = open(&store, small_config(io));
+            append(&engine, RangeId(1), 1, 4);
+            append(&engine, RangeId(2), 1, 4);
+            let mut batch = LogBatch::new();
+            batch.remove_range(RangeId(1));
+            // A snapshot (or a bootstrap) restarts range 3's log after index 5.
+            batch.compact_to(RangeId(3), 5, 5);
+            engine.write_sync(batch).unwrap();
+            assert_eq!(engine.ranges(), vec![RangeId(2), RangeId(3)]);
+            append(&engine, RangeId(3), 6, 7);
+        }
+        let engine = open(&store, small_config(io));
+        assert_eq!(engine.ranges(), vec![RangeId(2), RangeId(3)]);
+        assert_eq!(engine.last_index(RangeId(1)), 0);
+        assert_log(&engine, RangeId(3), 6, 7);
+        assert_eq!(engine.term(RangeId(3), 5).unwrap(), 5);
+    }
+
+    pub fn reads_from_disk_once_evicted(kind: &str, io: LogIo) {
+        let store = store(kind);
+        let config = LogConfig {
+            cache_bytes_max: 0,
+            ..small_config(io)
+        };
+        let engine = open(&store, config);
+        let range = RangeId(5);
+        append(&engine, range, 1, 50);
+        assert_log(&engine, range, 1, 50);
+        let limited = engine.entries(range, 1, 51, Some(1)).unwrap();
+        assert_eq!(limited.len(), 1, "max_size still returns one entry");
+        let some = engine.entries(range, 1, 51, Some(2000)).unwrap();
+        assert!(!some.is_empty() && some.len() < 50);
+        assert_eq!(some, entries(range, 1, some.len() as u64));
+    }
+
+    pub fn raft_storage_view(kind: &str, io: LogIo) {
+        use raft::Storage as _;
+        let store = store(kind);
+        let engine = open(&store, small_config(io));
+        let range = RangeId(8);
+        append(&engine, range, 1, 6);
+        engine.compact(range, 3).unwrap();
+        let storage = crate::RangeStorage::new(engine.clone(), range, Default::default());
+        assert_eq!(storage.first_index().unwrap(), 3);
+        assert_eq!(storage.last_index().unwrap(), 6);
+        assert_eq!(storage.term(2).unwrap(), entry(range, 2).term);
+        assert!(storage.term(1).is_err());
+        let context = raft::GetEntriesContext::empty(false);
+        assert_eq!(storage.entries(3, 7, None, context).unwrap(), entries(range, 3, 6));
+        assert!(storage.snapshot(6, 2).is_err());
+    }
+
+    macro_rules! suite {
+        ($module:ident, $kind:literal, $io:expr) => {
+            mod $module {
+                #[test]
+                fn appends_survive_reopen() {
+                    super::appends_survive_reopen($kind, $io);
+                }
+                #[test]
+                fn concurrent_writers_all_complete() {
+                    super::concurrent_writers_all_complete($kind, $io);
+                }
+                #[test]
+                fn conflicting_append_truncates() {
+                    super::conflicting_append_truncates($kind, $io);
+                }
+                #[test]
+                fn bad_batches_are_refused_whole() {
+                    super::bad_batches_are_refused_whole($kind, $io);
+                }
+                #[test]
+                fn compaction_and_gc_free_segments() {
+                    super::compaction_and_gc_free_segments($kind, $io);
+                }
+                #[test]
+                fn removal_and_restart_points() {
+                    super::removal_and_restart_points($kind, $io);
+                }
+                #[test]
+                fn reads_from_disk_once_evicted() {
+                    super::reads_from_disk_once_evicted($kind, $io);
+                }
+                #[test]
+                fn raft_storage_view() {
+                    super::raft_storage_view($kind, $io);
+                }
+            }
+        };
+    }
+
+    suite!(uring, "disk", crate::LogIo::Uring);
+    suite!(sync, "disk", crate::LogIo::Sync);
+    suite!(auto, "disk", crate::LogIo::Auto);
+    suite!(sim, "sim", crate::LogIo::Auto);
+}
+
+#[test]
+fn auto_picks_io_uring_where_it_works() {
+    if std::env::var("RANGEKV_EXPECT_LOG_IO").is_ok() {
+        return; // Running inside the seccomp test: covered there.
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let fs: Arc<dyn FileSystem> = Arc::new(DiskFileSystem::open(dir.path()).unwrap());
+    let engine = LogEngine::open(fs, small_config(LogIo::Auto)).unwrap();
+    assert_eq!(engine.io_backend(), "io_uring");
+}
+
+/// Runs the `auto` conformance suite in a child under a seccomp filter that denies
+/// the io_uring syscalls with EPERM, as Docker's default profile does: the engine must
+/// fall back to pwrite + fdatasync and pass the same suite.
+#[test]
+fn falls_back_when_seccomp_denies_io_uring() {
+    if std::env::var("RANGEKV_EXPECT_LOG_IO").is_ok() {
+        return;
+    }
+    let script = r#"
+import errno, os, sys, seccomp
+f = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+for name in ("io_uring_setup", "io_uring_enter", "io_uring_register"):
+    f.add_rule(seccomp.ERRNO(errno.EPERM), name)
+f.load()
+os.execv(sys.argv[1], sys.argv[1:])
+"#;
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(&exe)
+        .args(["tests::conformance::auto::", "--test-threads=2"])
+        .env("RANGEKV_EXPECT_LOG_IO", "sync")
+        .output()
+        .expect("python3 runs (the Makefile installs python3-seccomp)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "suite under seccomp failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("8 passed"), "the auto suite ran: {stdout}");
+    // And io_uring really is denied there.
+    let denied = Command::new("python3")
+        .args(["-c", script])
+        .arg(&exe)
+        .args(["tests::uring_is_denied_probe", "--exact"])
+        .env("RANGEKV_EXPECT_LOG_IO", "sync")
+        .env("RANGEKV_PROBE_URING_DENIED", "1")
+        .output()
+        .unwrap();
+    assert!(
+        denied.status.success() && String::from_utf8_lossy(&denied.stdout).contains("1 passed"),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+}
+
+/// Helper of the seccomp test: inside the filter, `log.io = uring` must be refused.
+#[test]
+fn uring_is_denied_probe() {
+    if std::env::var("RANGEKV_PROBE_URING_DENIED").is_err() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let fs: Arc<dyn FileSystem> = Arc::new(DiskFileSystem::open(dir.path()).unwrap());
+    let refused = LogEngine::open(fs, small_config(LogIo::Uring));
+    assert!(matches!(refused, Err(LogError::UringUnavailable(_))));
+}
+
+// ------------------------------------------------------------------ crash points
+
+/// Crash points in `make test`; `RANGEKV_CRASH_POINTS` raises it for long local runs.
+fn crash_points() -> u64 {
+    std::env::var("RANGEKV_CRASH_POINTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5_000)
+}
+
+#[derive(Default)]
+struct Acked {
+    /// Highest index acknowledged per range.
+    last: HashMap<RangeId, u64>,
+    /// Highest compaction point acknowledged per range.
+    truncated: HashMap<RangeId, u64>,
+    commit: HashMap<RangeId, u64>,
+}
+
+fn run_crash_point(seed: u64) {
+    let mut rng = SimRng::new(seed);
+    let fs = SimFileSystem::new();
+    let config = LogConfig {
+        segment_bytes: 8 * 1024 + rng.below(8 * 1024),
+        group_bytes_max: 2 * 1024,
+        rewrite_threshold_bytes: 4 * 16 * 1024,
+        cache_bytes_max: rng.below(2) as usize * 4096,
+        ..LogConfig::default()
+    };
+    // Earlier history, written cleanly: the crash must not damage it.
+    let ranges: Vec<RangeId> = (1..=3).map(RangeId).collect();
+    let mut next: HashMap<RangeId, u64> = ranges.iter().map(|r| (*r, 1)).collect();
+    let mut truncated: HashMap<RangeId, u64> = HashMap::new();
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    fs.crash_after(1 + rng.below(60));
+    let engine = match LogEngine::open(Arc::new(fs.clone()), config.clone()) {
+        Ok(engine) => Some(engine),
+        Err(_) => None, // crashed while creating the first segment
+    };
+    if let Some(engine) = &engine {
+        let (sender, receiver) = mpsc::channel();
+        let batches = 30;
+        for _ in 0..batches {
+            let mut batch = LogBatch::new();
+            let mut effects = Vec::new();
+            for range in &ranges {
+                if rng.below(2) == 0 {
+                    continue;
+                }
+                let from = next[range];
+                let to = from + rng.below(4);
+                batch.append(*range, entries(*range, from, to));
+                next.insert(*range, to + 1);
+                effects.push((*range, "last", to));
+                if rng.below(3) == 0 {
+                    let mut hs = HardState::default();
+                    hs.term = entry(*range, to).term;
+                    hs.commit = to;
+                    batch.set_hard_state(*range, hs);
+                    effects.push((*range, "commit", to));
+                }
+                if rng.below(5) == 0 && to > 3 {
+                    let point = to - 3;
+                    if point > truncated.get(range).copied().unwrap_or(0) {
+                        batch.compact_to(*range, point, entry(*range, point).term);
+                        truncated.insert(*range, point);
+                        effects.push((*range, "truncated", point));
+                    }
+                }
+            }
+            let acked = acked.clone();
+            let sender = sender.clone();
+            engine.write(batch, move |result| {
+                if result.is_ok() {
+                    let mut acked = acked.lock().unwrap();
+                    for (range, what, value) in effects {
+                        let slot = match what {
+                            "last" => acked.last.entry(range),
+                            "commit" => acked.commit.entry(range),
+                            _ => acked.truncated.entry(range),
+                        };
+                        let slot = slot.or_default();
+                        *slot = (*slot).max(value);
+                    }
+                }
+                sender.send(()).unwrap();
+            });
+        }
+        for _ in 0..batches {
+            receiver.recv().unwrap();
+        }
+    }
+    fs.crash();
+    drop(engine);
+    let image = fs.recover(&mut rng);
+    let engine = LogEngine::open(Arc::new(image.clone()), config.clone())
+        .unwrap_or_else(|e| panic!("seed {seed}: recovery failed: {e}"));
+    let acked = acked.lock().unwrap();
+    for range in &ranges {
+        let last = engine.last_index(*range);
+        let first = engine.first_index(*range);
+        let acked_last = acked.last.get(range).copied().unwrap_or(0);
+        let acked_truncated = acked.truncated.get(range).copied().unwrap_or(0);
+        assert!(last >= acked_last, "seed {seed}: {range} lost acknowledged entries: last {last} < {acked_last}");
+        assert!(first > acked_truncated || last < first, "seed {seed}: {range} compaction lost: first {first}");
+        assert!(last < next[range], "seed {seed}: {range} has entries never written");
+        if last >= first {
+            let read = engine.entries(*range, first, last + 1, None)
+                .unwrap_or_else(|e| panic!("seed {seed}: {range} read failed: {e}"));
+            assert_eq!(read, entries(*range, first, last), "seed {seed}: {range} content");
+        }
+        let commit = engine.hard_state(*range).commit;
+        assert!(commit >= acked.commit.get(range).copied().unwrap_or(0), "seed {seed}: {range} hard state lost");
+    }
+    // The recovered log takes new writes and replays again.
+    let range = ranges[0];
+    let from = engine.last_index(range) + 1;
+    append(&engine, range, from, from + 2);
+    drop(engine);
+    let engine = LogEngine::open(Arc::new(image), config).unwrap();
+    assert_eq!(engine.last_index(range), from + 2, "seed {seed}");
+}
+
+#[test]
+fn every_crash_point_keeps_what_was_acknowledged() {
+    for seed in 0..crash_points() {
+        run_crash_point(seed);
+    }
+}
+
+// ------------------------------------------------------------------ corruption
+
+#[test]
+fn corruption_before_the_tail_refuses_to_open_naming_file_and_offset() {
+    let fs = SimFileSystem::new();
+    let config = small_config(LogIo::Auto);
+    {
+        let engine = LogEngine::open(Arc::new(fs.clone()), config.clone()).unwrap();
+        for index in 1..=300 {
+            append(&engine, RangeId(1), index, index);
+        }
+        assert!(engine.segment_count() > 2);
+    }
+    // Flip a byte inside the first record of the first segment.
+    let first = crate::engine::segment_name(1);
+    fs.corrupt(&first, 40);
+    let error = LogEngine::open(Arc::new(fs.clone()), config)
+        .err()
+        .expect("a corrupt record before the tail must stop the open");
+    let message = error.to_string();
+    assert!(message.contains(&first) && message.contains("offset 24"), "{message}");
+}
+
+#[test]
+fn torn_tail_of_the_last_segment_is_cut_not_fatal() {
+    let fs = SimFileSystem::new();
+    let config = small_config(LogIo::Auto);
+    {
+        let engine = LogEngine::open(Arc::new(fs.clone()), config.clone()).unwrap();
+        append(&engine, RangeId(1), 1, 1);
+        append(&engine, RangeId(1), 2, 2);
+    }
+    // Segment 1 holds both appends; reopening started segment 2, which is empty. Tear
+    // the last record of segment 1 by making segment 1 the newest: remove segment 2.
+    fs.remove(&crate::engine::segment_name(2)).unwrap();
+    let len = {
+        let file = fs.open(&crate::engine::segment_name(1)).unwrap();
+        file.len().unwrap() as usize
+    };
+    fs.corrupt(&crate::engine::segment_name(1), len - 3);
+    let engine = LogEngine::open(Arc::new(fs.clone()), config).unwrap();
+    assert_log(&engine, RangeId(1), 1, 1);
+}
+
+// ------------------------------------------------------------------ real process
+
+fn kill_config() -> LogConfig {
+    LogConfig {
+        segment_bytes: 256 * 1024,
+        ..LogConfig::default()
+    }
+}
+
+/// Helper of the kill test: appends forever, printing each acknowledged index.
+#[test]
+fn kill_target_child() {
+    let Ok(dir) = std::env::var("RANGEKV_KILL_CHILD_DIR") else {
+        return;
+    };
+    let fs: Arc<dyn FileSystem> = Arc::new(DiskFileSystem::open(dir.as_ref()).unwrap());
+    let engine = LogEngine::open(fs, kill_config()).unwrap();
+    let range = RangeId(1);
+    let (sender, receiver) = mpsc::sync_channel::<u64>(1024);
+    let mut index = engine.last_index(range);
+    std::thread::spawn(move || {
+        let mut out = std::io::stdout().lock();
+        for acked in receiver {
+            // The parent is gone: stop rather than write forever.
+            if writeln!(out, "ack {acked}").and_then(|()| out.flush()).is_err() {
+                std::process::exit(0);
+            }
+        }
+    });
+    for _ in 0..2_000_000 {
+        index += 1;
+        let mut batch = LogBatch::new();
+        batch.append(range, vec![entry(range, index)]);
+        let sender = sender.clone();
+        let acked = index;
+        engine.write(batch, move |result| {
+            if result.is_ok() {
+                let _ = sender.send(acked);
+            }
+        });
+    }
+}
+
+#[test]
+fn sigkilled_writer_loses_nothing_acknowledged() {
+    if std::env::var("RANGEKV_KILL_CHILD_DIR").is_ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut rng = SimRng::new(std::process::id() as u64);
+    let mut acked_total = 0;
+    for round in 0..3 {
+        let mut child = Command::new(&exe)
+            .args(["tests::kill_target_child", "--exact", "--nocapture"])
+            .env("RANGEKV_KILL_CHILD_DIR", dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let kill_after = 50 + rng.below(2000);
+        let mut acked = 0;
+        let mut seen = 0;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(index) = line.strip_prefix("ack ") {
+                acked = acked.max(index.parse::<u64>().unwrap());
+                seen += 1;
+                if seen >= kill_after {
+                    break;
+                }
+            }
+        }
+        child.kill().unwrap(); // SIGKILL
+        // Acknowledgements printed before the kill still count.
+        for line in lines {
+            if let Some(index) = line.unwrap().strip_prefix("ack ") {
+                acked = acked.max(index.parse::<u64>().unwrap());
+            }
+        }
+        child.wait().unwrap();
+        let fs: Arc<dyn FileSystem> = Arc::new(DiskFileSystem::open(dir.path()).unwrap());
+        let engine = LogEngine::open(fs, kill_config()).unwrap();
+        let range = RangeId(1);
+        let last = engine.last_index(range);
+        assert!(last >= acked, "round {round}: acknowledged {acked}, recovered {last}");
+        assert_log(&engine, range, 1, last);
+        acked_total += acked;
+    }
+    assert!(acked_total > 0);
+}

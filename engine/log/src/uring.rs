@@ -1,0 +1,285 @@
+//! The io_uring writer: each group is one `write` linked (`IOSQE_IO_LINK`) to one
+//! `fdatasync`, so the group is durable when the sync completes. Completions arrive in
+//! any order; the writer completes groups in submission order regardless.
+//!
+//! A short write breaks the link (the sync completes with `-ECANCELED`); the rest of
+//! the buffer is then submitted again, linked to a fresh sync. Any other error is
+//! fatal and never retried. The writer's eventfd is read through the ring too, so one
+//! wait covers both "a group is durable" and "a request arrived".
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+use crate::file::SegmentFile;
+use crate::writer::{Backend, GroupWrite, IoFailure, Wait, Waker};
+
+const EVENTFD_USER_DATA: u64 = u64::MAX;
+const KIND_WRITE: u64 = 0;
+const KIND_SYNC: u64 = 1;
+
+struct InFlight {
+    buf: Vec<u8>,
+    /// Held so the descriptor stays open while the kernel uses it.
+    _file: Arc<dyn SegmentFile>,
+    fd: i32,
+    offset: u64,
+    written: usize,
+    /// Bytes written by the current attempt's write.
+    attempt_written: usize,
+    pending: u8,
+    sync_ok: bool,
+    error: Option<io::Error>,
+}
+
+pub(crate) struct UringBackend {
+    ring: IoUring,
+    inflight: HashMap<u64, InFlight>,
+    eventfd_buf: Box<[u8; 8]>,
+    eventfd_armed: Option<i32>,
+}
+
+impl UringBackend {
+    pub fn new(pipeline_depth: usize) -> io::Result<Self> {
+        let entries = ((2 * pipeline_depth + 2) as u32).next_power_of_two().max(8);
+        let ring = IoUring::new(entries)?;
+        Ok(UringBackend {
+            ring,
+            inflight: HashMap::new(),
+            eventfd_buf: Box::new([0; 8]),
+            eventfd_armed: None,
+        })
+    }
+
+    fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        // SAFETY: every buffer an entry points to (a group's `buf`, `eventfd_buf`) is
+        // owned by `self` and neither moved nor freed until its completion is reaped
+        // (see `Drop`).
+        unsafe { self.ring.submission().push(entry) }
+            .map_err(|_| io::Error::other("io_uring submission queue full"))
+    }
+
+    /// Submits the unwritten rest of group `token`, linked to a data sync.
+    fn submit_rest(&mut self, token: u64) -> io::Result<()> {
+        let Some(flight) = self.inflight.get_mut(&token) else {
+            return Ok(());
+        };
+        let rest = &flight.buf[flight.written..];
+        let write = opcode::Write::new(types::Fd(flight.fd), rest.as_ptr(), rest.len() as u32)
+            .offset(flight.offset + flight.written as u64)
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(token << 2 | KIND_WRITE);
+        let sync = opcode::Fsync::new(types::Fd(flight.fd))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build()
+            .user_data(token << 2 | KIND_SYNC);
+        flight.pending = 2;
+        flight.attempt_written = 0;
+        flight.sync_ok = false;
+        self.push(&write)?;
+        self.push(&sync)?;
+        Ok(())
+    }
+
+    fn submit_sync_only(&mut self, token: u64) -> io::Result<()> {
+        let Some(flight) = self.inflight.get_mut(&token) else {
+            return Ok(());
+        };
+        let sync = opcode::Fsync::new(types::Fd(flight.fd))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build()
+            .user_data(token << 2 | KIND_SYNC);
+        flight.pending = 1;
+        self.push(&sync)
+    }
+
+    fn enter(&mut self, wait_for: usize) -> io::Result<()> {
+        loop {
+            match self.ring.submit_and_wait(wait_for) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && wait_for == 0 => {
+                    return Ok(())
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Handles one completion; `Some(token)` when group `token` is durable.
+    fn complete(&mut self, user_data: u64, result: i32) -> Result<Option<u64>, IoFailure> {
+        if user_data == EVENTFD_USER_DATA {
+            self.eventfd_armed = None;
+            return Ok(None);
+        }
+        let token = user_data >> 2;
+        let Some(flight) = self.inflight.get_mut(&token) else {
+            return Ok(None);
+        };
+        flight.pending = flight.pending.saturating_sub(1);
+        if user_data & 3 == KIND_WRITE {
+            if result < 0 {
+                flight.error.get_or_insert(io::Error::from_raw_os_error(-result));
+            } else {
+                flight.written += result as usize;
+                flight.attempt_written = result as usize;
+            }
+        } else if result == 0 {
+            flight.sync_ok = true;
+        } else if result != -libc::ECANCELED {
+            flight.error.get_or_insert(io::Error::from_raw_os_error(-result));
+        }
+        if flight.pending > 0 {
+            return Ok(None);
+        }
+        let failure = |flight: &mut InFlight, error| IoFailure {
+            token,
+            offset: flight.offset + flight.written as u64,
+            error,
+        };
+        if let Some(error) = flight.error.take() {
+            return Err(failure(flight, error));
+        }
+        if flight.written < flight.buf.len() {
+            if flight.attempt_written == 0 {
+                return Err(failure(flight, io::ErrorKind::WriteZero.into()));
+            }
+            return match self.submit_rest(token) {
+                Ok(()) => Ok(None),
+                Err(error) => Err(IoFailure {
+                    token,
+                    offset: 0,
+                    error,
+                }),
+            };
+        }
+        if !flight.sync_ok {
+            // The whole buffer is written but its sync was cancelled: sync again.
+            return match self.submit_sync_only(token) {
+                Ok(()) => Ok(None),
+                Err(error) => Err(IoFailure {
+                    token,
+                    offset: 0,
+                    error,
+                }),
+            };
+        }
+        self.inflight.remove(&token);
+        Ok(Some(token))
+    }
+}
+
+impl Backend for UringBackend {
+    fn name(&self) -> &'static str {
+        "io_uring"
+    }
+
+    fn submit(&mut self, write: GroupWrite) -> Result<(), IoFailure> {
+        let token = write.token;
+        let fail = |error| IoFailure {
+            token,
+            offset: write.offset,
+            error,
+        };
+        let fd = write
+            .file
+            .raw_fd()
+            .ok_or_else(|| fail(io::Error::other("segment file has no descriptor")))?;
+        if u32::try_from(write.buf.len()).is_err() {
+            return Err(fail(io::Error::other("group larger than 4 GiB")));
+        }
+        self.inflight.insert(
+            token,
+            InFlight {
+                buf: write.buf,
+                _file: write.file,
+                fd,
+                offset: write.offset,
+                written: 0,
+                attempt_written: 0,
+                pending: 0,
+                sync_ok: false,
+                error: None,
+            },
+        );
+        self.submit_rest(token)
+            .and_then(|()| self.enter(0))
+            .map_err(|error| IoFailure {
+                token,
+                offset: 0,
+                error,
+            })
+    }
+
+    fn reap(&mut self, wait: Wait, waker: &Waker, done: &mut Vec<u64>) -> Result<(), IoFailure> {
+        let as_failure = |error| IoFailure {
+            token: 0,
+            offset: 0,
+            error,
+        };
+        if wait == Wait::ForCompletionOrRequest && self.eventfd_armed.is_none() {
+            let read = opcode::Read::new(
+                types::Fd(waker.raw_fd()),
+                self.eventfd_buf.as_mut_ptr(),
+                8,
+            )
+            .build()
+            .user_data(EVENTFD_USER_DATA);
+            self.push(&read).map_err(as_failure)?;
+            self.eventfd_armed = Some(waker.raw_fd());
+        }
+        let wait_for = usize::from(wait != Wait::No);
+        self.enter(wait_for).map_err(as_failure)?;
+        let completions: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|cqe| (cqe.user_data(), cqe.result()))
+            .collect();
+        for (user_data, result) in completions {
+            if let Some(token) = self.complete(user_data, result)? {
+                done.push(token);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for UringBackend {
+    fn drop(&mut self) {
+        // The kernel may still read group buffers or write `eventfd_buf`: wait for every
+        // outstanding operation before freeing them. If waiting fails, leak them.
+        if let Some(fd) = self.eventfd_armed {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live u64 to the writer's eventfd.
+            unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+        }
+        let mut rounds = 0;
+        while (self.eventfd_armed.is_some() || self.inflight.values().any(|f| f.pending > 0))
+            && rounds < 1000
+        {
+            rounds += 1;
+            if self.ring.submit_and_wait(1).is_err() {
+                break;
+            }
+            let completions: Vec<(u64, i32)> = self
+                .ring
+                .completion()
+                .map(|cqe| (cqe.user_data(), cqe.result()))
+                .collect();
+            for (user_data, _) in completions {
+                if user_data == EVENTFD_USER_DATA {
+                    self.eventfd_armed = None;
+                } else if let Some(flight) = self.inflight.get_mut(&(user_data >> 2)) {
+                    flight.pending = flight.pending.saturating_sub(1);
+                }
+            }
+        }
+        if self.eventfd_armed.is_some() || self.inflight.values().any(|f| f.pending > 0) {
+            std::mem::forget(std::mem::take(&mut self.inflight));
+            std::mem::forget(std::mem::replace(&mut self.eventfd_buf, Box::new([0; 8])));
+        }
+    }
+}

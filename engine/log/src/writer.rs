@@ -1,0 +1,658 @@
+//! The writer thread: gathers every queued batch into one group, writes it with one
+//! write and one `fdatasync`, and completes the group's requests when the sync is
+//! done. With `pipeline_depth` > 1 the next group is submitted while the previous one
+//! is still syncing; groups complete strictly in submission order all the same.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use rangekv_types::RangeId;
+
+use crate::engine::{lock, read, segment_name, write, LogBatch, LogConfig, LogError, LogIo, Request, Shared, Update};
+use crate::file::{FileSystem, SegmentFile};
+use crate::format;
+use crate::index::{Fetch, Location};
+
+/// Wakes the writer when a request arrives while it sleeps: an eventfd, which the
+/// io_uring writer also watches through the ring.
+pub(crate) struct Waker {
+    fd: OwnedFd,
+    sleeping: AtomicBool,
+}
+
+impl Waker {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: eventfd has no memory arguments; the result is checked.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(Waker {
+            fd,
+            sleeping: AtomicBool::new(false),
+        })
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    pub fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our eventfd. An eventfd write only
+        // fails when the counter would overflow, and then a wake-up is pending anyway.
+        unsafe { libc::write(self.raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    pub fn wake_if_sleeping(&self) {
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            self.wake();
+        }
+    }
+
+    /// Blocks until woken (the portable writer's idle wait).
+    pub fn wait(&self) {
+        let mut count: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from our eventfd.
+        unsafe { libc::read(self.raw_fd(), (&mut count as *mut u64).cast(), 8) };
+    }
+}
+
+/// One group's I/O: `buf` written at `offset` of `file`, then synced.
+pub(crate) struct GroupWrite {
+    pub token: u64,
+    pub file: Arc<dyn SegmentFile>,
+    pub offset: u64,
+    pub buf: Vec<u8>,
+}
+
+/// A failed write or sync of group `token`.
+pub(crate) struct IoFailure {
+    pub token: u64,
+    pub offset: u64,
+    pub error: io::Error,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// Do not block.
+    No,
+    /// Block until a group completes.
+    ForCompletion,
+    /// Block until a group completes or a request arrives.
+    ForCompletionOrRequest,
+}
+
+/// How groups reach the disk. Both implementations pass the same conformance tests.
+pub(crate) trait Backend: Send {
+    fn name(&self) -> &'static str;
+    fn submit(&mut self, write: GroupWrite) -> Result<(), IoFailure>;
+    /// Appends the tokens of groups now durable to `done`, waiting as asked.
+    fn reap(&mut self, wait: Wait, waker: &Waker, done: &mut Vec<u64>) -> Result<(), IoFailure>;
+}
+
+/// `pwrite` + `fdatasync` on the writer thread: a group is durable when `submit`
+/// returns. Requests arriving meanwhile queue up and form the next group.
+struct SyncBackend {
+    done: Vec<u64>,
+}
+
+impl Backend for SyncBackend {
+    fn name(&self) -> &'static str {
+        "sync"
+    }
+
+    fn submit(&mut self, write: GroupWrite) -> Result<(), IoFailure> {
+        let fail = |error| IoFailure {
+            token: write.token,
+            offset: write.offset,
+            error,
+        };
+        write.file.write_all_at(&write.buf, write.offset).map_err(fail)?;
+        write.file.sync_data().map_err(fail)?;
+        self.done.push(write.token);
+        Ok(())
+    }
+
+    fn reap(&mut self, wait: Wait, waker: &Waker, done: &mut Vec<u64>) -> Result<(), IoFailure> {
+        if self.done.is_empty() && wait == Wait::ForCompletionOrRequest {
+            waker.wait();
+        }
+        done.append(&mut self.done);
+        Ok(())
+    }
+}
+
+fn uring_unavailable(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::ENOSYS) | Some(libc::EPERM) | Some(libc::EACCES)
+    )
+}
+
+/// Picks the writer for `config.io`. `auto` falls back to `sync` only when io_uring is
+/// unavailable (no syscall, or denied by a seccomp profile), never on resource errors.
+pub(crate) fn choose_backend(
+    config: &LogConfig,
+    fs: &dyn FileSystem,
+) -> Result<Box<dyn Backend>, LogError> {
+    let sync = || -> Box<dyn Backend> { Box::new(SyncBackend { done: Vec::new() }) };
+    if config.io == LogIo::Sync {
+        return Ok(sync());
+    }
+    if !fs.has_raw_fds() {
+        return match config.io {
+            LogIo::Uring => Err(LogError::UringUnavailable(
+                "the file system has no file descriptors".into(),
+            )),
+            _ => Ok(sync()),
+        };
+    }
+    match crate::uring::UringBackend::new(config.pipeline_depth) {
+        Ok(backend) => Ok(Box::new(backend)),
+        Err(error) if config.io == LogIo::Auto && uring_unavailable(&error) => {
+            tracing::warn!(%error, "io_uring unavailable: the raft log falls back to pwrite + fdatasync");
+            Ok(sync())
+        }
+        Err(error) if uring_unavailable(&error) => {
+            Err(LogError::UringUnavailable(error.to_string()))
+        }
+        Err(error) => Err(LogError::io("io_uring setup".into(), 0, error)),
+    }
+}
+
+/// A request of a group, with where its batch landed in the segment.
+struct Placed {
+    request: Request,
+    base: u64,
+}
+
+struct Group {
+    token: u64,
+    segment: u64,
+    requests: Vec<Placed>,
+    durable: bool,
+}
+
+/// What the writer knows of a range including groups still in flight, to refuse a
+/// batch that replay could not apply (a gap, an append below the compaction point).
+#[derive(Clone, Copy)]
+struct RangeView {
+    truncated_index: u64,
+    last_index: u64,
+}
+
+/// Entries whose cache memory may be reclaimed, oldest first.
+const CACHE_QUEUE_ITEMS_MAX: usize = 65_536;
+
+pub(crate) struct Writer {
+    shared: Arc<Shared>,
+    backend: Box<dyn Backend>,
+    segment: u64,
+    file: Arc<dyn SegmentFile>,
+    offset: u64,
+    inflight: VecDeque<Group>,
+    next_token: u64,
+    views: HashMap<RangeId, RangeView>,
+    cache_queue: VecDeque<(RangeId, u64)>,
+    cache_bytes: isize,
+    done: Vec<u64>,
+}
+
+impl Writer {
+    pub fn start(
+        shared: Arc<Shared>,
+        backend: Box<dyn Backend>,
+        first_segment: u64,
+    ) -> Result<Writer, LogError> {
+        let views = read(&shared.ranges)
+            .iter()
+            .map(|(range, log)| {
+                let log = lock(log);
+                (
+                    *range,
+                    RangeView {
+                        truncated_index: log.truncated_index,
+                        last_index: log.last_index(),
+                    },
+                )
+            })
+            .collect();
+        let file = create_segment(&shared, first_segment)?;
+        Ok(Writer {
+            shared,
+            backend,
+            segment: first_segment,
+            file,
+            offset: format::SEGMENT_HEADER_BYTES,
+            inflight: VecDeque::new(),
+            next_token: 1,
+            views,
+            cache_queue: VecDeque::new(),
+            cache_bytes: 0,
+            done: Vec::new(),
+        })
+    }
+
+    pub fn run(mut self) {
+        if let Err(error) = self.run_loop() {
+            self.fail(error);
+        }
+    }
+
+    fn run_loop(&mut self) -> Result<(), LogError> {
+        loop {
+            let mut submitted = false;
+            let mut shutdown = false;
+            if self.inflight.len() < self.shared.config.pipeline_depth {
+                let requests;
+                (requests, shutdown) = self.take_requests();
+                if !requests.is_empty() {
+                    self.submit_group(requests)?;
+                    submitted = true;
+                }
+            }
+            if shutdown && !submitted && self.inflight.is_empty() {
+                return Ok(());
+            }
+            let wait = if submitted {
+                Wait::No
+            } else if self.inflight.len() < self.shared.config.pipeline_depth && !shutdown {
+                // Sleep until a request or a completion; recheck the queue after
+                // announcing the sleep so that no wake-up is lost.
+                self.shared.waker_sleeping(true);
+                if self.queue_has_work() {
+                    self.shared.waker_sleeping(false);
+                    continue;
+                }
+                Wait::ForCompletionOrRequest
+            } else {
+                Wait::ForCompletion
+            };
+            self.reap(wait)?;
+            self.shared.waker_sleeping(false);
+        }
+    }
+
+    fn queue_has_work(&self) -> bool {
+        let queue = lock(&self.shared.queue);
+        !queue.requests.is_empty() || queue.shutdown
+    }
+
+    /// Takes queued requests up to `group_bytes_max` (at least one).
+    fn take_requests(&mut self) -> (Vec<Request>, bool) {
+        let mut queue = lock(&self.shared.queue);
+        let mut taken = Vec::new();
+        let mut bytes = 0;
+        while let Some(next) = queue.requests.front() {
+            let size = next.batch.bytes();
+            if !taken.is_empty() && bytes + size > self.shared.config.group_bytes_max {
+                break;
+            }
+            bytes += size;
+            if let Some(request) = queue.requests.pop_front() {
+                taken.push(request);
+            }
+        }
+        queue.bytes -= bytes;
+        let shutdown = queue.shutdown;
+        drop(queue);
+        if !taken.is_empty() {
+            self.shared.queue_not_full.notify_all();
+        }
+        (taken, shutdown)
+    }
+
+    /// Refuses a batch that would break a range's log; updates the views otherwise.
+    fn admit(&mut self, batch: &LogBatch) -> Result<(), LogError> {
+        let mut views = HashMap::new();
+        let view_of = |views: &mut HashMap<RangeId, RangeView>, range| {
+            *views.entry(range).or_insert_with(|| {
+                self.views.get(&range).copied().unwrap_or(RangeView {
+                    truncated_index: 0,
+                    last_index: 0,
+                })
+            })
+        };
+        for update in &batch.updates {
+            let range = update.range();
+            let mut view = view_of(&mut views, range);
+            match update {
+                Update::Entries {
+                    first_index, terms, ..
+                } => {
+                    if *first_index > view.last_index + 1 || *first_index <= view.truncated_index {
+                        return Err(LogError::Invalid {
+                            range,
+                            reason: format!(
+                                "append at {first_index} does not continue the log ({}..={})",
+                                view.truncated_index + 1,
+                                view.last_index
+                            ),
+                        });
+                    }
+                    view.last_index = first_index + terms.len() as u64 - 1;
+                }
+                Update::HardState { .. } => {}
+                Update::Compaction {
+                    truncated_index, ..
+                } => {
+                    if *truncated_index >= view.truncated_index {
+                        view.truncated_index = *truncated_index;
+                        view.last_index = view.last_index.max(*truncated_index);
+                    }
+                }
+                Update::Removal { .. } => {
+                    view = RangeView {
+                        truncated_index: 0,
+                        last_index: 0,
+                    };
+                }
+            }
+            views.insert(range, view);
+        }
+        self.views.extend(views);
+        Ok(())
+    }
+
+    fn submit_group(&mut self, requests: Vec<Request>) -> Result<(), LogError> {
+        let mut admitted = Vec::with_capacity(requests.len());
+        for request in requests {
+            match self.admit(&request.batch) {
+                Ok(()) => admitted.push(request),
+                Err(error) => (request.done)(Err(error)),
+            }
+        }
+        if admitted.is_empty() {
+            return Ok(());
+        }
+        let bytes: usize = admitted.iter().map(|r| r.batch.bytes()).sum();
+        if self.offset + bytes as u64 > self.shared.config.segment_bytes {
+            self.rotate()?;
+        }
+        let mut buf = Vec::with_capacity(bytes);
+        let mut placed = Vec::with_capacity(admitted.len());
+        for request in admitted {
+            let base = self.offset + buf.len() as u64;
+            buf.extend_from_slice(&request.batch.buf);
+            placed.push(Placed { request, base });
+        }
+        let token = self.next_token;
+        self.next_token += 1;
+        let counters = &self.shared.counters;
+        counters.requests.fetch_add(placed.len() as u64, Ordering::Relaxed);
+        counters.groups.fetch_add(1, Ordering::Relaxed);
+        counters.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.inflight.push_back(Group {
+            token,
+            segment: self.segment,
+            requests: placed,
+            durable: false,
+        });
+        let offset = self.offset;
+        self.offset += bytes as u64;
+        self.backend
+            .submit(GroupWrite {
+                token,
+                file: self.file.clone(),
+                offset,
+                buf,
+            })
+            .map_err(|failure| self.io_error(failure))
+    }
+
+    fn io_error(&self, failure: IoFailure) -> LogError {
+        let segment = self
+            .inflight
+            .iter()
+            .find(|g| g.token == failure.token)
+            .map_or(self.segment, |g| g.segment);
+        LogError::io(
+            self.shared.fs.describe(&segment_name(segment)),
+            failure.offset,
+            failure.error,
+        )
+    }
+
+    /// Collects completions and completes every durable group at the front, in order.
+    fn reap(&mut self, wait: Wait) -> Result<(), LogError> {
+        let mut done = std::mem::take(&mut self.done);
+        let reaped = self.backend.reap(wait, &self.shared.waker, &mut done);
+        if let Err(failure) = reaped {
+            return Err(self.io_error(failure));
+        }
+        self.shared
+            .counters
+            .syncs
+            .fetch_add(done.len() as u64, Ordering::Relaxed);
+        for token in done.drain(..) {
+            if let Some(group) = self.inflight.iter_mut().find(|g| g.token == token) {
+                group.durable = true;
+            }
+        }
+        self.done = done;
+        let mut completed = Vec::new();
+        while self.inflight.front().is_some_and(|g| g.durable) {
+            if let Some(group) = self.inflight.pop_front() {
+                completed.push(group);
+            }
+        }
+        if !completed.is_empty() {
+            let mut wants_gc = false;
+            for group in &completed {
+                wants_gc |= self.apply(group);
+            }
+            self.evict_cache();
+            for group in completed {
+                for placed in group.requests {
+                    (placed.request.done)(Ok(()));
+                }
+            }
+            if wants_gc {
+                self.shared.collect_garbage();
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a durable group to the index. Returns whether it compacted or removed.
+    fn apply(&mut self, group: &Group) -> bool {
+        let mut wants_gc = false;
+        for placed in &group.requests {
+            for update in &placed.request.batch.updates {
+                match update {
+                    Update::Entries {
+                        range,
+                        first_index,
+                        placed: encoded,
+                        terms,
+                        cached,
+                    } => {
+                        let locations: Vec<Location> = encoded
+                            .iter()
+                            .zip(terms)
+                            .map(|(at, term)| Location {
+                                segment: group.segment,
+                                offset: placed.base + at.offset as u64,
+                                len: at.len,
+                                crc: at.crc,
+                                term: *term,
+                            })
+                            .collect();
+                        let log = self.shared.range_or_insert(*range);
+                        let delta = lock(&log).append(*first_index, &locations, cached);
+                        match delta {
+                            Ok(delta) => self.cache_bytes += delta,
+                            Err(error) => unreachable!(
+                                "admit() lets through only appends that continue the log: {error:?}"
+                            ),
+                        }
+                        if !cached.is_empty() {
+                            self.cache_queue
+                                .push_back((*range, first_index + cached.len() as u64 - 1));
+                        }
+                    }
+                    Update::HardState { range, hard_state } => {
+                        let log = self.shared.range_or_insert(*range);
+                        lock(&log).set_hard_state(hard_state.clone(), group.segment);
+                    }
+                    Update::Compaction {
+                        range,
+                        truncated_index,
+                        truncated_term,
+                    } => {
+                        let log = self.shared.range_or_insert(*range);
+                        let freed =
+                            lock(&log).compact(*truncated_index, *truncated_term, group.segment);
+                        self.cache_bytes -= freed as isize;
+                        wants_gc = true;
+                    }
+                    Update::Removal { range } => {
+                        if let Some(log) = write(&self.shared.ranges).remove(range) {
+                            let freed = lock(&log).evict_cache_through(u64::MAX);
+                            self.cache_bytes -= freed as isize;
+                        }
+                        wants_gc = true;
+                    }
+                }
+            }
+        }
+        wants_gc
+    }
+
+    fn evict_cache(&mut self) {
+        let budget = self.shared.config.cache_bytes_max as isize;
+        while self.cache_bytes > budget || self.cache_queue.len() > CACHE_QUEUE_ITEMS_MAX {
+            let Some((range, through)) = self.cache_queue.pop_front() else {
+                break;
+            };
+            if let Some(log) = self.shared.range(range) {
+                self.cache_bytes -= lock(&log).evict_cache_through(through) as isize;
+            }
+        }
+    }
+
+    /// Starts a new segment once everything in flight is durable (so no segment but the
+    /// newest can ever end in a torn record), rewrites cold ranges forward when the log
+    /// has grown past its threshold, and deletes what no range needs.
+    fn rotate(&mut self) -> Result<(), LogError> {
+        while !self.inflight.is_empty() {
+            self.reap(Wait::ForCompletion)?;
+        }
+        let next = self.segment + 1;
+        self.file = create_segment(&self.shared, next)?;
+        self.segment = next;
+        self.offset = format::SEGMENT_HEADER_BYTES;
+        self.shared.collect_garbage();
+        self.rewrite_cold_ranges()
+    }
+
+    fn rewrite_cold_ranges(&mut self) -> Result<(), LogError> {
+        let config = &self.shared.config;
+        let (oldest, held_bytes) = {
+            let segments = read(&self.shared.segments);
+            let Some(oldest) = segments.keys().next().copied() else {
+                return Ok(());
+            };
+            (oldest, segments.len() as u64 * config.segment_bytes)
+        };
+        if held_bytes <= config.rewrite_threshold_bytes || oldest >= self.segment {
+            return Ok(());
+        }
+        let pinning: Vec<RangeId> = read(&self.shared.ranges)
+            .iter()
+            .filter(|(_, log)| lock(log).pinned_segment() == Some(oldest))
+            .map(|(range, _)| *range)
+            .collect();
+        let mut batch = LogBatch::new();
+        for range in pinning {
+            let Some(log) = self.shared.range(range) else {
+                continue;
+            };
+            let (truncated_index, truncated_term, hard_state, fetches) = {
+                let log = lock(&log);
+                let fetches = if log.last_index() >= log.first_index() {
+                    log.fetch(log.first_index(), log.last_index() + 1, u64::MAX)
+                } else {
+                    Vec::new()
+                };
+                (log.truncated_index, log.truncated_term, log.hard_state.clone(), fetches)
+            };
+            let mut entries = Vec::with_capacity(fetches.len());
+            for fetch in fetches {
+                entries.push(match fetch {
+                    Fetch::Cached(entry) => entry,
+                    Fetch::Disk(index, at) => self.shared.read_entry(index, at)?,
+                });
+            }
+            batch.compact_to(range, truncated_index, truncated_term);
+            batch.set_hard_state(range, hard_state);
+            batch.append_inner(range, entries, false);
+            if batch.bytes() >= config.group_bytes_max {
+                break;
+            }
+        }
+        if batch.is_empty() || self.offset + batch.bytes() as u64 > config.segment_bytes {
+            return Ok(());
+        }
+        tracing::info!(segment = oldest, bytes = batch.bytes(), "rewriting cold ranges forward");
+        self.submit_group(vec![Request {
+            batch,
+            done: Box::new(|_| {}),
+        }])
+    }
+
+    /// Stops for good: every request in flight or queued fails with `error`.
+    fn fail(&mut self, error: LogError) {
+        tracing::error!(%error, "raft log engine stopped");
+        *lock(&self.shared.failure) = Some(error.clone());
+        self.shared.failed.store(true, Ordering::SeqCst);
+        for group in self.inflight.drain(..) {
+            for placed in group.requests {
+                (placed.request.done)(Err(error.clone()));
+            }
+        }
+        let queued: Vec<Request> = {
+            let mut queue = lock(&self.shared.queue);
+            queue.bytes = 0;
+            queue.requests.drain(..).collect()
+        };
+        for request in queued {
+            (request.done)(Err(LogError::Stopped(error.to_string())));
+        }
+        self.shared.queue_not_full.notify_all();
+    }
+}
+
+fn create_segment(shared: &Shared, sequence: u64) -> Result<Arc<dyn SegmentFile>, LogError> {
+    let name = segment_name(sequence);
+    let describe = || shared.fs.describe(&name);
+    let file = shared
+        .fs
+        .create(&name, shared.config.segment_bytes)
+        .map_err(|e| LogError::io(describe(), 0, e))?;
+    let header = format::encode_segment_header(sequence);
+    file.write_all_at(&header, 0)
+        .and_then(|()| file.sync_data())
+        .map_err(|e| LogError::io(describe(), 0, e))?;
+    write(&shared.segments).insert(sequence, file.clone());
+    shared.active_segment.store(sequence, Ordering::SeqCst);
+    Ok(file)
+}
+
+impl Shared {
+    pub(crate) fn waker_sleeping(&self, sleeping: bool) {
+        self.waker.set_sleeping(sleeping);
+    }
+}
+
+impl Waker {
+    fn set_sleeping(&self, sleeping: bool) {
+        self.sleeping.store(sleeping, Ordering::SeqCst);
+    }
+}

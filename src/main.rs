@@ -5,7 +5,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "rangekv", version, about = "Multi-Raft sharded key-value storage engine")]
+#[command(
+    name = "rangekv",
+    version,
+    about = "Multi-Raft sharded key-value storage engine"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

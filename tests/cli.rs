@@ -36,8 +36,18 @@ fn subcommands_not_built_yet_say_so_and_fail() {
 fn bench_log_rejects_an_unknown_engine() {
     let dir = std::env::temp_dir();
     let out = rangekv(&[
-        "bench", "log", "--ranges", "1", "--writers", "1", "--operations", "1",
-        "--compare", "nosuchdb", "--dir", dir.to_str().unwrap(),
+        "bench",
+        "log",
+        "--ranges",
+        "1",
+        "--writers",
+        "1",
+        "--operations",
+        "1",
+        "--compare",
+        "nosuchdb",
+        "--dir",
+        dir.to_str().unwrap(),
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown engine"));

@@ -88,8 +88,13 @@ pub struct LogBenchReport {
 
 /// One engine under test: writes one range's append + hard state durably.
 trait RaftLog: Sync {
-    fn append(&self, range: u64, entry: Entry, hard_state: &HardState, compact_to: Option<u64>)
-        -> anyhow::Result<()>;
+    fn append(
+        &self,
+        range: u64,
+        entry: Entry,
+        hard_state: &HardState,
+        compact_to: Option<u64>,
+    ) -> anyhow::Result<()>;
     /// (syncs, requests) so far, when the engine counts them.
     fn sync_counts(&self) -> Option<(u64, u64)> {
         None
@@ -220,14 +225,19 @@ fn open_engine(name: &str, dir: &Path, args: &LogBenchArgs) -> anyhow::Result<Bo
 }
 
 fn entry_for(index: u64, payload: &bytes::Bytes) -> Entry {
-    let mut entry = Entry::default();
-    entry.index = index;
-    entry.term = 1;
-    entry.data = payload.clone();
-    entry
+    Entry {
+        index,
+        term: 1,
+        data: payload.clone(),
+        ..Default::default()
+    }
 }
 
-fn run_engine(engine: &dyn RaftLog, name: &str, args: &LogBenchArgs) -> anyhow::Result<EngineResult> {
+fn run_engine(
+    engine: &dyn RaftLog,
+    name: &str,
+    args: &LogBenchArgs,
+) -> anyhow::Result<EngineResult> {
     let payload = bytes::Bytes::from(vec![0x5au8; args.entry_bytes]);
     let stop = AtomicBool::new(false);
     let deadline = Duration::from_secs_f64(args.seconds);
@@ -238,8 +248,9 @@ fn run_engine(engine: &dyn RaftLog, name: &str, args: &LogBenchArgs) -> anyhow::
             .map(|writer| {
                 let (payload, stop) = (&payload, &stop);
                 scope.spawn(move || -> anyhow::Result<(Histogram<u64>, u64)> {
-                    let owned: Vec<u64> =
-                        (1..=args.ranges).filter(|r| r % args.writers == writer % args.writers).collect();
+                    let owned: Vec<u64> = (1..=args.ranges)
+                        .filter(|r| r % args.writers == writer % args.writers)
+                        .collect();
                     let mut histogram = latency_histogram();
                     let mut next_index = vec![1u64; owned.len()];
                     let mut done = 0u64;
@@ -257,12 +268,20 @@ fn run_engine(engine: &dyn RaftLog, name: &str, args: &LogBenchArgs) -> anyhow::
                         let slot = (done as usize) % owned.len();
                         let index = next_index[slot];
                         next_index[slot] += 1;
-                        let mut hard_state = HardState::default();
-                        hard_state.term = 1;
-                        hard_state.commit = index;
-                        let compact = (index % COMPACT_EVERY_ENTRIES == 0).then(|| index - KEEP_ENTRIES);
+                        let hard_state = HardState {
+                            term: 1,
+                            commit: index,
+                            ..Default::default()
+                        };
+                        let compact =
+                            (index % COMPACT_EVERY_ENTRIES == 0).then(|| index - KEEP_ENTRIES);
                         let begin = Instant::now();
-                        engine.append(owned[slot], entry_for(index, payload), &hard_state, compact)?;
+                        engine.append(
+                            owned[slot],
+                            entry_for(index, payload),
+                            &hard_state,
+                            compact,
+                        )?;
                         histogram.record(begin.elapsed().as_micros().max(1) as u64)?;
                         done += 1;
                     }
@@ -278,7 +297,10 @@ fn run_engine(engine: &dyn RaftLog, name: &str, args: &LogBenchArgs) -> anyhow::
         }
         workers
             .into_iter()
-            .map(|w| w.join().unwrap_or_else(|_| Err(anyhow::anyhow!("writer panicked"))))
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("writer panicked")))
+            })
             .collect()
     });
     let seconds = started.elapsed().as_secs_f64();
@@ -317,7 +339,10 @@ fn run_engine(engine: &dyn RaftLog, name: &str, args: &LogBenchArgs) -> anyhow::
 
 /// Runs the benchmark; prints the table and, if asked, writes the JSON report.
 pub fn run(args: &LogBenchArgs) -> anyhow::Result<LogBenchReport> {
-    anyhow::ensure!(args.ranges >= 1 && args.writers >= 1, "--ranges and --writers must be at least 1");
+    anyhow::ensure!(
+        args.ranges >= 1 && args.writers >= 1,
+        "--ranges and --writers must be at least 1"
+    );
     let scratch = match &args.dir {
         Some(dir) => tempfile::tempdir_in(dir)?,
         None => tempfile::tempdir()?,
@@ -374,7 +399,11 @@ fn print_table(report: &LogBenchReport) {
             r.p50_us,
             r.p99_us,
             r.p999_us,
-            if r.ops_per_sec > 0.0 { ours / r.ops_per_sec } else { 0.0 }
+            if r.ops_per_sec > 0.0 {
+                ours / r.ops_per_sec
+            } else {
+                0.0
+            }
         );
     }
 }
@@ -404,11 +433,14 @@ mod tests {
         assert_eq!(engines, ["rangekv", "raft-engine", "rocksdb"]);
         for result in &report.results {
             assert_eq!(result.operations, 2200, "{}", result.engine);
-            assert!(result.ops_per_sec > 0.0 && result.p50_us > 0 && result.p99_us >= result.p50_us);
+            assert!(
+                result.ops_per_sec > 0.0 && result.p50_us > 0 && result.p99_us >= result.p50_us
+            );
         }
         let ours = &report.results[0];
         assert!(ours.mean_group_size.unwrap() >= 1.0);
-        let parsed: serde_json::Value = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
+        let parsed: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
         assert_eq!(parsed["results"][1]["engine"], "raft-engine");
         assert!(parsed["results"][0]["p999_us"].as_u64().is_some());
         assert_eq!(parsed["config"]["ranges"], 2);

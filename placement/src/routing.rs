@@ -102,7 +102,10 @@ mod tests {
         // Range 2 split at "m": the right half is range 4.
         table.insert(span(4, "m", ""));
         assert_eq!(table.len(), 2, "old [g, +inf) is dropped");
-        assert!(table.lookup(b"h").is_none(), "the shrunk left half is unknown");
+        assert!(
+            table.lookup(b"h").is_none(),
+            "the shrunk left half is unknown"
+        );
         table.insert(span(2, "g", "m"));
         assert_eq!(table.lookup(b"h").unwrap().range, RangeId(2));
         assert_eq!(table.lookup(b"q").unwrap().range, RangeId(4));

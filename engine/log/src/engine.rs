@@ -281,7 +281,9 @@ pub(crate) struct Shared {
 
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every lock here guards plain data whose invariants hold between statements.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 pub(crate) fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -289,7 +291,8 @@ pub(crate) fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
 }
 
 pub(crate) fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    lock.write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 pub(crate) fn segment_name(sequence: u64) -> String {
@@ -403,25 +406,32 @@ struct Recovered {
     next_sequence: u64,
 }
 
+/// Replays every segment in order.
+///
+/// Pass 1 parses every record (checking every crc) and finds each range's final
+/// compaction point; pass 2 rebuilds the index knowing it. GC deletes old segments, so
+/// the records of a range's compacted entries may be gone while the compaction record
+/// that makes them dead comes later in the log: knowing the final point up front lets
+/// replay tell such a legitimate hole from a lost live entry.
 fn replay(fs: &dyn FileSystem) -> Result<Recovered, LogError> {
-    let list = fs
-        .list()
-        .map_err(|e| LogError::io(fs.describe(""), 0, e))?;
+    let list = fs.list().map_err(|e| LogError::io(fs.describe(""), 0, e))?;
     let mut sequences: Vec<(u64, String)> = list
         .into_iter()
         .filter_map(|name| parse_segment_name(&name).map(|seq| (seq, name)))
         .collect();
     sequences.sort();
-    let mut ranges: HashMap<RangeId, RangeLog> = HashMap::new();
+    let mut records: Vec<(u64, usize, Record)> = Vec::new();
     let mut segments = BTreeMap::new();
-    // Bounds come from the segment's own length, not from today's configuration.
-    let record_bytes_max = usize::MAX;
     let count = sequences.len();
     for (position, (sequence, name)) in sequences.iter().enumerate() {
         let last = position + 1 == count;
         let described = fs.describe(name);
-        let file = fs.open(name).map_err(|e| LogError::io(described.clone(), 0, e))?;
-        let len = file.len().map_err(|e| LogError::io(described.clone(), 0, e))?;
+        let file = fs
+            .open(name)
+            .map_err(|e| LogError::io(described.clone(), 0, e))?;
+        let len = file
+            .len()
+            .map_err(|e| LogError::io(described.clone(), 0, e))?;
         let mut bytes = vec![0u8; len as usize];
         file.read_exact_at(&mut bytes, 0)
             .map_err(|e| LogError::io(described.clone(), 0, e))?;
@@ -438,17 +448,18 @@ fn replay(fs: &dyn FileSystem) -> Result<Recovered, LogError> {
             Err(why) if last => {
                 // A crash while creating the newest segment: it holds nothing.
                 tracing::warn!(file = %described, why, "removing half-created log segment");
-                fs.remove(name).map_err(|e| LogError::io(described.clone(), 0, e))?;
+                fs.remove(name)
+                    .map_err(|e| LogError::io(described.clone(), 0, e))?;
                 continue;
             }
             Err(why) => return Err(corrupt(0, why.to_string())),
         }
         let mut at = format::SEGMENT_HEADER_BYTES as usize;
         loop {
-            match format::parse_record(&bytes, at, record_bytes_max) {
+            // Bounds come from the segment's own length, not from today's configuration.
+            match format::parse_record(&bytes, at, usize::MAX) {
                 Parsed::Record(record, next) => {
-                    apply_replayed(&mut ranges, record, *sequence)
-                        .map_err(|reason| corrupt(at, reason))?;
+                    records.push((*sequence, at, record));
                     at = next;
                 }
                 Parsed::End => break,
@@ -467,6 +478,86 @@ fn replay(fs: &dyn FileSystem) -> Result<Recovered, LogError> {
         }
         segments.insert(*sequence, file);
     }
+
+    // Pass 1: each range's final compaction point (since its last removal).
+    let mut floors: HashMap<RangeId, (u64, u64, u64)> = HashMap::new();
+    for (segment, _, record) in &records {
+        match record {
+            Record::CompactionPoint {
+                range,
+                truncated_index,
+                truncated_term,
+            } => {
+                let floor = floors.entry(*range).or_insert((0, 0, *segment));
+                if *truncated_index >= floor.0 {
+                    *floor = (*truncated_index, *truncated_term, *segment);
+                }
+            }
+            Record::RangeRemoval { range } => {
+                floors.remove(range);
+            }
+            _ => {}
+        }
+    }
+
+    // Pass 2: the index.
+    let mut ranges: HashMap<RangeId, RangeLog> = HashMap::new();
+    let start = |range: &RangeId| match floors.get(range) {
+        Some((index, term, segment)) => RangeLog::replay_start(*index, *term, Some(*segment)),
+        None => RangeLog::default(),
+    };
+    for (segment, _, record) in records {
+        match record {
+            Record::Entries {
+                range,
+                first_index,
+                entries,
+            } => {
+                let locations: Vec<Location> = entries
+                    .iter()
+                    .map(|(term, placed)| Location {
+                        segment,
+                        offset: placed.offset as u64,
+                        len: placed.len,
+                        crc: placed.crc,
+                        term: *term,
+                    })
+                    .collect();
+                let floor = floors.get(&range).map_or(0, |f| f.0);
+                ranges
+                    .entry(range)
+                    .or_insert_with(|| start(&range))
+                    .replay_append(first_index, &locations, floor);
+            }
+            Record::HardState { range, hard_state } => {
+                ranges
+                    .entry(range)
+                    .or_insert_with(|| start(&range))
+                    .set_hard_state(hard_state, segment);
+            }
+            Record::CompactionPoint { range, .. } => {
+                ranges.entry(range).or_insert_with(|| start(&range));
+            }
+            Record::RangeRemoval { range } => {
+                ranges.remove(&range);
+            }
+        }
+    }
+    for (range, log) in ranges.iter_mut() {
+        let (floor, term, _) = floors.get(range).copied().unwrap_or((0, 0, 0));
+        if log.truncated_index != floor {
+            return Err(LogError::Corrupt {
+                file: fs.describe(""),
+                offset: 0,
+                reason: format!(
+                    "{range}: entries {}..={} are missing from the log",
+                    floor + 1,
+                    log.truncated_index
+                ),
+            });
+        }
+        log.truncated_term = term;
+    }
     let next_sequence = sequences.last().map_or(1, |(seq, _)| seq + 1);
     Ok(Recovered {
         ranges: ranges
@@ -476,53 +567,6 @@ fn replay(fs: &dyn FileSystem) -> Result<Recovered, LogError> {
         segments,
         next_sequence,
     })
-}
-
-fn apply_replayed(
-    ranges: &mut HashMap<RangeId, RangeLog>,
-    record: Record,
-    segment: u64,
-) -> Result<(), String> {
-    match record {
-        Record::Entries {
-            range,
-            first_index,
-            entries,
-        } => {
-            let locations: Vec<Location> = entries
-                .iter()
-                .map(|(term, placed)| Location {
-                    segment,
-                    offset: placed.offset as u64,
-                    len: placed.len,
-                    crc: placed.crc,
-                    term: *term,
-                })
-                .collect();
-            ranges
-                .entry(range)
-                .or_default()
-                .append(first_index, &locations, &[])
-                .map_err(|e| format!("{range}: {e:?}"))?;
-        }
-        Record::HardState { range, hard_state } => {
-            ranges.entry(range).or_default().set_hard_state(hard_state, segment);
-        }
-        Record::CompactionPoint {
-            range,
-            truncated_index,
-            truncated_term,
-        } => {
-            ranges
-                .entry(range)
-                .or_default()
-                .compact(truncated_index, truncated_term, segment);
-        }
-        Record::RangeRemoval { range } => {
-            ranges.remove(&range);
-        }
-    }
-    Ok(())
 }
 
 impl LogEngine {
@@ -539,7 +583,12 @@ impl LogEngine {
         let recovered = replay(fs.as_ref())?;
         let backend = writer::choose_backend(&config, fs.as_ref())?;
         let io_name = backend.name();
-        tracing::info!(io = io_name, segments = recovered.segments.len(), ranges = recovered.ranges.len(), "raft log engine opened");
+        tracing::info!(
+            io = io_name,
+            segments = recovered.segments.len(),
+            ranges = recovered.ranges.len(),
+            "raft log engine opened"
+        );
         let waker = Waker::new().map_err(|e| LogError::io("eventfd".into(), 0, e))?;
         let shared = Arc::new(Shared {
             config,
@@ -580,11 +629,7 @@ impl LogEngine {
 
     /// Queues `batch`; `done` runs on the writer thread once it is durable, or with the
     /// error that stopped the engine. Blocks while `queue_bytes_max` bytes are queued.
-    pub fn write(
-        &self,
-        batch: LogBatch,
-        done: impl FnOnce(Result<(), LogError>) + Send + 'static,
-    ) {
+    pub fn write(&self, batch: LogBatch, done: impl FnOnce(Result<(), LogError>) + Send + 'static) {
         let shared = self.shared();
         let limit = shared.config.batch_bytes_max();
         if batch.bytes() > limit {
@@ -637,10 +682,12 @@ impl LogEngine {
     /// needed), durably.
     pub fn compact(&self, range: RangeId, first_index: u64) -> Result<(), LogError> {
         let truncated_index = first_index.saturating_sub(1);
-        let term = self.term(range, truncated_index).map_err(|e| LogError::Invalid {
-            range,
-            reason: format!("cannot compact to {first_index}: {e}"),
-        })?;
+        let term = self
+            .term(range, truncated_index)
+            .map_err(|e| LogError::Invalid {
+                range,
+                reason: format!("cannot compact to {first_index}: {e}"),
+            })?;
         let mut batch = LogBatch::new();
         batch.compact_to(range, truncated_index, term);
         self.write_sync(batch)

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// One segment file. Writes are positional; `sync_data` makes them durable.
+#[allow(clippy::len_without_is_empty)] // a file's length, not a collection's
 pub trait SegmentFile: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
     /// Writes some prefix of `buf` at `offset`; may be short.

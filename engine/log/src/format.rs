@@ -199,13 +199,15 @@ pub fn decode_entry(raw: &[u8], index: u64) -> Result<Entry, &'static str> {
     if raw.len() != ENTRY_HEADER_BYTES + data_len + context_len {
         return Err("entry length does not match its header");
     }
-    let mut entry = Entry::default();
-    entry.index = index;
-    entry.term = term;
-    entry.set_entry_type(entry_type);
     let data_end = ENTRY_HEADER_BYTES + data_len;
-    entry.data = raw[ENTRY_HEADER_BYTES..data_end].to_vec().into();
-    entry.context = raw[data_end..].to_vec().into();
+    let mut entry = Entry {
+        index,
+        term,
+        data: raw[ENTRY_HEADER_BYTES..data_end].to_vec().into(),
+        context: raw[data_end..].to_vec().into(),
+        ..Default::default()
+    };
+    entry.set_entry_type(entry_type);
     Ok(entry)
 }
 
@@ -277,7 +279,11 @@ pub fn parse_record(segment: &[u8], at: usize, record_bytes_max: usize) -> Parse
     }
 }
 
-fn decode_payload(kind: RecordKind, payload: &[u8], payload_at: usize) -> Result<Record, &'static str> {
+fn decode_payload(
+    kind: RecordKind,
+    payload: &[u8],
+    payload_at: usize,
+) -> Result<Record, &'static str> {
     let need = |bytes: usize| {
         if payload.len() < bytes {
             Err("record payload cut short")
@@ -330,10 +336,12 @@ fn decode_payload(kind: RecordKind, payload: &[u8], payload_at: usize) -> Result
             if payload.len() != 32 {
                 return Err("hard state record has the wrong length");
             }
-            let mut hard_state = HardState::default();
-            hard_state.term = read_u64(payload, 8);
-            hard_state.vote = read_u64(payload, 16);
-            hard_state.commit = read_u64(payload, 24);
+            let hard_state = HardState {
+                term: read_u64(payload, 8),
+                vote: read_u64(payload, 16),
+                commit: read_u64(payload, 24),
+                ..Default::default()
+            };
             Ok(Record::HardState { range, hard_state })
         }
         RecordKind::CompactionPoint => {
@@ -360,11 +368,12 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = data.to_vec().into();
-        e
+        Entry {
+            index,
+            term,
+            data: data.to_vec().into(),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -372,17 +381,25 @@ mod tests {
         let mut out = vec![0u8; 5];
         let entries = vec![entry(7, 2, b"hello"), entry(8, 3, b"")];
         let placed = encode_entries(&mut out, RangeId(9), &entries);
-        let mut hs = HardState::default();
-        hs.term = 3;
-        hs.vote = 1;
-        hs.commit = 8;
+        let hs = HardState {
+            term: 3,
+            vote: 1,
+            commit: 8,
+            ..Default::default()
+        };
         encode_hard_state(&mut out, RangeId(9), &hs);
         encode_compaction_point(&mut out, RangeId(9), 6, 2);
         encode_range_removal(&mut out, RangeId(4));
         out.extend_from_slice(&[0u8; 32]);
 
-        let Parsed::Record(Record::Entries { range, first_index, entries: found }, next) =
-            parse_record(&out, 5, 1 << 20)
+        let Parsed::Record(
+            Record::Entries {
+                range,
+                first_index,
+                entries: found,
+            },
+            next,
+        ) = parse_record(&out, 5, 1 << 20)
         else {
             panic!("entries record expected");
         };
@@ -400,8 +417,14 @@ mod tests {
             panic!("hard state expected");
         };
         assert_eq!(hard_state, hs);
-        let Parsed::Record(Record::CompactionPoint { truncated_index: 6, truncated_term: 2, .. }, next) =
-            parse_record(&out, next, 1 << 20)
+        let Parsed::Record(
+            Record::CompactionPoint {
+                truncated_index: 6,
+                truncated_term: 2,
+                ..
+            },
+            next,
+        ) = parse_record(&out, next, 1 << 20)
         else {
             panic!("compaction point expected");
         };

@@ -44,8 +44,14 @@ pub struct RangeLog {
 /// Why an append or compaction cannot be applied.
 #[derive(Debug, PartialEq, Eq)]
 pub enum IndexError {
-    Gap { last_index: u64, first_index: u64 },
-    BelowCompaction { truncated_index: u64, first_index: u64 },
+    Gap {
+        last_index: u64,
+        first_index: u64,
+    },
+    BelowCompaction {
+        truncated_index: u64,
+        first_index: u64,
+    },
 }
 
 impl RangeLog {
@@ -108,7 +114,11 @@ impl RangeLog {
             }
         } else {
             debug_assert_eq!(entries.len(), locations.len());
-            if self.cache.back().is_some_and(|e| e.index + 1 != first_index) {
+            if self
+                .cache
+                .back()
+                .is_some_and(|e| e.index + 1 != first_index)
+            {
                 delta -= self.clear_cache() as isize;
             }
             for entry in entries {
@@ -136,6 +146,39 @@ impl RangeLog {
         freed
     }
 
+    /// Starts a range in replay at its final compaction point (see `engine::replay`).
+    pub fn replay_start(truncated_index: u64, truncated_term: u64, segment: Option<u64>) -> Self {
+        RangeLog {
+            truncated_index,
+            truncated_term,
+            compaction_segment: segment,
+            ..RangeLog::default()
+        }
+    }
+
+    /// Replay of an entries record, knowing the range's final compaction point `floor`.
+    ///
+    /// Segments before a range's oldest live record may be gone, so replay can meet an
+    /// append that starts past the log's end, or entries at or below `floor`: whatever
+    /// is at or below `floor` is dead, and a jump past the end drops entries that a
+    /// later record in the log replaces (live entries sit in segments in index order,
+    /// so none is lost). `engine::replay` checks at the end that the log starts right
+    /// after `floor`.
+    pub fn replay_append(&mut self, first_index: u64, locations: &[Location], floor: u64) {
+        let start = first_index.max(floor + 1);
+        let skipped = (start - first_index) as usize;
+        let kept = &locations[skipped.min(locations.len())..];
+        if start > self.last_index() + 1 || start <= self.truncated_index {
+            self.locations.clear();
+            self.truncated_index = start - 1;
+            self.truncated_term = 0;
+        } else {
+            self.locations
+                .truncate((start - self.first_index()) as usize);
+        }
+        self.locations.extend(kept.iter().copied());
+    }
+
     pub fn set_hard_state(&mut self, hard_state: HardState, segment: u64) {
         self.hard_state = hard_state;
         self.hard_state_segment = Some(segment);
@@ -148,15 +191,14 @@ impl RangeLog {
         if truncated_index < self.truncated_index {
             return 0;
         }
-        let freed;
-        if truncated_index >= self.last_index() {
+        let freed = if truncated_index >= self.last_index() {
             self.locations.clear();
-            freed = self.clear_cache();
+            self.clear_cache()
         } else {
             let dropped = (truncated_index - self.truncated_index) as usize;
             self.locations.drain(..dropped);
-            freed = self.evict_cache_through(truncated_index);
-        }
+            self.evict_cache_through(truncated_index)
+        };
         self.truncated_index = truncated_index;
         self.truncated_term = truncated_term;
         self.compaction_segment = Some(segment);
@@ -177,10 +219,7 @@ impl RangeLog {
     /// What to return for `low..high`, stopping once `max_bytes` is passed (at least
     /// one entry). The caller checks the bounds first.
     pub fn fetch(&self, low: u64, high: u64, max_bytes: u64) -> Vec<Fetch> {
-        let cache_first = self
-            .cache
-            .front()
-            .map_or(u64::MAX, |entry| entry.index);
+        let cache_first = self.cache.front().map_or(u64::MAX, |entry| entry.index);
         let mut out = Vec::with_capacity((high - low).min(1024) as usize);
         let mut total = 0u64;
         for index in low..high {
@@ -221,10 +260,11 @@ mod tests {
     }
 
     fn entry(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e
+        Entry {
+            index,
+            term,
+            ..Default::default()
+        }
     }
 
     #[test]

@@ -73,7 +73,9 @@ fn crashed_error() -> io::Error {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock leaves plain data behind: keep using it.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl SimFileSystem {
@@ -108,12 +110,12 @@ impl SimFileSystem {
         if self.has_crashed() {
             return Err(crashed_error());
         }
-        let left = self
-            .shared
-            .crash_countdown
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n != u64::MAX && n > 0).then(|| n - 1)
-            });
+        let left =
+            self.shared
+                .crash_countdown
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    (n != u64::MAX && n > 0).then(|| n - 1)
+                });
         if left == Ok(1) {
             self.crash();
             return Err(crashed_error());
@@ -308,7 +310,10 @@ mod tests {
         file.sync_data().unwrap();
         file.write_all_at(&[2u8; 4096], 4096).unwrap();
         fs.crash();
-        assert!(file.write_at(&[3], 0).is_err(), "a crashed fs takes no writes");
+        assert!(
+            file.write_at(&[3], 0).is_err(),
+            "a crashed fs takes no writes"
+        );
         let mut seen_lost = false;
         let mut seen_kept = false;
         for seed in 0..64 {
@@ -320,7 +325,10 @@ mod tests {
             seen_lost |= buf[4096] != 2;
             seen_kept |= buf[4096..].iter().all(|&b| b == 2);
         }
-        assert!(seen_lost && seen_kept, "crashes both keep and lose unsynced writes");
+        assert!(
+            seen_lost && seen_kept,
+            "crashes both keep and lose unsynced writes"
+        );
     }
 
     #[test]

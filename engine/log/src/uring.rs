@@ -101,9 +101,7 @@ impl UringBackend {
             match self.ring.submit_and_wait(wait_for) {
                 Ok(_) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && wait_for == 0 => {
-                    return Ok(())
-                }
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && wait_for == 0 => return Ok(()),
                 Err(e) => return Err(e),
             }
         }
@@ -122,7 +120,9 @@ impl UringBackend {
         flight.pending = flight.pending.saturating_sub(1);
         if user_data & 3 == KIND_WRITE {
             if result < 0 {
-                flight.error.get_or_insert(io::Error::from_raw_os_error(-result));
+                flight
+                    .error
+                    .get_or_insert(io::Error::from_raw_os_error(-result));
             } else {
                 flight.written += result as usize;
                 flight.attempt_written = result as usize;
@@ -130,7 +130,9 @@ impl UringBackend {
         } else if result == 0 {
             flight.sync_ok = true;
         } else if result != -libc::ECANCELED {
-            flight.error.get_or_insert(io::Error::from_raw_os_error(-result));
+            flight
+                .error
+                .get_or_insert(io::Error::from_raw_os_error(-result));
         }
         if flight.pending > 0 {
             return Ok(None);
@@ -221,13 +223,10 @@ impl Backend for UringBackend {
             error,
         };
         if wait == Wait::ForCompletionOrRequest && self.eventfd_armed.is_none() {
-            let read = opcode::Read::new(
-                types::Fd(waker.raw_fd()),
-                self.eventfd_buf.as_mut_ptr(),
-                8,
-            )
-            .build()
-            .user_data(EVENTFD_USER_DATA);
+            let read =
+                opcode::Read::new(types::Fd(waker.raw_fd()), self.eventfd_buf.as_mut_ptr(), 8)
+                    .build()
+                    .user_data(EVENTFD_USER_DATA);
             self.push(&read).map_err(as_failure)?;
             self.eventfd_armed = Some(waker.raw_fd());
         }

@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use rangekv_types::RangeId;
 
-use crate::engine::{lock, read, segment_name, write, LogBatch, LogConfig, LogError, LogIo, Request, Shared, Update};
+use crate::engine::{
+    lock, read, segment_name, write, LogBatch, LogConfig, LogError, LogIo, Request, Shared, Update,
+};
 use crate::file::{FileSystem, SegmentFile};
 use crate::format;
 use crate::index::{Fetch, Location};
@@ -113,7 +115,10 @@ impl Backend for SyncBackend {
             offset: write.offset,
             error,
         };
-        write.file.write_all_at(&write.buf, write.offset).map_err(fail)?;
+        write
+            .file
+            .write_all_at(&write.buf, write.offset)
+            .map_err(fail)?;
         write.file.sync_data().map_err(fail)?;
         self.done.push(write.token);
         Ok(())
@@ -368,12 +373,21 @@ impl Writer {
                 Err(error) => (request.done)(Err(error)),
             }
         }
+        self.submit_admitted(admitted)
+    }
+
+    fn submit_admitted(&mut self, admitted: Vec<Request>) -> Result<(), LogError> {
         if admitted.is_empty() {
             return Ok(());
         }
         let bytes: usize = admitted.iter().map(|r| r.batch.bytes()).sum();
         if self.offset + bytes as u64 > self.shared.config.segment_bytes {
-            self.rotate()?;
+            if let Err(error) = self.rotate(bytes as u64) {
+                for request in admitted {
+                    (request.done)(Err(error.clone()));
+                }
+                return Err(error);
+            }
         }
         let mut buf = Vec::with_capacity(bytes);
         let mut placed = Vec::with_capacity(admitted.len());
@@ -385,7 +399,9 @@ impl Writer {
         let token = self.next_token;
         self.next_token += 1;
         let counters = &self.shared.counters;
-        counters.requests.fetch_add(placed.len() as u64, Ordering::Relaxed);
+        counters
+            .requests
+            .fetch_add(placed.len() as u64, Ordering::Relaxed);
         counters.groups.fetch_add(1, Ordering::Relaxed);
         counters.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         self.inflight.push_back(Group {
@@ -540,7 +556,8 @@ impl Writer {
     /// Starts a new segment once everything in flight is durable (so no segment but the
     /// newest can ever end in a torn record), rewrites cold ranges forward when the log
     /// has grown past its threshold, and deletes what no range needs.
-    fn rotate(&mut self) -> Result<(), LogError> {
+    /// `reserve`: bytes of the group waiting to go into the new segment.
+    fn rotate(&mut self, reserve: u64) -> Result<(), LogError> {
         while !self.inflight.is_empty() {
             self.reap(Wait::ForCompletion)?;
         }
@@ -549,10 +566,14 @@ impl Writer {
         self.segment = next;
         self.offset = format::SEGMENT_HEADER_BYTES;
         self.shared.collect_garbage();
-        self.rewrite_cold_ranges()
+        self.rewrite_cold_ranges(reserve)
     }
 
-    fn rewrite_cold_ranges(&mut self) -> Result<(), LogError> {
+    /// Rewrites ranges pinning the oldest segment into the new one. Runs only right
+    /// after a rotation, when nothing is in flight, so the durable index is the whole
+    /// truth; the rewrite goes ahead of the waiting group, so replay order holds. It
+    /// changes no range's state, so it skips admission.
+    fn rewrite_cold_ranges(&mut self, reserve: u64) -> Result<(), LogError> {
         let config = &self.shared.config;
         let (oldest, held_bytes) = {
             let segments = read(&self.shared.segments);
@@ -581,7 +602,12 @@ impl Writer {
                 } else {
                     Vec::new()
                 };
-                (log.truncated_index, log.truncated_term, log.hard_state.clone(), fetches)
+                (
+                    log.truncated_index,
+                    log.truncated_term,
+                    log.hard_state.clone(),
+                    fetches,
+                )
             };
             let mut entries = Vec::with_capacity(fetches.len());
             for fetch in fetches {
@@ -597,11 +623,15 @@ impl Writer {
                 break;
             }
         }
-        if batch.is_empty() || self.offset + batch.bytes() as u64 > config.segment_bytes {
+        if batch.is_empty() || self.offset + batch.bytes() as u64 + reserve > config.segment_bytes {
             return Ok(());
         }
-        tracing::info!(segment = oldest, bytes = batch.bytes(), "rewriting cold ranges forward");
-        self.submit_group(vec![Request {
+        tracing::info!(
+            segment = oldest,
+            bytes = batch.bytes(),
+            "rewriting cold ranges forward"
+        );
+        self.submit_admitted(vec![Request {
             batch,
             done: Box::new(|_| {}),
         }])

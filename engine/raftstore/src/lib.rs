@@ -32,7 +32,11 @@ impl Default for ReplicaConfig {
 impl ReplicaConfig {
     /// The raft-rs configuration of the replica `peer`: pre-vote and check-quorum on
     /// (check-quorum is what makes leader leases safe), bounded inflight appends.
-    pub fn raft_config(&self, peer: PeerId, applied_index: u64) -> Result<raft::Config, raft::Error> {
+    pub fn raft_config(
+        &self,
+        peer: PeerId,
+        applied_index: u64,
+    ) -> Result<raft::Config, raft::Error> {
         let config = raft::Config {
             id: peer.get(),
             election_tick: self.election_timeout_ticks,

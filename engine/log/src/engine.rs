@@ -277,6 +277,14 @@ pub(crate) struct Shared {
     pub failure: Mutex<Option<LogError>>,
     pub counters: Counters,
     pub gc: Mutex<()>,
+    pub writer_thread: std::sync::OnceLock<std::thread::ThreadId>,
+}
+
+/// An entry from the cache, or one to read: its index, location and segment file
+/// (None if the segment was already gone when resolved).
+pub(crate) enum Resolved {
+    Entry(Entry),
+    Read(u64, Location, Option<Arc<dyn SegmentFile>>),
 }
 
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -317,6 +325,10 @@ impl Shared {
         write(&self.ranges).entry(range).or_default().clone()
     }
 
+    pub fn on_writer_thread(&self) -> bool {
+        self.writer_thread.get() == Some(&std::thread::current().id())
+    }
+
     pub fn failure(&self) -> LogError {
         match &*lock(&self.failure) {
             Some(error) => LogError::Stopped(error.to_string()),
@@ -324,9 +336,41 @@ impl Shared {
         }
     }
 
+    /// Resolves what `RangeLog::fetch` returned into entries and disk reads. Call it
+    /// while holding the range's lock: the segment files are taken then, so GC or a
+    /// rewrite that runs after the lock is released cannot pull them away.
+    pub fn resolve(&self, fetches: Vec<Fetch>) -> Vec<Resolved> {
+        let segments = read(&self.segments);
+        fetches
+            .into_iter()
+            .map(|fetch| match fetch {
+                Fetch::Cached(entry) => Resolved::Entry(entry),
+                Fetch::Disk(index, at) => {
+                    Resolved::Read(index, at, segments.get(&at.segment).cloned())
+                }
+            })
+            .collect()
+    }
+
+    /// Reads what `resolve` returned, checking every entry against its checksum.
+    pub fn read_resolved(&self, resolved: Vec<Resolved>) -> Result<Vec<Entry>, LogError> {
+        let mut entries = Vec::with_capacity(resolved.len());
+        for item in resolved {
+            entries.push(match item {
+                Resolved::Entry(entry) => entry,
+                Resolved::Read(index, at, file) => self.read_entry(index, at, file)?,
+            });
+        }
+        Ok(entries)
+    }
+
     /// Reads one entry from disk, checking it against the checksum taken at write.
-    pub fn read_entry(&self, index: u64, at: Location) -> Result<Entry, LogError> {
-        let file = read(&self.segments).get(&at.segment).cloned();
+    fn read_entry(
+        &self,
+        index: u64,
+        at: Location,
+        file: Option<Arc<dyn SegmentFile>>,
+    ) -> Result<Entry, LogError> {
         let name = segment_name(at.segment);
         let Some(file) = file else {
             return Err(LogError::Corrupt {
@@ -364,15 +408,19 @@ impl Shared {
             .range(..oldest_needed)
             .map(|(sequence, _)| *sequence)
             .collect();
-        for sequence in &doomed {
-            write(&self.segments).remove(sequence);
-            let name = segment_name(*sequence);
+        let mut deleted = 0;
+        for sequence in doomed {
+            let name = segment_name(sequence);
             if let Err(error) = self.fs.remove(&name) {
-                // Not a durability problem: the segment only holds dead records.
+                // Stop here: deletion must stay a prefix (a later segment may hold the
+                // removal record that cancels this one's), and the next GC retries.
                 tracing::warn!(file = %self.fs.describe(&name), %error, "could not delete log segment");
+                break;
             }
+            write(&self.segments).remove(&sequence);
+            deleted += 1;
         }
-        doomed.len()
+        deleted
     }
 }
 
@@ -467,7 +515,9 @@ fn replay(fs: &dyn FileSystem) -> Result<Recovered, LogError> {
                     tracing::warn!(file = %described, offset = at, why, "truncating torn tail of the log");
                     break;
                 }
-                Parsed::Invalid(why) => return Err(corrupt(at, why.to_string())),
+                Parsed::Invalid(why) | Parsed::Malformed(why) => {
+                    return Err(corrupt(at, why.to_string()))
+                }
             }
         }
         if last && (at as u64) < len {
@@ -603,6 +653,7 @@ impl LogEngine {
             failure: Mutex::new(None),
             counters: Counters::default(),
             gc: Mutex::new(()),
+            writer_thread: std::sync::OnceLock::new(),
         });
         let writer = writer::Writer::start(shared.clone(), backend, recovered.next_sequence)?;
         let thread = std::thread::Builder::new()
@@ -629,6 +680,8 @@ impl LogEngine {
 
     /// Queues `batch`; `done` runs on the writer thread once it is durable, or with the
     /// error that stopped the engine. Blocks while `queue_bytes_max` bytes are queued.
+    /// Completions run in submission order; they must be quick and must not wait for
+    /// the engine (hand the result to another thread).
     pub fn write(&self, batch: LogBatch, done: impl FnOnce(Result<(), LogError>) + Send + 'static) {
         let shared = self.shared();
         let limit = shared.config.batch_bytes_max();
@@ -639,12 +692,13 @@ impl LogEngine {
             }));
             return;
         }
-        if batch.is_empty() {
-            done(Ok(()));
-            return;
-        }
+        // An empty batch is queued too: its completion must not overtake earlier ones
+        // (raft-rs counts every Ready up to the one it is told is persisted).
         let mut queue = lock(&shared.queue);
-        while queue.bytes > shared.config.queue_bytes_max
+        // A completion that writes again must not wait for its own thread.
+        let may_block = !shared.on_writer_thread();
+        while may_block
+            && queue.bytes > shared.config.queue_bytes_max
             && !queue.shutdown
             && !shared.failed.load(Ordering::SeqCst)
         {
@@ -668,7 +722,14 @@ impl LogEngine {
     }
 
     /// Writes `batch` and waits until it is durable.
+    ///
+    /// # Panics
+    /// When called from a completion (on the writer thread), which would wait for itself.
     pub fn write_sync(&self, batch: LogBatch) -> Result<(), LogError> {
+        assert!(
+            !self.shared().on_writer_thread(),
+            "write_sync is never called from a log completion: it would wait for itself"
+        );
         let (sender, receiver) = std::sync::mpsc::sync_channel(1);
         self.write(batch, move |result| {
             let _ = sender.send(result);
@@ -759,15 +820,10 @@ impl LogEngine {
             if low >= high {
                 return Ok(Vec::new());
             }
-            log.fetch(low, high, max_bytes.unwrap_or(u64::MAX))
+            self.shared()
+                .resolve(log.fetch(low, high, max_bytes.unwrap_or(u64::MAX)))
         };
-        let mut entries = Vec::with_capacity(fetches.len());
-        for fetch in fetches {
-            entries.push(match fetch {
-                Fetch::Cached(entry) => entry,
-                Fetch::Disk(index, at) => self.shared().read_entry(index, at)?,
-            });
-        }
+        let mut entries = self.shared().read_resolved(fetches)?;
         raft::util::limit_size(&mut entries, max_bytes);
         Ok(entries)
     }

@@ -31,6 +31,9 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const SEGMENT_HEADER_BYTES: u64 = 24;
 pub const RECORD_HEADER_BYTES: usize = 9;
 pub const ENTRY_HEADER_BYTES: usize = 17;
+/// The largest raft index the log accepts: far beyond any real log, and it keeps
+/// index arithmetic (`index + 1`, `first + count`) from overflowing.
+pub const INDEX_MAX: u64 = u64::MAX / 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -243,6 +246,8 @@ pub enum Parsed {
     End,
     /// Not a valid record: a torn write at the tail, or corruption elsewhere.
     Invalid(&'static str),
+    /// The checksum matches but the content makes no sense: never a torn write.
+    Malformed(&'static str),
 }
 
 /// Parses the record at `at` in `segment` (a whole segment's bytes).
@@ -275,7 +280,7 @@ pub fn parse_record(segment: &[u8], at: usize, record_bytes_max: usize) -> Parse
     };
     match record {
         Ok(record) => Parsed::Record(record, at + RECORD_HEADER_BYTES + len),
-        Err(why) => Parsed::Invalid(why),
+        Err(why) => Parsed::Malformed(why),
     }
 }
 
@@ -298,6 +303,9 @@ fn decode_payload(
             need(20)?;
             let first_index = read_u64(payload, 8);
             let count = read_u32(payload, 16) as usize;
+            if first_index == 0 || first_index.saturating_add(count as u64) > INDEX_MAX {
+                return Err("entry index out of bounds");
+            }
             let mut entries = Vec::with_capacity(count.min(payload.len() / ENTRY_HEADER_BYTES));
             let mut at = 20;
             for _ in 0..count {
@@ -348,9 +356,13 @@ fn decode_payload(
             if payload.len() != 24 {
                 return Err("compaction record has the wrong length");
             }
+            let truncated_index = read_u64(payload, 8);
+            if truncated_index > INDEX_MAX {
+                return Err("compaction point out of bounds");
+            }
             Ok(Record::CompactionPoint {
                 range,
-                truncated_index: read_u64(payload, 8),
+                truncated_index,
                 truncated_term: read_u64(payload, 16),
             })
         }
@@ -445,7 +457,7 @@ mod tests {
             dirty[at] ^= 0x40;
             dirty.extend_from_slice(&[0u8; 16]);
             match parse_record(&dirty, 0, 1 << 20) {
-                Parsed::Invalid(_) => {}
+                Parsed::Invalid(_) | Parsed::Malformed(_) => {}
                 other => panic!("flip at {at} went unnoticed: {other:?}"),
             }
         }

@@ -639,6 +639,36 @@ fn torn_tail_of_the_last_segment_is_cut_not_fatal() {
     assert_log(&engine, RangeId(1), 1, 3);
 }
 
+#[test]
+fn a_failed_sync_stops_the_engine_for_good() {
+    let fs = SimFileSystem::new();
+    let engine = LogEngine::open(Arc::new(fs.clone()), small_config(LogIo::Auto)).unwrap();
+    let range = RangeId(1);
+    append(&engine, range, 1, 1);
+    fs.crash_after(2); // the group's write goes through, its sync fails
+    let mut batch = LogBatch::new();
+    batch.append(range, entries(range, 2, 2));
+    let error = engine.write_sync(batch).unwrap_err();
+    let message = error.to_string();
+    assert!(matches!(error, LogError::Io { .. }), "{message}");
+    assert!(
+        message.contains("0000000000000001.rlog") && message.contains("offset"),
+        "{message}"
+    );
+    assert_eq!(
+        engine.last_index(range),
+        1,
+        "a failed group is never applied"
+    );
+    assert!(engine.failure().is_some());
+    let mut batch = LogBatch::new();
+    batch.append(range, entries(range, 2, 2));
+    assert!(
+        matches!(engine.write_sync(batch), Err(LogError::Stopped(_))),
+        "nothing is retried after a failed sync"
+    );
+}
+
 // ------------------------------------------------------------------ real process
 
 fn kill_config() -> LogConfig {

@@ -76,11 +76,12 @@ impl UringBackend {
             .flags(types::FsyncFlags::DATASYNC)
             .build()
             .user_data(token << 2 | KIND_SYNC);
-        flight.pending = 2;
         flight.attempt_written = 0;
         flight.sync_ok = false;
         self.push(&write)?;
+        self.bump_pending(token);
         self.push(&sync)?;
+        self.bump_pending(token);
         Ok(())
     }
 
@@ -92,8 +93,16 @@ impl UringBackend {
             .flags(types::FsyncFlags::DATASYNC)
             .build()
             .user_data(token << 2 | KIND_SYNC);
-        flight.pending = 1;
-        self.push(&sync)
+        self.push(&sync)?;
+        self.bump_pending(token);
+        Ok(())
+    }
+
+    /// Counts one operation of `token` pushed and not yet reaped (what `Drop` waits for).
+    fn bump_pending(&mut self, token: u64) {
+        if let Some(flight) = self.inflight.get_mut(&token) {
+            flight.pending += 1;
+        }
     }
 
     fn enter(&mut self, wait_for: usize) -> io::Result<()> {
@@ -237,12 +246,22 @@ impl Backend for UringBackend {
             .completion()
             .map(|cqe| (cqe.user_data(), cqe.result()))
             .collect();
+        // Handle every completion before reporting the first failure, so the pending
+        // counts stay exact (Drop waits on them).
+        let mut first_failure = None;
         for (user_data, result) in completions {
-            if let Some(token) = self.complete(user_data, result)? {
-                done.push(token);
+            match self.complete(user_data, result) {
+                Ok(Some(token)) => done.push(token),
+                Ok(None) => {}
+                Err(failure) => {
+                    first_failure.get_or_insert(failure);
+                }
             }
         }
-        Ok(())
+        match first_failure {
+            Some(failure) => Err(failure),
+            None => Ok(()),
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use crate::engine::{
 };
 use crate::file::{FileSystem, SegmentFile};
 use crate::format;
-use crate::index::{Fetch, Location};
+use crate::index::Location;
 
 /// Wakes the writer when a request arrives while it sleeps: an eventfd, which the
 /// io_uring writer also watches through the ring.
@@ -195,6 +195,8 @@ struct RangeView {
 /// Entries whose cache memory may be reclaimed, oldest first.
 const CACHE_QUEUE_ITEMS_MAX: usize = 65_536;
 
+pub(crate) use crate::format::INDEX_MAX;
+
 pub(crate) struct Writer {
     shared: Arc<Shared>,
     backend: Box<dyn Backend>,
@@ -245,8 +247,14 @@ impl Writer {
     }
 
     pub fn run(mut self) {
-        if let Err(error) = self.run_loop() {
-            self.fail(error);
+        let _ = self.shared.writer_thread.set(std::thread::current().id());
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => self.fail(error),
+            // A panicking completion or a broken invariant: stop cleanly rather than
+            // leave callers waiting on a dead thread.
+            Err(_) => self.fail(LogError::Stopped("the log writer thread panicked".into())),
         }
     }
 
@@ -331,6 +339,14 @@ impl Writer {
                 Update::Entries {
                     first_index, terms, ..
                 } => {
+                    if first_index.saturating_add(terms.len() as u64) > INDEX_MAX {
+                        return Err(LogError::Invalid {
+                            range,
+                            reason: format!(
+                                "index {first_index} is past the largest index {INDEX_MAX}"
+                            ),
+                        });
+                    }
                     if *first_index > view.last_index + 1 || *first_index <= view.truncated_index {
                         return Err(LogError::Invalid {
                             range,
@@ -347,6 +363,14 @@ impl Writer {
                 Update::Compaction {
                     truncated_index, ..
                 } => {
+                    if *truncated_index > INDEX_MAX {
+                        return Err(LogError::Invalid {
+                            range,
+                            reason: format!(
+                                "compaction point {truncated_index} is past {INDEX_MAX}"
+                            ),
+                        });
+                    }
                     if *truncated_index >= view.truncated_index {
                         view.truncated_index = *truncated_index;
                         view.last_index = view.last_index.max(*truncated_index);
@@ -410,6 +434,13 @@ impl Writer {
             requests: placed,
             durable: false,
         });
+        if bytes == 0 {
+            // Only empty batches: nothing to write, but they complete in order.
+            if let Some(group) = self.inflight.back_mut() {
+                group.durable = true;
+            }
+            return Ok(());
+        }
         let offset = self.offset;
         self.offset += bytes as u64;
         self.backend
@@ -585,56 +616,64 @@ impl Writer {
         if held_bytes <= config.rewrite_threshold_bytes || oldest >= self.segment {
             return Ok(());
         }
+        let config = config.clone();
         let pinning: Vec<RangeId> = read(&self.shared.ranges)
             .iter()
             .filter(|(_, log)| lock(log).pinned_segment() == Some(oldest))
             .map(|(range, _)| *range)
             .collect();
-        let mut batch = LogBatch::new();
+        let mut requests = Vec::new();
+        let mut room = config.segment_bytes.saturating_sub(self.offset + reserve);
         for range in pinning {
             let Some(log) = self.shared.range(range) else {
                 continue;
             };
-            let (truncated_index, truncated_term, hard_state, fetches) = {
+            let (truncated_index, truncated_term, hard_state, resolved) = {
                 let log = lock(&log);
                 let fetches = if log.last_index() >= log.first_index() {
                     log.fetch(log.first_index(), log.last_index() + 1, u64::MAX)
                 } else {
                     Vec::new()
                 };
+                let resolved = self.shared.resolve(fetches);
                 (
                     log.truncated_index,
                     log.truncated_term,
                     log.hard_state.clone(),
-                    fetches,
+                    resolved,
                 )
             };
-            let mut entries = Vec::with_capacity(fetches.len());
-            for fetch in fetches {
-                entries.push(match fetch {
-                    Fetch::Cached(entry) => entry,
-                    Fetch::Disk(index, at) => self.shared.read_entry(index, at)?,
-                });
-            }
+            let entries = match self.shared.read_resolved(resolved) {
+                Ok(entries) => entries,
+                Err(error) => {
+                    // Not a write failure: keep the range where it is, and say so.
+                    tracing::error!(%range, %error, "cannot rewrite range forward; its segment stays");
+                    continue;
+                }
+            };
+            let mut batch = LogBatch::new();
             batch.compact_to(range, truncated_index, truncated_term);
             batch.set_hard_state(range, hard_state);
             batch.append_inner(range, entries, false);
-            if batch.bytes() >= config.group_bytes_max {
-                break;
+            if batch.bytes() as u64 > room {
+                tracing::warn!(%range, bytes = batch.bytes(), "range too large to rewrite into this segment");
+                continue;
             }
+            room -= batch.bytes() as u64;
+            requests.push(Request {
+                batch,
+                done: Box::new(|_| {}),
+            });
         }
-        if batch.is_empty() || self.offset + batch.bytes() as u64 + reserve > config.segment_bytes {
+        if requests.is_empty() {
             return Ok(());
         }
         tracing::info!(
             segment = oldest,
-            bytes = batch.bytes(),
+            ranges = requests.len(),
             "rewriting cold ranges forward"
         );
-        self.submit_admitted(vec![Request {
-            batch,
-            done: Box::new(|_| {}),
-        }])
+        self.submit_admitted(requests)
     }
 
     /// Stops for good: every request in flight or queued fails with `error`.

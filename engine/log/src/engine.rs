@@ -630,6 +630,7 @@ impl LogEngine {
             config.segment_bytes > format::SEGMENT_HEADER_BYTES + 4096,
             "segment_bytes leaves room for records"
         );
+        writer::remove_temporary_segments(fs.as_ref())?;
         let recovered = replay(fs.as_ref())?;
         let backend = writer::choose_backend(&config, fs.as_ref())?;
         let io_name = backend.name();

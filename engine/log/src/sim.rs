@@ -289,6 +289,14 @@ impl FileSystem for SimFileSystem {
             .ok_or_else(|| io::ErrorKind::NotFound.into())
     }
 
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        self.operation()?;
+        let mut files = lock(&self.shared.files);
+        let file = files.remove(from).ok_or(io::ErrorKind::NotFound)?;
+        files.insert(to.to_string(), file);
+        Ok(())
+    }
+
     fn describe(&self, name: &str) -> String {
         format!("sim:{name}")
     }

@@ -640,6 +640,20 @@ fn torn_tail_of_the_last_segment_is_cut_not_fatal() {
 }
 
 #[test]
+fn a_segment_left_half_prepared_is_deleted_at_open() {
+    let fs = SimFileSystem::new();
+    fs.create("0000000000000009.rlog.tmp", 4096).unwrap();
+    let engine = LogEngine::open(Arc::new(fs.clone()), small_config(LogIo::Auto)).unwrap();
+    append(&engine, RangeId(1), 1, 2);
+    let names = fs.list().unwrap();
+    assert!(
+        !names.iter().any(|n| n.starts_with("0000000000000009")),
+        "{names:?}"
+    );
+    assert_log(&engine, RangeId(1), 1, 2);
+}
+
+#[test]
 fn a_failed_sync_stops_the_engine_for_good() {
     let fs = SimFileSystem::new();
     let engine = LogEngine::open(Arc::new(fs.clone()), small_config(LogIo::Auto)).unwrap();

@@ -209,6 +209,8 @@ pub(crate) struct Writer {
     cache_queue: VecDeque<(RangeId, u64)>,
     cache_bytes: isize,
     done: Vec<u64>,
+    /// The next segment, being zero-filled in the background.
+    prepared: Option<Prepared>,
 }
 
 impl Writer {
@@ -230,8 +232,12 @@ impl Writer {
                 )
             })
             .collect();
-        let file = create_segment(&shared, first_segment)?;
+        let bytes = shared.config.segment_bytes;
+        let file = prepare_segment(shared.fs.as_ref(), first_segment, bytes)?;
+        let file = install_segment(&shared, first_segment, file)?;
+        let prepared = prepare_in_background(&shared, first_segment + 1);
         Ok(Writer {
+            prepared,
             shared,
             backend,
             segment: first_segment,
@@ -249,6 +255,10 @@ impl Writer {
     pub fn run(mut self) {
         let _ = self.shared.writer_thread.set(std::thread::current().id());
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
+        // Let the segment being prepared finish, so no thread outlives the engine.
+        if let Some(prepared) = self.prepared.take() {
+            let _ = prepared.join();
+        }
         match outcome {
             Ok(Ok(())) => {}
             Ok(Err(error)) => self.fail(error),
@@ -593,7 +603,17 @@ impl Writer {
             self.reap(Wait::ForCompletion)?;
         }
         let next = self.segment + 1;
-        self.file = create_segment(&self.shared, next)?;
+        let file = match self.prepared.take().map(|p| p.join()) {
+            Some(Ok(prepared)) => prepared?,
+            // No helper thread (spawn failed) or it panicked: prepare it here.
+            Some(Err(_)) | None => prepare_segment(
+                self.shared.fs.as_ref(),
+                next,
+                self.shared.config.segment_bytes,
+            )?,
+        };
+        self.file = install_segment(&self.shared, next, file)?;
+        self.prepared = prepare_in_background(&self.shared, next + 1);
         self.segment = next;
         self.offset = format::SEGMENT_HEADER_BYTES;
         self.shared.collect_garbage();
@@ -698,20 +718,71 @@ impl Writer {
     }
 }
 
-fn create_segment(shared: &Shared, sequence: u64) -> Result<Arc<dyn SegmentFile>, LogError> {
-    let name = segment_name(sequence);
-    let describe = || shared.fs.describe(&name);
-    let file = shared
-        .fs
-        .create(&name, shared.config.segment_bytes)
+fn temporary_name(sequence: u64) -> String {
+    format!("{}.tmp", segment_name(sequence))
+}
+
+/// Creates segment `sequence` under a temporary name, zero-filled, with its header,
+/// synced. Replay ignores (and open deletes) temporary files, so a prepared segment
+/// never appears in the log before the writer installs it.
+fn prepare_segment(
+    fs: &dyn FileSystem,
+    sequence: u64,
+    bytes: u64,
+) -> Result<Arc<dyn SegmentFile>, LogError> {
+    let name = temporary_name(sequence);
+    let describe = || fs.describe(&name);
+    let file = fs
+        .create(&name, bytes)
         .map_err(|e| LogError::io(describe(), 0, e))?;
     let header = format::encode_segment_header(sequence);
     file.write_all_at(&header, 0)
         .and_then(|()| file.sync_data())
         .map_err(|e| LogError::io(describe(), 0, e))?;
+    Ok(file)
+}
+
+/// Gives segment `sequence` its real name and makes it the one being written.
+fn install_segment(
+    shared: &Shared,
+    sequence: u64,
+    file: Arc<dyn SegmentFile>,
+) -> Result<Arc<dyn SegmentFile>, LogError> {
+    let name = segment_name(sequence);
+    shared
+        .fs
+        .rename(&temporary_name(sequence), &name)
+        .map_err(|e| LogError::io(shared.fs.describe(&name), 0, e))?;
     write(&shared.segments).insert(sequence, file.clone());
     shared.active_segment.store(sequence, Ordering::SeqCst);
     Ok(file)
+}
+
+type Prepared = std::thread::JoinHandle<Result<Arc<dyn SegmentFile>, LogError>>;
+
+/// Zero-fills the next segment on a helper thread while the writer fills this one.
+fn prepare_in_background(shared: &Arc<Shared>, sequence: u64) -> Option<Prepared> {
+    if !shared.fs.has_raw_fds() {
+        // The simulated file system needs no zero-fill, and preparing inline keeps a
+        // seeded crash test's order of operations deterministic.
+        return None;
+    }
+    let shared = shared.clone();
+    let bytes = shared.config.segment_bytes;
+    std::thread::Builder::new()
+        .name("rangekv-log-prepare".into())
+        .spawn(move || prepare_segment(shared.fs.as_ref(), sequence, bytes))
+        .ok()
+}
+
+/// Deletes temporary segments a crash left behind.
+pub(crate) fn remove_temporary_segments(fs: &dyn FileSystem) -> Result<(), LogError> {
+    let names = fs.list().map_err(|e| LogError::io(fs.describe(""), 0, e))?;
+    for name in names.iter().filter(|n| n.ends_with(".rlog.tmp")) {
+        fs.remove(name)
+            .map_err(|e| LogError::io(fs.describe(name), 0, e))?;
+    }
+    Ok(())
 }
 
 impl Shared {

@@ -277,7 +277,8 @@ pub(crate) struct Shared {
     pub failure: Mutex<Option<LogError>>,
     pub counters: Counters,
     pub gc: Mutex<()>,
-    pub writer_thread: std::sync::OnceLock<std::thread::ThreadId>,
+    /// The thread that runs completions.
+    pub completion_thread: std::sync::OnceLock<std::thread::ThreadId>,
 }
 
 /// An entry from the cache, or one to read: its index, location and segment file
@@ -325,8 +326,8 @@ impl Shared {
         write(&self.ranges).entry(range).or_default().clone()
     }
 
-    pub fn on_writer_thread(&self) -> bool {
-        self.writer_thread.get() == Some(&std::thread::current().id())
+    pub fn on_completion_thread(&self) -> bool {
+        self.completion_thread.get() == Some(&std::thread::current().id())
     }
 
     pub fn failure(&self) -> LogError {
@@ -654,7 +655,7 @@ impl LogEngine {
             failure: Mutex::new(None),
             counters: Counters::default(),
             gc: Mutex::new(()),
-            writer_thread: std::sync::OnceLock::new(),
+            completion_thread: std::sync::OnceLock::new(),
         });
         let writer = writer::Writer::start(shared.clone(), backend, recovered.next_sequence)?;
         let thread = std::thread::Builder::new()
@@ -679,7 +680,7 @@ impl LogEngine {
         self.handle.io_name
     }
 
-    /// Queues `batch`; `done` runs on the writer thread once it is durable, or with the
+    /// Queues `batch`; `done` runs on the engine's completion thread once it is durable, or with the
     /// error that stopped the engine. Blocks while `queue_bytes_max` bytes are queued.
     /// Completions run in submission order; they must be quick and must not wait for
     /// the engine (hand the result to another thread).
@@ -697,7 +698,7 @@ impl LogEngine {
         // (raft-rs counts every Ready up to the one it is told is persisted).
         let mut queue = lock(&shared.queue);
         // A completion that writes again must not wait for its own thread.
-        let may_block = !shared.on_writer_thread();
+        let may_block = !shared.on_completion_thread();
         while may_block
             && queue.bytes > shared.config.queue_bytes_max
             && !queue.shutdown
@@ -725,10 +726,11 @@ impl LogEngine {
     /// Writes `batch` and waits until it is durable.
     ///
     /// # Panics
-    /// When called from a completion (on the writer thread), which would wait for itself.
+    /// When called from a completion (on the completion thread), which would wait for
+    /// itself.
     pub fn write_sync(&self, batch: LogBatch) -> Result<(), LogError> {
         assert!(
-            !self.shared().on_writer_thread(),
+            !self.shared().on_completion_thread(),
             "write_sync is never called from a log completion: it would wait for itself"
         );
         let (sender, receiver) = std::sync::mpsc::sync_channel(1);

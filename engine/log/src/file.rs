@@ -59,11 +59,13 @@ pub trait SegmentFile: Send + Sync {
 
 /// A directory of segment files.
 pub trait FileSystem: Send + Sync {
-    /// Creates `name` with `bytes` allocated and written with zeros, durably: the file's
-    /// blocks and its directory entry are synced before this returns. (Zeros written,
-    /// not just `fallocate`d: an fdatasync after writing into an unwritten extent must
-    /// also commit the extent conversion — measured here, 160 µs against 105 µs for a
-    /// 4 KiB write + fdatasync.)
+    /// Creates `name` with `bytes` preallocated (reading as zeros), durably: the file's
+    /// allocation and its directory entry are synced before this returns.
+    ///
+    /// Not zero-filled: an fdatasync into an unwritten extent also commits the extent
+    /// conversion (160 µs against 105 µs for a lone 4 KiB write here), but over whole
+    /// groups that cost vanishes, while writing 128 MiB of zeros next to the log
+    /// raised the log benchmark's p999 from ~3 ms to 12–40 ms (bench/README.md).
     fn create(&self, name: &str, bytes: u64) -> io::Result<Arc<dyn SegmentFile>>;
     /// Renames `from` to `to` durably (the directory is synced).
     fn rename(&self, from: &str, to: &str) -> io::Result<()>;
@@ -77,8 +79,6 @@ pub trait FileSystem: Send + Sync {
     /// Whether files have real descriptors (io_uring needs them).
     fn has_raw_fds(&self) -> bool;
 }
-
-const ZERO_FILL_CHUNK_BYTES: usize = 1024 * 1024;
 
 /// Segment files in a real directory.
 pub struct DiskFileSystem {
@@ -140,13 +140,6 @@ impl FileSystem for DiskFileSystem {
                 return Err(err);
             }
             file.set_len(bytes)?;
-        }
-        let zeros = vec![0u8; ZERO_FILL_CHUNK_BYTES];
-        let mut at = 0;
-        while at < bytes {
-            let chunk = (bytes - at).min(ZERO_FILL_CHUNK_BYTES as u64) as usize;
-            file.write_all_at(&zeros[..chunk], at)?;
-            at += chunk as u64;
         }
         file.sync_all()?;
         self.sync_dir()?;

@@ -7,12 +7,13 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 
 use rangekv_types::RangeId;
 
 use crate::engine::{
-    lock, read, segment_name, write, LogBatch, LogConfig, LogError, LogIo, Request, Shared, Update,
+    lock, read, segment_name, write, Completion, LogBatch, LogConfig, LogError, LogIo, Request,
+    Shared, Update,
 };
 use crate::file::{FileSystem, SegmentFile};
 use crate::format;
@@ -209,8 +210,34 @@ pub(crate) struct Writer {
     cache_queue: VecDeque<(RangeId, u64)>,
     cache_bytes: isize,
     done: Vec<u64>,
-    /// The next segment, being zero-filled in the background.
+    /// The next segment, being prepared in the background.
     prepared: Option<Prepared>,
+    /// Completions go to one completion thread, in order, so the writer can submit the
+    /// next group while the waiters of the last one are being woken.
+    completions: Option<mpsc::Sender<Notice>>,
+    completion_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Completions to run, in order, with their results.
+type Notice = Vec<(Completion, Result<(), LogError>)>;
+
+fn spawn_completion_thread(
+    shared: &Arc<Shared>,
+) -> Result<(mpsc::Sender<Notice>, std::thread::JoinHandle<()>), LogError> {
+    let (sender, receiver) = mpsc::channel::<Notice>();
+    let shared = shared.clone();
+    let thread = std::thread::Builder::new()
+        .name("rangekv-log-done".into())
+        .spawn(move || {
+            let _ = shared.completion_thread.set(std::thread::current().id());
+            for notice in receiver {
+                for (done, result) in notice {
+                    done(result);
+                }
+            }
+        })
+        .map_err(|e| LogError::io("completion thread".into(), 0, e))?;
+    Ok((sender, thread))
 }
 
 impl Writer {
@@ -236,8 +263,11 @@ impl Writer {
         let file = prepare_segment(shared.fs.as_ref(), first_segment, bytes)?;
         let file = install_segment(&shared, first_segment, file)?;
         let prepared = prepare_in_background(&shared, first_segment + 1);
+        let (completions, completion_thread) = spawn_completion_thread(&shared)?;
         Ok(Writer {
             prepared,
+            completions: Some(completions),
+            completion_thread: Some(completion_thread),
             shared,
             backend,
             segment: first_segment,
@@ -252,8 +282,21 @@ impl Writer {
         })
     }
 
+    /// Runs completions on the completion thread, in order (inline if it is gone).
+    fn notify(&self, notice: Notice) {
+        if notice.is_empty() {
+            return;
+        }
+        let unsent = match &self.completions {
+            Some(sender) => sender.send(notice).err().map(|e| e.0),
+            None => Some(notice),
+        };
+        for (done, result) in unsent.into_iter().flatten() {
+            done(result);
+        }
+    }
+
     pub fn run(mut self) {
-        let _ = self.shared.writer_thread.set(std::thread::current().id());
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
         // Let the segment being prepared finish, so no thread outlives the engine.
         if let Some(prepared) = self.prepared.take() {
@@ -262,9 +305,14 @@ impl Writer {
         match outcome {
             Ok(Ok(())) => {}
             Ok(Err(error)) => self.fail(error),
-            // A panicking completion or a broken invariant: stop cleanly rather than
-            // leave callers waiting on a dead thread.
+            // A broken invariant: stop cleanly rather than leave callers waiting on a
+            // dead thread.
             Err(_) => self.fail(LogError::Stopped("the log writer thread panicked".into())),
+        }
+        // Every completion has run once the engine's last handle is dropped.
+        self.completions = None;
+        if let Some(thread) = self.completion_thread.take() {
+            let _ = thread.join();
         }
     }
 
@@ -401,12 +449,15 @@ impl Writer {
 
     fn submit_group(&mut self, requests: Vec<Request>) -> Result<(), LogError> {
         let mut admitted = Vec::with_capacity(requests.len());
+        let mut refused = Vec::new();
         for request in requests {
             match self.admit(&request.batch) {
                 Ok(()) => admitted.push(request),
-                Err(error) => (request.done)(Err(error)),
+                Err(error) => refused.push((request.done, Err(error))),
             }
         }
+        // After every group before it, like any completion.
+        self.notify(refused);
         self.submit_admitted(admitted)
     }
 
@@ -417,9 +468,11 @@ impl Writer {
         let bytes: usize = admitted.iter().map(|r| r.batch.bytes()).sum();
         if self.offset + bytes as u64 > self.shared.config.segment_bytes {
             if let Err(error) = self.rotate(bytes as u64) {
-                for request in admitted {
-                    (request.done)(Err(error.clone()));
-                }
+                let notice = admitted
+                    .into_iter()
+                    .map(|request| (request.done, Err(error.clone())))
+                    .collect();
+                self.notify(notice);
                 return Err(error);
             }
         }
@@ -505,11 +558,12 @@ impl Writer {
                 wants_gc |= self.apply(group);
             }
             self.evict_cache();
-            for group in completed {
-                for placed in group.requests {
-                    (placed.request.done)(Ok(()));
-                }
-            }
+            let notice = completed
+                .into_iter()
+                .flat_map(|group| group.requests)
+                .map(|placed| (placed.request.done, Ok(())))
+                .collect();
+            self.notify(notice);
             if wants_gc {
                 self.shared.collect_garbage();
             }
@@ -701,19 +755,21 @@ impl Writer {
         tracing::error!(%error, "raft log engine stopped");
         *lock(&self.shared.failure) = Some(error.clone());
         self.shared.failed.store(true, Ordering::SeqCst);
-        for group in self.inflight.drain(..) {
-            for placed in group.requests {
-                (placed.request.done)(Err(error.clone()));
-            }
-        }
+        let mut notice: Notice = self
+            .inflight
+            .drain(..)
+            .flat_map(|group| group.requests)
+            .map(|placed| (placed.request.done, Err(error.clone())))
+            .collect();
         let queued: Vec<Request> = {
             let mut queue = lock(&self.shared.queue);
             queue.bytes = 0;
             queue.requests.drain(..).collect()
         };
         for request in queued {
-            (request.done)(Err(LogError::Stopped(error.to_string())));
+            notice.push((request.done, Err(LogError::Stopped(error.to_string()))));
         }
+        self.notify(notice);
         self.shared.queue_not_full.notify_all();
     }
 }
@@ -722,7 +778,7 @@ fn temporary_name(sequence: u64) -> String {
     format!("{}.tmp", segment_name(sequence))
 }
 
-/// Creates segment `sequence` under a temporary name, zero-filled, with its header,
+/// Creates segment `sequence` under a temporary name, preallocated, with its header,
 /// synced. Replay ignores (and open deletes) temporary files, so a prepared segment
 /// never appears in the log before the writer installs it.
 fn prepare_segment(
@@ -760,11 +816,11 @@ fn install_segment(
 
 type Prepared = std::thread::JoinHandle<Result<Arc<dyn SegmentFile>, LogError>>;
 
-/// Zero-fills the next segment on a helper thread while the writer fills this one.
+/// Prepares the next segment on a helper thread while the writer fills this one.
 fn prepare_in_background(shared: &Arc<Shared>, sequence: u64) -> Option<Prepared> {
     if !shared.fs.has_raw_fds() {
-        // The simulated file system needs no zero-fill, and preparing inline keeps a
-        // seeded crash test's order of operations deterministic.
+        // Preparing inline keeps a seeded crash test's order of operations
+        // deterministic.
         return None;
     }
     let shared = shared.clone();

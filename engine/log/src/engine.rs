@@ -277,6 +277,8 @@ pub(crate) struct Shared {
     pub failure: Mutex<Option<LogError>>,
     pub counters: Counters,
     pub gc: Mutex<()>,
+    /// Notices sent to the completion thread and not yet delivered.
+    pub notices_pending: std::sync::atomic::AtomicUsize,
     /// The thread that runs completions.
     pub completion_thread: std::sync::OnceLock<std::thread::ThreadId>,
 }
@@ -656,6 +658,7 @@ impl LogEngine {
             counters: Counters::default(),
             gc: Mutex::new(()),
             completion_thread: std::sync::OnceLock::new(),
+            notices_pending: std::sync::atomic::AtomicUsize::new(0),
         });
         let writer = writer::Writer::start(shared.clone(), backend, recovered.next_sequence)?;
         let thread = std::thread::Builder::new()

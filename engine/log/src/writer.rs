@@ -216,6 +216,8 @@ pub(crate) struct Writer {
     /// next group while the waiters of the last one are being woken.
     completions: Option<mpsc::Sender<Notice>>,
     completion_thread: Option<std::thread::JoinHandle<()>>,
+    /// Requests in the last group submitted (see `hold`).
+    last_group_requests: usize,
 }
 
 /// Completions to run, in order, with their results.
@@ -233,6 +235,9 @@ fn spawn_completion_thread(
             for notice in receiver {
                 for (done, result) in notice {
                     done(result);
+                }
+                if shared.notices_pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    shared.waker.wake_if_sleeping();
                 }
             }
         })
@@ -268,6 +273,7 @@ impl Writer {
             prepared,
             completions: Some(completions),
             completion_thread: Some(completion_thread),
+            last_group_requests: 0,
             shared,
             backend,
             segment: first_segment,
@@ -288,7 +294,13 @@ impl Writer {
             return;
         }
         let unsent = match &self.completions {
-            Some(sender) => sender.send(notice).err().map(|e| e.0),
+            Some(sender) => {
+                self.shared.notices_pending.fetch_add(1, Ordering::SeqCst);
+                sender.send(notice).err().map(|e| {
+                    self.shared.notices_pending.fetch_sub(1, Ordering::SeqCst);
+                    e.0
+                })
+            }
             None => Some(notice),
         };
         for (done, result) in unsent.into_iter().flatten() {
@@ -320,7 +332,7 @@ impl Writer {
         loop {
             let mut submitted = false;
             let mut shutdown = false;
-            if self.inflight.len() < self.shared.config.pipeline_depth {
+            if self.inflight.len() < self.shared.config.pipeline_depth && !self.hold() {
                 let requests;
                 (requests, shutdown) = self.take_requests();
                 if !requests.is_empty() {
@@ -337,7 +349,7 @@ impl Writer {
                 // Sleep until a request or a completion; recheck the queue after
                 // announcing the sleep so that no wake-up is lost.
                 self.shared.waker_sleeping(true);
-                if self.queue_has_work() {
+                if self.queue_has_work() && !self.hold() {
                     self.shared.waker_sleeping(false);
                     continue;
                 }
@@ -348,6 +360,19 @@ impl Writer {
             self.reap(wait)?;
             self.shared.waker_sleeping(false);
         }
+    }
+
+    /// Whether to hold the next group back a moment: while the completion thread is
+    /// still waking the waiters of the last group, each of them is about to queue its
+    /// next request, so a group formed now would be small and cost a sync of its own.
+    /// Held until as many requests are queued as the last group had, or the completion
+    /// thread is done (it wakes the writer then) — an event, never a timer.
+    fn hold(&self) -> bool {
+        if self.shared.notices_pending.load(Ordering::SeqCst) == 0 {
+            return false;
+        }
+        let queue = lock(&self.shared.queue);
+        !queue.shutdown && queue.requests.len() < self.last_group_requests
     }
 
     fn queue_has_work(&self) -> bool {
@@ -485,6 +510,7 @@ impl Writer {
         }
         let token = self.next_token;
         self.next_token += 1;
+        self.last_group_requests = placed.len();
         let counters = &self.shared.counters;
         counters
             .requests

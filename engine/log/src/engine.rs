@@ -277,6 +277,9 @@ pub(crate) struct Shared {
     pub failure: Mutex<Option<LogError>>,
     pub counters: Counters,
     pub gc: Mutex<()>,
+    /// Queue length at which a producer wakes a sleeping writer: 1, or while the
+    /// writer holds a group back, the size it waits for.
+    pub wake_at_queued: std::sync::atomic::AtomicUsize,
     /// Notices sent to the completion thread and not yet delivered.
     pub notices_pending: std::sync::atomic::AtomicUsize,
     /// The thread that runs completions.
@@ -659,6 +662,7 @@ impl LogEngine {
             gc: Mutex::new(()),
             completion_thread: std::sync::OnceLock::new(),
             notices_pending: std::sync::atomic::AtomicUsize::new(0),
+            wake_at_queued: std::sync::atomic::AtomicUsize::new(1),
         });
         let writer = writer::Writer::start(shared.clone(), backend, recovered.next_sequence)?;
         let thread = std::thread::Builder::new()
@@ -722,8 +726,13 @@ impl LogEngine {
             batch,
             done: Box::new(done),
         });
+        let queued = queue.requests.len();
         drop(queue);
-        shared.waker.wake_if_sleeping();
+        // While the writer holds a group back it wants waking only once enough
+        // requests are queued (see `Writer::hold`), not once per request.
+        if queued >= shared.wake_at_queued.load(Ordering::SeqCst) {
+            shared.waker.wake_if_sleeping();
+        }
     }
 
     /// Writes `batch` and waits until it is durable.

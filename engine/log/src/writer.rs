@@ -348,9 +348,13 @@ impl Writer {
             } else if self.inflight.len() < self.shared.config.pipeline_depth && !shutdown {
                 // Sleep until a request or a completion; recheck the queue after
                 // announcing the sleep so that no wake-up is lost.
+                self.shared
+                    .wake_at_queued
+                    .store(self.last_group_requests.max(1), Ordering::SeqCst);
                 self.shared.waker_sleeping(true);
                 if self.queue_has_work() && !self.hold() {
                     self.shared.waker_sleeping(false);
+                    self.shared.wake_at_queued.store(1, Ordering::SeqCst);
                     continue;
                 }
                 Wait::ForCompletionOrRequest
@@ -359,6 +363,7 @@ impl Writer {
             };
             self.reap(wait)?;
             self.shared.waker_sleeping(false);
+            self.shared.wake_at_queued.store(1, Ordering::SeqCst);
         }
     }
 

@@ -282,8 +282,9 @@ pub(crate) struct Shared {
     pub wake_at_queued: std::sync::atomic::AtomicUsize,
     /// Notices sent to the completion thread and not yet delivered.
     pub notices_pending: std::sync::atomic::AtomicUsize,
-    /// The thread that runs completions.
+    /// The threads that run completions: the completion thread and the writer.
     pub completion_thread: std::sync::OnceLock<std::thread::ThreadId>,
+    pub writer_thread: std::sync::OnceLock<std::thread::ThreadId>,
 }
 
 /// An entry from the cache, or one to read: its index, location and segment file
@@ -332,7 +333,8 @@ impl Shared {
     }
 
     pub fn on_completion_thread(&self) -> bool {
-        self.completion_thread.get() == Some(&std::thread::current().id())
+        let me = std::thread::current().id();
+        self.completion_thread.get() == Some(&me) || self.writer_thread.get() == Some(&me)
     }
 
     pub fn failure(&self) -> LogError {
@@ -661,6 +663,7 @@ impl LogEngine {
             counters: Counters::default(),
             gc: Mutex::new(()),
             completion_thread: std::sync::OnceLock::new(),
+            writer_thread: std::sync::OnceLock::new(),
             notices_pending: std::sync::atomic::AtomicUsize::new(0),
             wake_at_queued: std::sync::atomic::AtomicUsize::new(1),
         });
@@ -687,7 +690,7 @@ impl LogEngine {
         self.handle.io_name
     }
 
-    /// Queues `batch`; `done` runs on the engine's completion thread once it is durable, or with the
+    /// Queues `batch`; `done` runs on one of the engine's threads once it is durable, or with the
     /// error that stopped the engine. Blocks while `queue_bytes_max` bytes are queued.
     /// Completions run in submission order; they must be quick and must not wait for
     /// the engine (hand the result to another thread).

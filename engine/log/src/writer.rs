@@ -196,6 +196,10 @@ struct RangeView {
 /// Entries whose cache memory may be reclaimed, oldest first.
 const CACHE_QUEUE_ITEMS_MAX: usize = 65_536;
 
+/// Completions of a group run on the writer thread itself when there are at most this
+/// many and none is pending on the completion thread.
+const INLINE_COMPLETIONS_MAX: usize = 4;
+
 pub(crate) use crate::format::INDEX_MAX;
 
 pub(crate) struct Writer {
@@ -288,9 +292,19 @@ impl Writer {
         })
     }
 
-    /// Runs completions on the completion thread, in order (inline if it is gone).
+    /// Runs completions in order: a few inline when nothing is pending on the completion
+    /// thread (one thread hop less for a lone waiter), else on the completion thread, so
+    /// the writer goes on to the next group while many waiters are woken.
     fn notify(&self, notice: Notice) {
         if notice.is_empty() {
+            return;
+        }
+        if notice.len() <= INLINE_COMPLETIONS_MAX
+            && self.shared.notices_pending.load(Ordering::SeqCst) == 0
+        {
+            for (done, result) in notice {
+                done(result);
+            }
             return;
         }
         let unsent = match &self.completions {
@@ -309,6 +323,7 @@ impl Writer {
     }
 
     pub fn run(mut self) {
+        let _ = self.shared.writer_thread.set(std::thread::current().id());
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
         // Let the segment being prepared finish, so no thread outlives the engine.
         if let Some(prepared) = self.prepared.take() {
@@ -348,10 +363,22 @@ impl Writer {
             } else if self.inflight.len() < self.shared.config.pipeline_depth && !shutdown {
                 // Sleep until a request or a completion; recheck the queue after
                 // announcing the sleep so that no wake-up is lost.
+                // Only a held group raises the wake-up threshold; set it before the
+                // sleep flag, and drop it again if nothing is pending any more, so a
+                // lone producer always wakes a writer that is not holding.
+                let pending = self.shared.notices_pending.load(Ordering::SeqCst) > 0;
+                let threshold = if pending {
+                    self.last_group_requests.max(1)
+                } else {
+                    1
+                };
                 self.shared
                     .wake_at_queued
-                    .store(self.last_group_requests.max(1), Ordering::SeqCst);
+                    .store(threshold, Ordering::SeqCst);
                 self.shared.waker_sleeping(true);
+                if self.shared.notices_pending.load(Ordering::SeqCst) == 0 {
+                    self.shared.wake_at_queued.store(1, Ordering::SeqCst);
+                }
                 if self.queue_has_work() && !self.hold() {
                     self.shared.waker_sleeping(false);
                     self.shared.wake_at_queued.store(1, Ordering::SeqCst);

@@ -301,3 +301,107 @@ impl Drop for UringBackend {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::file::{DiskFileSystem, FileSystem};
+
+    fn flight(file: Arc<dyn SegmentFile>, buf: Vec<u8>) -> InFlight {
+        InFlight {
+            fd: file.raw_fd().unwrap(),
+            _file: file,
+            buf,
+            offset: 100,
+            written: 0,
+            attempt_written: 0,
+            pending: 2,
+            sync_ok: false,
+            error: None,
+        }
+    }
+
+    fn setup() -> (tempfile::TempDir, Arc<dyn SegmentFile>, UringBackend, Waker) {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = DiskFileSystem::open(dir.path()).unwrap();
+        let file = fs.create("f", 8192).unwrap();
+        (
+            dir,
+            file,
+            UringBackend::new(2).unwrap(),
+            Waker::new().unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_short_write_resubmits_the_rest_with_a_new_sync() {
+        let (_dir, file, mut backend, waker) = setup();
+        let buf: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        let token = 7;
+        backend
+            .inflight
+            .insert(token, flight(file.clone(), buf.clone()));
+        // As if the kernel wrote 1000 bytes and cancelled the linked sync.
+        assert!(matches!(
+            backend.complete(token << 2 | KIND_WRITE, 1000),
+            Ok(None)
+        ));
+        assert!(matches!(
+            backend.complete(token << 2 | KIND_SYNC, -libc::ECANCELED),
+            Ok(None)
+        ));
+        assert_eq!(backend.inflight[&token].written, 1000);
+        assert_eq!(
+            backend.inflight[&token].pending, 2,
+            "rest + sync resubmitted"
+        );
+        // The resubmitted rest really lands; the group completes only then. Only the
+        // rest was written, so the first 1000 bytes stay as they were (zeros).
+        let mut done = Vec::new();
+        while done.is_empty() {
+            backend
+                .reap(Wait::ForCompletion, &waker, &mut done)
+                .ok()
+                .unwrap();
+        }
+        assert_eq!(done, vec![token]);
+        let mut on_disk = vec![0u8; 3000];
+        file.read_exact_at(&mut on_disk, 100).unwrap();
+        assert!(on_disk[..1000].iter().all(|&b| b == 0));
+        assert_eq!(on_disk[1000..], buf[1000..]);
+    }
+
+    #[test]
+    fn a_failed_write_fails_the_group_and_is_not_retried() {
+        let (_dir, file, mut backend, _waker) = setup();
+        let token = 3;
+        backend.inflight.insert(token, flight(file, vec![1; 512]));
+        assert!(matches!(
+            backend.complete(token << 2 | KIND_WRITE, -libc::EIO),
+            Ok(None)
+        ));
+        let failure = backend
+            .complete(token << 2 | KIND_SYNC, -libc::ECANCELED)
+            .err()
+            .expect("EIO on the write fails the group");
+        assert_eq!(failure.token, token);
+        assert_eq!(failure.error.raw_os_error(), Some(libc::EIO));
+        assert_eq!(backend.inflight[&token].pending, 0, "nothing resubmitted");
+    }
+
+    #[test]
+    fn a_failed_sync_fails_the_group() {
+        let (_dir, file, mut backend, _waker) = setup();
+        let token = 4;
+        backend.inflight.insert(token, flight(file, vec![1; 512]));
+        assert!(matches!(
+            backend.complete(token << 2 | KIND_WRITE, 512),
+            Ok(None)
+        ));
+        let failure = backend
+            .complete(token << 2 | KIND_SYNC, -libc::EIO)
+            .err()
+            .expect("a failed fdatasync fails the group");
+        assert_eq!(failure.error.raw_os_error(), Some(libc::EIO));
+    }
+}

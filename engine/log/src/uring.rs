@@ -382,8 +382,7 @@ mod tests {
         ));
         let failure = backend
             .complete(token << 2 | KIND_SYNC, -libc::ECANCELED)
-            .err()
-            .expect("EIO on the write fails the group");
+            .expect_err("EIO on the write fails the group");
         assert_eq!(failure.token, token);
         assert_eq!(failure.error.raw_os_error(), Some(libc::EIO));
         assert_eq!(backend.inflight[&token].pending, 0, "nothing resubmitted");
@@ -400,8 +399,7 @@ mod tests {
         ));
         let failure = backend
             .complete(token << 2 | KIND_SYNC, -libc::EIO)
-            .err()
-            .expect("a failed fdatasync fails the group");
+            .expect_err("a failed fdatasync fails the group");
         assert_eq!(failure.error.raw_os_error(), Some(libc::EIO));
     }
 }

@@ -13,11 +13,12 @@ APT_PACKAGES := clang libclang-dev python3-seccomp
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] && echo "" || (command -v sudo >/dev/null 2>&1 && echo sudo || echo MISSING))
 
-.PHONY: run test deps build release fmt clippy unit-test help
+.PHONY: run test deps build release fmt clippy unit-test help bench-log
 
 help:
-	@echo "make run   build release and run rangekv's main job"
-	@echo "make test  formatting, clippy and the whole test suite"
+	@echo "make run        build release and run a local cluster (PD + 3 nodes) until Ctrl-C"
+	@echo "make test       formatting, clippy and the whole test suite"
+	@echo "make bench-log  the raft log engine beside raft-engine and RocksDB"
 
 deps:
 	@command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (https://rustup.rs) first"; exit 1; }
@@ -59,5 +60,10 @@ test: deps
 	$(MAKE) --no-print-directory clippy
 	$(MAKE) --no-print-directory unit-test
 
+# A local cluster: PD on 127.0.0.1:2379, nodes on 20160-20162, data under
+# ./rangekv-local (kept between runs). Ctrl-C stops it.
 run: release
+	$(CARGO_TARGET_DIR)/release/rangekv local --dir rangekv-local
+
+bench-log: release
 	$(CARGO_TARGET_DIR)/release/rangekv bench log --ranges 100 --writers 64 --entry-bytes 1024 --seconds 5 --compare raft-engine,rocksdb

@@ -12,7 +12,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_with_config(config, &["proto/rangekv.proto"], &["proto"])?;
+        .compile_with_config(
+            config,
+            &[
+                "proto/rangekv.proto",
+                "proto/raft.proto",
+                "proto/placement.proto",
+            ],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

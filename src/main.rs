@@ -1,5 +1,8 @@
 //! `rangekv`: the one binary. Subcommands: `node`, `pd`, `local`, `kv`, `bench`, `ctl`.
 
+mod local;
+mod node_cmd;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -18,11 +21,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a storage node (one store).
-    Node,
+    Node(node_cmd::NodeArgs),
     /// Run the placement driver.
-    Pd,
-    /// Run an embedded local cluster (PD + 3 nodes) in one process.
-    Local,
+    Pd(rangekv_placement::server::PdArgs),
+    /// Run a local cluster: PD and 3 nodes as child processes on loopback.
+    Local(local::LocalArgs),
     /// Read and write keys (get, put, del, scan, cas, batch).
     Kv,
     /// Benchmarks.
@@ -46,6 +49,27 @@ fn not_yet(what: &str, issue: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// Runs a server subcommand on a multi-threaded tokio runtime.
+fn run_async(what: &str, job: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("rangekv {what}: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(job) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("rangekv {what}: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -56,9 +80,9 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Node => not_yet("node", "replication core"),
-        Command::Pd => not_yet("pd", "replication core"),
-        Command::Local => not_yet("local", "replication core"),
+        Command::Node(args) => run_async("node", node_cmd::run_node(args)),
+        Command::Pd(args) => run_async("pd", node_cmd::run_pd(args)),
+        Command::Local(args) => run_async("local", local::run_local(args)),
         Command::Kv => not_yet("kv", "client"),
         Command::Ctl => not_yet("ctl", "client"),
         Command::Bench(BenchCommand::Ycsb) => not_yet("bench ycsb", "YCSB bench"),

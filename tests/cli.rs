@@ -27,9 +27,94 @@ fn unknown_subcommand_is_an_error() {
 
 #[test]
 fn subcommands_not_built_yet_say_so_and_fail() {
-    let out = rangekv(&["node"]);
+    let out = rangekv(&["kv"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not implemented yet"));
+}
+
+#[test]
+fn node_refuses_a_bad_config_file_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "workers = 0\n").unwrap();
+    let out = rangekv(&[
+        "node",
+        "--data-dir",
+        dir.path().join("data").to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("workers is 0"), "{stderr}");
+    std::fs::write(&config, "no_such_key = 1\n").unwrap();
+    let out = rangekv(&[
+        "node",
+        "--data-dir",
+        dir.path().join("data").to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_key"));
+}
+
+/// A free port on loopback (the OS picks it; it is released for the child to take).
+#[allow(clippy::unwrap_used)]
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn local_cluster_starts_serves_and_stops_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let pd_port = free_port().to_string();
+    // The nodes take this port and the two after it (free in practice on loopback).
+    let node_port = free_port().to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rangekv"))
+        .args([
+            "local",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--pd-port",
+            &pd_port,
+            "--node-port",
+            &node_port,
+            "--initial-ranges",
+            "4",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert_eq!(first, "rangekv local cluster ready");
+    let mut banner = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let done = line.starts_with("Press Ctrl-C");
+        banner.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(banner.iter().any(|l| l.contains("4 ranges")), "{banner:?}");
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "rangekv local exited with {status}");
+    for log in ["pd.log", "node0.log", "node1.log", "node2.log"] {
+        assert!(dir.path().join(log).exists(), "{log} missing");
+    }
 }
 
 #[test]

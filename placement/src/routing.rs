@@ -26,19 +26,24 @@ pub struct RoutingTable {
 }
 
 impl RoutingTable {
-    /// Inserts `span`, dropping every span it overlaps (they are older views).
-    pub fn insert(&mut self, span: Span) {
+    /// Inserts `span`, dropping every span it overlaps (they are older views); returns
+    /// the dropped spans.
+    pub fn insert(&mut self, span: Span) -> Vec<Span> {
         let overlapping: Vec<Vec<u8>> = self
-            .by_start
-            .range::<[u8], _>((Bound::Unbounded, Bound::Excluded(span.end_bound())))
-            .rev()
-            .take_while(|(_, old)| old.end_key.is_empty() || old.end_key[..] > span.start_key[..])
-            .map(|(start, _)| start.clone())
+            .overlapping(&span.start_key, &span.end_key)
+            .map(|old| old.start_key.clone())
             .collect();
-        for start in overlapping {
-            self.by_start.remove(&start);
-        }
+        let dropped = overlapping
+            .iter()
+            .filter_map(|start| self.by_start.remove(start))
+            .collect();
         self.by_start.insert(span.start_key.clone(), span);
+        dropped
+    }
+
+    /// Removes the span starting at `start_key`.
+    pub fn remove(&mut self, start_key: &[u8]) -> Option<Span> {
+        self.by_start.remove(start_key)
     }
 
     /// The span holding `key`, if the table knows it.
@@ -50,23 +55,38 @@ impl RoutingTable {
             .filter(|span| span.contains(key))
     }
 
+    /// The spans overlapping `[start_key, end_key)` in key order; an empty `end_key` is
+    /// +infinity.
+    pub fn overlapping<'a>(
+        &'a self,
+        start_key: &'a [u8],
+        end_key: &'a [u8],
+    ) -> impl Iterator<Item = &'a Span> + 'a {
+        let holding_start = self
+            .by_start
+            .range::<[u8], _>((Bound::Unbounded, Bound::Included(start_key)))
+            .next_back()
+            .map(|(_, span)| span)
+            .filter(|span| span.end_key.is_empty() || span.end_key[..] > *start_key);
+        let after_start = self
+            .by_start
+            .range::<[u8], _>((Bound::Excluded(start_key), Bound::Unbounded))
+            .map(|(_, span)| span)
+            .take_while(move |span| end_key.is_empty() || span.start_key[..] < *end_key);
+        holding_start.into_iter().chain(after_start)
+    }
+
+    /// Every span in key order.
+    pub fn iter(&self) -> impl Iterator<Item = &Span> {
+        self.by_start.values()
+    }
+
     pub fn len(&self) -> usize {
         self.by_start.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.by_start.is_empty()
-    }
-}
-
-impl Span {
-    fn end_bound(&self) -> &[u8] {
-        if self.end_key.is_empty() {
-            // Nothing sorts above every key; use the longest possible key as the bound.
-            &[0xff; rangekv_types::limits::KEY_BYTES_MAX + 1]
-        } else {
-            &self.end_key
-        }
     }
 }
 
@@ -100,7 +120,8 @@ mod tests {
         table.insert(span(1, "", "g"));
         table.insert(span(2, "g", ""));
         // Range 2 split at "m": the right half is range 4.
-        table.insert(span(4, "m", ""));
+        let dropped = table.insert(span(4, "m", ""));
+        assert_eq!(dropped, [span(2, "g", "")]);
         assert_eq!(table.len(), 2, "old [g, +inf) is dropped");
         assert!(
             table.lookup(b"h").is_none(),
@@ -110,5 +131,27 @@ mod tests {
         assert_eq!(table.lookup(b"h").unwrap().range, RangeId(2));
         assert_eq!(table.lookup(b"q").unwrap().range, RangeId(4));
         assert_eq!(table.len(), 3);
+    }
+
+    #[test]
+    fn overlapping_respects_half_open_bounds() {
+        let mut table = RoutingTable::default();
+        table.insert(span(1, "", "g"));
+        table.insert(span(2, "g", "p"));
+        table.insert(span(3, "p", ""));
+        fn ids(table: &RoutingTable, start: &str, end: &str) -> Vec<u64> {
+            table
+                .overlapping(start.as_bytes(), end.as_bytes())
+                .map(|s| s.range.get())
+                .collect()
+        }
+        assert_eq!(ids(&table, "", ""), [1, 2, 3]);
+        assert_eq!(ids(&table, "g", "p"), [2], "end exclusive, start inclusive");
+        assert_eq!(ids(&table, "f", "g\0"), [1, 2]);
+        assert_eq!(ids(&table, "q", ""), [3]);
+        assert_eq!(ids(&table, "", "a"), [1]);
+        assert_eq!(table.remove(b"g"), Some(span(2, "g", "p")));
+        assert_eq!(ids(&table, "a", "z"), [1, 3]);
+        assert_eq!(table.iter().count(), 2);
     }
 }

@@ -1,11 +1,12 @@
-//! The replication core: one range replica is a raft-rs `RawNode` plus its descriptor;
-//! the store driver runs many of them.
+//! The replication core: one range replica ([`replica::Replica`]) is a raft-rs
+//! `RawNode` plus its pending proposals, reads and leader lease; the store driver
+//! (`rangekv-node`) runs many of them.
 //!
 //! Boundary: this crate performs no I/O and knows nothing of tokio, gRPC, RocksDB or
-//! io_uring. Time arrives as ticks and randomness from a seeded generator, so the same
-//! code runs in production and in a seeded in-memory simulation. (The replica and the
-//! store driver land with the replication-core issue; this is the configuration they
-//! share.)
+//! io_uring. Time arrives from the caller (ticks and `Instant`s), so the same code
+//! runs in production and in a seeded in-memory simulation.
+
+pub mod replica;
 
 use rangekv_types::PeerId;
 

@@ -11,7 +11,12 @@
 use std::path::Path;
 
 use rangekv_types::RangeId;
-use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, DB};
+use std::collections::HashMap;
+
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteBatch,
+    WriteOptions, DB,
+};
 
 pub const CF_DATA: &str = "data";
 pub const CF_META: &str = "meta";
@@ -62,13 +67,27 @@ pub enum Write<'a> {
     Delete { key: &'a [u8] },
 }
 
+/// A key and its value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 pub struct StateMachine {
     db: DB,
 }
 
 fn apply_state_key(range: RangeId) -> [u8; 9] {
+    range_meta_key(b'a', range)
+}
+
+fn descriptor_key(range: RangeId) -> [u8; 9] {
+    range_meta_key(DESCRIPTOR_PREFIX, range)
+}
+
+const DESCRIPTOR_PREFIX: u8 = b'd';
+const STORE_ID_KEY: &[u8] = b"store_id";
+
+fn range_meta_key(prefix: u8, range: RangeId) -> [u8; 9] {
     let mut key = [0; 9];
-    key[0] = b'a';
+    key[0] = prefix;
     key[1..].copy_from_slice(&range.get().to_be_bytes());
     key
 }
@@ -130,6 +149,170 @@ impl StateMachine {
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
         Ok(self.db.get_cf(self.cf(CF_DATA), key)?)
     }
+
+    /// Keys in `[start, end)` (an empty `end` is +infinity) in order, at most `limit`
+    /// of them; values are left empty when `keys_only`.
+    pub fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        keys_only: bool,
+    ) -> Result<Vec<KeyValue>, StateError> {
+        let mut options = ReadOptions::default();
+        if !end.is_empty() {
+            options.set_iterate_upper_bound(end.to_vec());
+        }
+        let mut out = Vec::new();
+        let iter = self.db.iterator_cf_opt(
+            self.cf(CF_DATA),
+            options,
+            IteratorMode::From(start, Direction::Forward),
+        );
+        for item in iter {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = item?;
+            out.push((
+                key.into_vec(),
+                if keys_only {
+                    Vec::new()
+                } else {
+                    value.into_vec()
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Starts an apply batch: writes of any number of ranges and their new applied
+    /// positions, committed atomically by [`ApplyBatch::commit`].
+    pub fn batch(&self) -> ApplyBatch<'_> {
+        ApplyBatch {
+            state: self,
+            batch: WriteBatch::default(),
+            written: HashMap::new(),
+            deleted_spans: Vec::new(),
+        }
+    }
+
+    /// Durably records the descriptor (encoded by the caller) of a range hosted here.
+    pub fn put_descriptor(&self, range: RangeId, encoded: &[u8]) -> Result<(), StateError> {
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db
+            .put_cf_opt(self.cf(CF_META), descriptor_key(range), encoded, &options)?;
+        Ok(())
+    }
+
+    /// Every range descriptor recorded here, by range id.
+    pub fn descriptors(&self) -> Result<Vec<(RangeId, Vec<u8>)>, StateError> {
+        let iter = self.db.iterator_cf(
+            self.cf(CF_META),
+            IteratorMode::From(&[DESCRIPTOR_PREFIX], Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in iter {
+            let (key, value) = item?;
+            if key.first() != Some(&DESCRIPTOR_PREFIX) {
+                break;
+            }
+            let id: [u8; 8] = key[1..].try_into().map_err(|_| StateError::CorruptMeta {
+                range: RangeId(0),
+                what: "descriptor key is not 9 bytes",
+            })?;
+            out.push((RangeId(u64::from_be_bytes(id)), value.into_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The store id this data directory belongs to, once assigned.
+    pub fn store_id(&self) -> Result<Option<u64>, StateError> {
+        match self.db.get_cf(self.cf(CF_META), STORE_ID_KEY)? {
+            None => Ok(None),
+            Some(raw) => {
+                let raw: [u8; 8] = raw[..].try_into().map_err(|_| StateError::CorruptMeta {
+                    range: RangeId(0),
+                    what: "store id is not 8 bytes",
+                })?;
+                Ok(Some(u64::from_be_bytes(raw)))
+            }
+        }
+    }
+
+    /// Durably records the store id of this data directory.
+    pub fn set_store_id(&self, id: u64) -> Result<(), StateError> {
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db
+            .put_cf_opt(self.cf(CF_META), STORE_ID_KEY, id.to_be_bytes(), &options)?;
+        Ok(())
+    }
+}
+
+/// Writes of many ranges applied together, with each range's new applied position.
+/// Reads through [`ApplyBatch::get`] see the batch's own earlier writes, so a
+/// compare-and-swap after a put of the same key in one batch reads the put.
+pub struct ApplyBatch<'a> {
+    state: &'a StateMachine,
+    batch: WriteBatch,
+    written: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    deleted_spans: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl ApplyBatch<'_> {
+    pub fn put(&mut self, key: &[u8], value: &[u8]) {
+        self.batch.put_cf(self.state.cf(CF_DATA), key, value);
+        self.written.insert(key.to_vec(), Some(value.to_vec()));
+    }
+
+    pub fn delete(&mut self, key: &[u8]) {
+        self.batch.delete_cf(self.state.cf(CF_DATA), key);
+        self.written.insert(key.to_vec(), None);
+    }
+
+    /// Deletes `[start, end)`; `end` must be non-empty (ranges bound it).
+    pub fn delete_range(&mut self, start: &[u8], end: &[u8]) {
+        self.batch
+            .delete_range_cf(self.state.cf(CF_DATA), start, end);
+        self.written
+            .retain(|key, _| !(key.as_slice() >= start && key.as_slice() < end));
+        self.deleted_spans.push((start.to_vec(), end.to_vec()));
+    }
+
+    /// The value of `key` as this batch would leave it.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        if let Some(value) = self.written.get(key) {
+            return Ok(value.clone());
+        }
+        if self
+            .deleted_spans
+            .iter()
+            .any(|(start, end)| key >= start.as_slice() && key < end.as_slice())
+        {
+            return Ok(None);
+        }
+        self.state.get(key)
+    }
+
+    /// Records `state` as `range`'s applied position, in this batch.
+    pub fn set_apply_state(&mut self, range: RangeId, state: ApplyState) {
+        self.batch.put_cf(
+            self.state.cf(CF_META),
+            apply_state_key(range),
+            state.encode(),
+        );
+    }
+
+    /// Writes the batch atomically. Not synced: the raft log is the durable record,
+    /// and replaying it from the recorded applied index is idempotent.
+    pub fn commit(self) -> Result<(), StateError> {
+        if !self.batch.is_empty() {
+            self.state.db.write(self.batch)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -170,6 +353,75 @@ mod tests {
         assert_eq!(state.get(b"k2").unwrap().as_deref(), Some(&b"v2"[..]));
         assert_eq!(state.apply_state(range).unwrap().applied_index, 10);
         assert_eq!(state.apply_state(RangeId(5)).unwrap().applied_index, 0);
+    }
+
+    #[test]
+    fn batch_reads_its_own_writes_and_commits_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateMachine::open(dir.path()).unwrap();
+        let mut batch = state.batch();
+        batch.put(b"a", b"1");
+        batch.put(b"b", b"2");
+        batch.put(b"c", b"3");
+        assert_eq!(batch.get(b"a").unwrap().as_deref(), Some(&b"1"[..]));
+        assert_eq!(
+            state.get(b"a").unwrap(),
+            None,
+            "nothing visible before commit"
+        );
+        batch.delete_range(b"b", b"c");
+        assert_eq!(batch.get(b"b").unwrap(), None);
+        assert_eq!(batch.get(b"c").unwrap().as_deref(), Some(&b"3"[..]));
+        batch.set_apply_state(
+            RangeId(1),
+            ApplyState {
+                applied_index: 7,
+                applied_term: 1,
+            },
+        );
+        batch.commit().unwrap();
+        assert_eq!(state.apply_state(RangeId(1)).unwrap().applied_index, 7);
+        let all = state.scan(b"", b"", 10, false).unwrap();
+        assert_eq!(
+            all,
+            vec![
+                (b"a".to_vec(), b"1".to_vec()),
+                (b"c".to_vec(), b"3".to_vec())
+            ]
+        );
+        assert_eq!(state.scan(b"b", b"c", 10, false).unwrap(), vec![]);
+        assert_eq!(
+            state.scan(b"a", b"", 1, true).unwrap(),
+            vec![(b"a".to_vec(), vec![])]
+        );
+    }
+
+    #[test]
+    fn descriptors_and_store_id_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let state = StateMachine::open(dir.path()).unwrap();
+            assert_eq!(state.store_id().unwrap(), None);
+            state.set_store_id(9).unwrap();
+            state.put_descriptor(RangeId(2), b"two").unwrap();
+            state.put_descriptor(RangeId(1), b"one").unwrap();
+            state
+                .apply(
+                    RangeId(1),
+                    &[],
+                    ApplyState {
+                        applied_index: 3,
+                        applied_term: 1,
+                    },
+                )
+                .unwrap();
+        }
+        let state = StateMachine::open(dir.path()).unwrap();
+        assert_eq!(state.store_id().unwrap(), Some(9));
+        assert_eq!(
+            state.descriptors().unwrap(),
+            vec![(RangeId(1), b"one".to_vec()), (RangeId(2), b"two".to_vec())]
+        );
     }
 
     #[test]

@@ -1,0 +1,344 @@
+//! A node's lifecycle: open the log and state machine under the data directory,
+//! register with PD, start the store and the gRPC server, report to PD, stop.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rangekv_log::file::DiskFileSystem;
+use rangekv_log::{LogConfig, LogEngine};
+use rangekv_rpc::proto::{
+    self, kv_server::KvServer, placement_client::PlacementClient, raft_server::RaftServer,
+};
+use rangekv_state::StateMachine;
+use rangekv_types::{limits, StoreId};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+use crate::service::{KvService, RaftService};
+use crate::store::{Store, StoreConfig};
+use crate::transport::GrpcTransport;
+
+/// How long a stopping node lets requests in flight finish.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    /// Address to listen on; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Address other stores and clients use; defaults to the bound address.
+    pub advertise: Option<String>,
+    /// PD endpoint, e.g. `http://127.0.0.1:2379`.
+    pub pd: String,
+    pub store: StoreConfig,
+    pub log: LogConfig,
+    /// gRPC messages larger than this are refused (tonic's decode limit).
+    pub request_bytes_max: usize,
+    pub store_heartbeat_interval: Duration,
+    pub range_heartbeat_interval: Duration,
+    /// How long to keep retrying PD at start.
+    pub pd_connect_timeout: Duration,
+}
+
+impl NodeConfig {
+    pub fn new(data_dir: PathBuf, listen: SocketAddr, pd: String) -> Self {
+        NodeConfig {
+            data_dir,
+            listen,
+            advertise: None,
+            pd,
+            store: StoreConfig::default(),
+            log: LogConfig::default(),
+            request_bytes_max: limits::REQUEST_BYTES_MAX,
+            store_heartbeat_interval: Duration::from_millis(500),
+            range_heartbeat_interval: Duration::from_secs(1),
+            pd_connect_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+pub struct Node {
+    store: Arc<Store>,
+    transport: Arc<GrpcTransport>,
+    addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+    failed: Arc<Notify>,
+}
+
+impl Node {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn transport(&self) -> &Arc<GrpcTransport> {
+        &self.transport
+    }
+
+    /// Resolves when the store stopped on a fatal error (a failed log write or sync).
+    pub async fn failed(&self) {
+        self.failed.notified().await
+    }
+
+    /// Stops serving, stops the workers and waits for both. Requests in flight get
+    /// up to [`SHUTDOWN_GRACE`] to finish; raft streams from other stores, which never
+    /// finish on their own, are cut after it.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        if let Some(mut server) = self.server.take() {
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut server)
+                .await
+                .is_err()
+            {
+                server.abort();
+                let _ = server.await;
+            }
+        }
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
+        // Requests in flight hold the store for a moment (their answers fail now that
+        // the workers are gone); the state machine and log close with the last one.
+        let give_up = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        while Arc::strong_count(&self.store) > 1 && tokio::time::Instant::now() < give_up {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if Arc::strong_count(&self.store) > 1 {
+            tracing::warn!("store still referenced after shutdown; its files close when released");
+        }
+    }
+}
+
+async fn connect_pd(
+    endpoint: &str,
+    patience: Duration,
+) -> anyhow::Result<PlacementClient<Channel>> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match PlacementClient::connect(endpoint.to_string()).await {
+            Ok(client) => return Ok(client),
+            Err(error) if tokio::time::Instant::now() + backoff < deadline => {
+                tracing::info!(%endpoint, %error, "waiting for PD");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            Err(error) => anyhow::bail!("cannot reach PD at {endpoint}: {error}"),
+        }
+    }
+}
+
+/// Starts a node. Returns once it is registered with PD and serving.
+pub async fn start(config: NodeConfig) -> anyhow::Result<Node> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    let state_dir = config.data_dir.join("state");
+    let log_dir = config.data_dir.join("raft-log");
+    std::fs::create_dir_all(&log_dir)?;
+    let log_config = config.log.clone();
+    let (state, log) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let state = StateMachine::open(&state_dir)?;
+        let log = LogEngine::open(Arc::new(DiskFileSystem::open(&log_dir)?), log_config)?;
+        Ok((Arc::new(state), log))
+    })
+    .await??;
+    tracing::info!(io = log.io_backend(), "raft log open");
+
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
+
+    let mut pd = connect_pd(&config.pd, config.pd_connect_timeout).await?;
+    let known = state.store_id()?;
+    let registered = pd
+        .register_store(proto::RegisterStoreRequest {
+            store_id: known.unwrap_or(0),
+            address: advertise.clone(),
+        })
+        .await?
+        .into_inner();
+    let store_id = StoreId(registered.store_id);
+    if known.is_none() {
+        state.set_store_id(store_id.get())?;
+    }
+    tracing::info!(%store_id, %advertise, "registered with PD");
+
+    let transport = GrpcTransport::new(
+        store_id,
+        config.pd.clone(),
+        tokio::runtime::Handle::current(),
+        config.request_bytes_max,
+    );
+    let failed = Arc::new(Notify::new());
+    let on_fatal = failed.clone();
+    let store_config = config.store.clone();
+    let store_transport: Arc<dyn crate::transport::Transport> = Arc::new(transport.clone());
+    let store = tokio::task::spawn_blocking(move || {
+        Store::start(
+            store_id,
+            store_config,
+            log,
+            state,
+            store_transport,
+            Box::new(move |why| {
+                tracing::error!(%why, "store stopped");
+                on_fatal.notify_waiters();
+                on_fatal.notify_one();
+            }),
+        )
+    })
+    .await??;
+    let weak = Arc::downgrade(&store);
+    transport.on_unreachable(Box::new(move |to| {
+        if let Some(store) = weak.upgrade() {
+            store.report_unreachable(to);
+        }
+    }));
+    for (_, info) in store.ranges() {
+        for replica in info.descriptor().replicas {
+            transport.add_store(StoreId(replica.store_id));
+        }
+    }
+    transport.start_ticker(config.store.tick_interval);
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut server_shutdown = shutdown_rx.clone();
+    let kv = KvServer::new(KvService::new(&store))
+        .max_decoding_message_size(config.request_bytes_max)
+        .max_encoding_message_size(config.request_bytes_max);
+    let raft = RaftServer::new(RaftService::new(&store))
+        .max_decoding_message_size(config.request_bytes_max)
+        .max_encoding_message_size(config.request_bytes_max);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(kv)
+            .add_service(raft)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async move {
+                    let _ = server_shutdown.wait_for(|stop| *stop).await;
+                },
+            ),
+    );
+
+    let tasks = vec![
+        tokio::spawn(store_heartbeats(
+            pd.clone(),
+            Arc::downgrade(&store),
+            transport.clone(),
+            advertise,
+            config.store_heartbeat_interval,
+        )),
+        tokio::spawn(range_heartbeats(
+            pd,
+            Arc::downgrade(&store),
+            config.range_heartbeat_interval,
+        )),
+    ];
+    Ok(Node {
+        store,
+        transport,
+        addr,
+        shutdown,
+        tasks,
+        server: Some(server),
+        failed,
+    })
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Reports the store to PD and creates the replicas PD placed here at bootstrap.
+async fn store_heartbeats(
+    mut pd: PlacementClient<Channel>,
+    store: Weak<Store>,
+    transport: Arc<GrpcTransport>,
+    address: String,
+    interval: Duration,
+) {
+    let mut timer = tokio::time::interval(interval);
+    loop {
+        timer.tick().await;
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        let ranges = store.ranges();
+        let leaders = ranges.iter().filter(|(_, info)| info.is_leader()).count();
+        let request = proto::StoreHeartbeatRequest {
+            store: Some(proto::StoreInfo {
+                store_id: store.store_id().get(),
+                address: address.clone(),
+                state: proto::StoreState::Up as i32,
+                range_count: ranges.len() as u64,
+                leader_count: leaders as u64,
+                capacity_bytes: 0,
+                used_bytes: 0,
+                last_heartbeat_unix_ms: unix_ms(),
+            }),
+            range_ids: ranges.iter().map(|(id, _)| id.get()).collect(),
+        };
+        match pd.store_heartbeat(request).await {
+            Ok(response) => {
+                for descriptor in response.into_inner().create_ranges {
+                    for replica in &descriptor.replicas {
+                        transport.add_store(StoreId(replica.store_id));
+                    }
+                    store.create_range(descriptor);
+                }
+            }
+            Err(status) => tracing::warn!(%status, "store heartbeat to PD failed"),
+        }
+    }
+}
+
+/// Reports every range this store leads to PD, in one request per interval.
+async fn range_heartbeats(
+    mut pd: PlacementClient<Channel>,
+    store: Weak<Store>,
+    interval: Duration,
+) {
+    let mut timer = tokio::time::interval(interval);
+    loop {
+        timer.tick().await;
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        let ranges: Vec<proto::RangeReport> = store
+            .ranges()
+            .into_iter()
+            .filter(|(_, info)| info.is_leader())
+            .map(|(_, info)| proto::RangeReport {
+                range: Some(info.descriptor()),
+                leader: info.leader(),
+                term: info.term.load(Ordering::Relaxed),
+                applied_index: info.applied.load(Ordering::Relaxed),
+            })
+            .collect();
+        if ranges.is_empty() {
+            continue;
+        }
+        let request = proto::RangeHeartbeatRequest {
+            store_id: store.store_id().get(),
+            ranges,
+        };
+        if let Err(status) = pd.range_heartbeat(request).await {
+            tracing::warn!(%status, "range heartbeat to PD failed");
+        }
+    }
+}

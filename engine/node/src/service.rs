@@ -1,0 +1,479 @@
+//! The gRPC services of a node: `Kv` for clients, `Raft` for other stores.
+//!
+//! Every Kv request is checked at the edge (limits, then range, epoch and key span)
+//! before anything reaches raft; a request that fails a check is refused whole.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use rangekv_rpc::proto::{self, command::Op, kv_server::Kv, raft_server::Raft};
+use rangekv_rpc::validate::{self, Invalid};
+use rangekv_rpc::RangeDescriptor;
+use rangekv_types::{limits, RangeId};
+use tokio::sync::oneshot;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::command::{self, WriteResult};
+use crate::store::{RangeInfo, RouteError, Store};
+
+/// How long a request waits for raft before answering `DEADLINE_EXCEEDED` (the
+/// client's own deadline, when shorter, wins: tonic cancels the handler).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keys a scan returns when the request sets no limit.
+pub const SCAN_LIMIT_DEFAULT: usize = 1000;
+
+/// Services hold the store weakly: a stopping node drops it, and requests that
+/// arrive afterwards get `UNAVAILABLE`.
+pub struct KvService {
+    store: Weak<Store>,
+}
+
+impl KvService {
+    pub fn new(store: &Arc<Store>) -> Self {
+        KvService {
+            store: Arc::downgrade(store),
+        }
+    }
+
+    fn store(&self) -> Result<Arc<Store>, Status> {
+        self.store
+            .upgrade()
+            .ok_or_else(|| Status::unavailable("the store is stopping"))
+    }
+}
+
+/// A request refused before reaching raft: either an in-band error detail or a
+/// gRPC status.
+enum Refusal {
+    Detail(proto::Error),
+    Status(Status),
+}
+
+impl From<Invalid> for Refusal {
+    fn from(invalid: Invalid) -> Self {
+        Refusal::Status(invalid.into())
+    }
+}
+
+fn route_refusal(error: RouteError, range: RangeId) -> Refusal {
+    match error {
+        RouteError::RangeNotFound => Refusal::Detail(proto::Error {
+            kind: Some(proto::error::Kind::RangeNotFound(proto::RangeNotFound {
+                range_id: range.get(),
+            })),
+        }),
+        RouteError::Busy => Refusal::Status(Status::resource_exhausted(
+            "server busy: the range's worker queue is full (limit inbox_messages_max); retry with backoff",
+        )),
+        RouteError::Stopped => Refusal::Status(Status::unavailable("the store has stopped")),
+    }
+}
+
+/// Finds the range of `header` and checks the client's epoch.
+fn locate(
+    store: &Store,
+    header: Option<&proto::RequestHeader>,
+) -> Result<(RangeId, Arc<RangeInfo>, RangeDescriptor), Refusal> {
+    let header = header.ok_or_else(|| {
+        Refusal::Status(Status::invalid_argument(
+            "request has no header (range id and epoch are required)",
+        ))
+    })?;
+    let range = RangeId(header.range_id);
+    let info = store
+        .range(range)
+        .ok_or_else(|| route_refusal(RouteError::RangeNotFound, range))?;
+    let descriptor = info.descriptor();
+    if !command::epoch_matches(header.epoch.as_ref(), &descriptor) {
+        return Err(Refusal::Detail(command::epoch_not_match(&descriptor)));
+    }
+    Ok((range, info, descriptor))
+}
+
+fn check_keys<'a>(
+    descriptor: &RangeDescriptor,
+    keys: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<(), Refusal> {
+    for key in keys {
+        if !descriptor.contains_key(key) {
+            return Err(Refusal::Detail(command::key_not_in_range(key, descriptor)));
+        }
+    }
+    Ok(())
+}
+
+impl KvService {
+    /// Proposes `op` through raft and waits for it to apply.
+    async fn write(
+        &self,
+        header: Option<&proto::RequestHeader>,
+        op: Op,
+    ) -> Result<Result<WriteResult, proto::Error>, Refusal> {
+        let store = self.store().map_err(Refusal::Status)?;
+        let (range, _info, descriptor) = locate(&store, header)?;
+        let command = proto::Command {
+            epoch: descriptor.epoch,
+            op: Some(op),
+        };
+        check_keys(&descriptor, command::command_keys(&command))?;
+        if let Some(Op::DeleteRange(span)) = &command.op {
+            if !command::span_in_range(&span.start_key, &span.end_key, &descriptor) {
+                return Err(Refusal::Detail(command::key_not_in_range(
+                    &span.start_key,
+                    &descriptor,
+                )));
+            }
+        }
+        let (respond, answer) = oneshot::channel();
+        store
+            .propose(range, command, respond)
+            .map_err(|e| route_refusal(e, range))?;
+        match tokio::time::timeout(REQUEST_TIMEOUT, answer).await {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(_)) => Err(Refusal::Status(Status::unavailable(
+                "the store stopped before the write was known to apply: outcome unknown",
+            ))),
+            Err(_) => Err(Refusal::Status(Status::deadline_exceeded(
+                "the write was not applied in time: outcome unknown",
+            ))),
+        }
+    }
+
+    /// Waits until the local state machine may serve a linearizable read of the
+    /// range (or, for a stale read, checks only that the range is here).
+    async fn read_point(
+        &self,
+        header: Option<&proto::RequestHeader>,
+    ) -> Result<RangeDescriptor, Refusal> {
+        let store = self.store().map_err(Refusal::Status)?;
+        let (range, _info, descriptor) = locate(&store, header)?;
+        if header.is_some_and(|h| h.stale_read) {
+            return Ok(descriptor);
+        }
+        let (respond, answer) = oneshot::channel();
+        store
+            .read(range, respond)
+            .map_err(|e| route_refusal(e, range))?;
+        match tokio::time::timeout(REQUEST_TIMEOUT, answer).await {
+            Ok(Ok(Ok(()))) => Ok(descriptor),
+            Ok(Ok(Err(detail))) => Err(Refusal::Detail(detail)),
+            Ok(Err(_)) => Err(Refusal::Status(Status::unavailable("the store stopped"))),
+            Err(_) => Err(Refusal::Status(Status::deadline_exceeded(
+                "no read index in time (no quorum?)",
+            ))),
+        }
+    }
+
+    fn get_value(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Status> {
+        self.store()?
+            .state()
+            .get(key)
+            .map_err(|e| Status::internal(format!("state machine read failed: {e}")))
+    }
+}
+
+/// Answers a response type `$resp` from a refusal: details in-band, statuses as is.
+macro_rules! refuse {
+    ($refusal:expr, $resp:ty) => {
+        match $refusal {
+            Refusal::Detail(error) => Ok(Response::new(<$resp>::default_with_error(error))),
+            Refusal::Status(status) => Err(status),
+        }
+    };
+}
+
+trait WithError {
+    fn default_with_error(error: proto::Error) -> Self;
+}
+
+macro_rules! with_error {
+    ($($t:ty),*) => {$(
+        impl WithError for $t {
+            #[allow(clippy::needless_update)]
+            fn default_with_error(error: proto::Error) -> Self {
+                Self { error: Some(error), ..Default::default() }
+            }
+        }
+    )*};
+}
+
+with_error!(
+    proto::GetResponse,
+    proto::PutResponse,
+    proto::DeleteResponse,
+    proto::ScanResponse,
+    proto::BatchGetResponse,
+    proto::BatchPutResponse,
+    proto::CompareAndSwapResponse,
+    proto::DeleteRangeResponse
+);
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn get(
+        &self,
+        request: Request<proto::GetRequest>,
+    ) -> Result<Response<proto::GetResponse>, Status> {
+        let request = request.into_inner();
+        validate::key(&request.key)?;
+        let descriptor = match self.read_point(request.header.as_ref()).await {
+            Ok(d) => d,
+            Err(refusal) => return refuse!(refusal, proto::GetResponse),
+        };
+        if let Err(refusal) = check_keys(&descriptor, [&request.key[..]]) {
+            return refuse!(refusal, proto::GetResponse);
+        }
+        let value = self.get_value(&request.key)?;
+        Ok(Response::new(proto::GetResponse {
+            error: None,
+            found: value.is_some(),
+            value: value.unwrap_or_default().into(),
+        }))
+    }
+
+    async fn put(
+        &self,
+        request: Request<proto::PutRequest>,
+    ) -> Result<Response<proto::PutResponse>, Status> {
+        let request = request.into_inner();
+        validate::key(&request.key)?;
+        validate::value(&request.value)?;
+        let op = Op::Batch(proto::BatchPutRequest {
+            header: None,
+            mutations: vec![proto::Mutation {
+                op: proto::mutation::Op::Put as i32,
+                key: request.key,
+                value: request.value,
+            }],
+        });
+        match self.write(request.header.as_ref(), op).await {
+            Ok(Ok(_)) => Ok(Response::new(proto::PutResponse::default())),
+            Ok(Err(error)) => Ok(Response::new(proto::PutResponse::default_with_error(error))),
+            Err(refusal) => refuse!(refusal, proto::PutResponse),
+        }
+    }
+
+    async fn delete(
+        &self,
+        request: Request<proto::DeleteRequest>,
+    ) -> Result<Response<proto::DeleteResponse>, Status> {
+        let request = request.into_inner();
+        validate::key(&request.key)?;
+        let op = Op::Batch(proto::BatchPutRequest {
+            header: None,
+            mutations: vec![proto::Mutation {
+                op: proto::mutation::Op::Delete as i32,
+                key: request.key,
+                value: Default::default(),
+            }],
+        });
+        match self.write(request.header.as_ref(), op).await {
+            Ok(Ok(_)) => Ok(Response::new(proto::DeleteResponse::default())),
+            Ok(Err(error)) => Ok(Response::new(proto::DeleteResponse::default_with_error(
+                error,
+            ))),
+            Err(refusal) => refuse!(refusal, proto::DeleteResponse),
+        }
+    }
+
+    async fn scan(
+        &self,
+        request: Request<proto::ScanRequest>,
+    ) -> Result<Response<proto::ScanResponse>, Status> {
+        let request = request.into_inner();
+        validate::span(&request.start_key, &request.end_key)?;
+        let limit = match request.limit {
+            0 => SCAN_LIMIT_DEFAULT,
+            n if n as usize > limits::BATCH_KEYS_MAX => {
+                return Err(Invalid {
+                    limit: format!("batch_keys_max={}", limits::BATCH_KEYS_MAX),
+                    message: format!("scan limit {n} is too large"),
+                }
+                .into())
+            }
+            n => n as usize,
+        };
+        let descriptor = match self.read_point(request.header.as_ref()).await {
+            Ok(d) => d,
+            Err(refusal) => return refuse!(refusal, proto::ScanResponse),
+        };
+        // Clamp to the range: a scan never reads keys of another range.
+        let start = request
+            .start_key
+            .as_ref()
+            .max(descriptor.start_key.as_ref())
+            .to_vec();
+        let end = match (request.end_key.is_empty(), descriptor.end_key.is_empty()) {
+            (true, _) => descriptor.end_key.to_vec(),
+            (false, true) => request.end_key.to_vec(),
+            (false, false) => request
+                .end_key
+                .as_ref()
+                .min(descriptor.end_key.as_ref())
+                .to_vec(),
+        };
+        if !descriptor.end_key.is_empty() && start >= descriptor.end_key[..].to_vec() {
+            return Ok(Response::new(proto::ScanResponse::default()));
+        }
+        let mut found = self
+            .store()?
+            .state()
+            .scan(&start, &end, limit + 1, request.keys_only)
+            .map_err(|e| Status::internal(format!("state machine read failed: {e}")))?;
+        let resume_key = if found.len() > limit {
+            found.pop().map(|(key, _)| key).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(proto::ScanResponse {
+            error: None,
+            pairs: found
+                .into_iter()
+                .map(|(key, value)| proto::KeyValue {
+                    key: key.into(),
+                    value: value.into(),
+                })
+                .collect(),
+            resume_key: resume_key.into(),
+        }))
+    }
+
+    async fn batch_get(
+        &self,
+        request: Request<proto::BatchGetRequest>,
+    ) -> Result<Response<proto::BatchGetResponse>, Status> {
+        let request = request.into_inner();
+        validate::batch_len(request.keys.len())?;
+        for key in &request.keys {
+            validate::key(key)?;
+        }
+        let descriptor = match self.read_point(request.header.as_ref()).await {
+            Ok(d) => d,
+            Err(refusal) => return refuse!(refusal, proto::BatchGetResponse),
+        };
+        if let Err(refusal) = check_keys(&descriptor, request.keys.iter().map(|k| &k[..])) {
+            return refuse!(refusal, proto::BatchGetResponse);
+        }
+        let mut pairs = Vec::new();
+        for key in request.keys {
+            if let Some(value) = self.get_value(&key)? {
+                pairs.push(proto::KeyValue {
+                    key,
+                    value: value.into(),
+                });
+            }
+        }
+        Ok(Response::new(proto::BatchGetResponse {
+            error: None,
+            pairs,
+        }))
+    }
+
+    async fn batch_put(
+        &self,
+        request: Request<proto::BatchPutRequest>,
+    ) -> Result<Response<proto::BatchPutResponse>, Status> {
+        let mut request = request.into_inner();
+        validate::batch_len(request.mutations.len())?;
+        for mutation in &request.mutations {
+            validate::key(&mutation.key)?;
+            validate::value(&mutation.value)?;
+            if proto::mutation::Op::try_from(mutation.op).is_err() {
+                return Err(Status::invalid_argument(format!(
+                    "unknown mutation op {} (allowed: OP_PUT, OP_DELETE)",
+                    mutation.op
+                )));
+            }
+        }
+        let header = request.header.take();
+        match self.write(header.as_ref(), Op::Batch(request)).await {
+            Ok(Ok(_)) => Ok(Response::new(proto::BatchPutResponse::default())),
+            Ok(Err(error)) => Ok(Response::new(proto::BatchPutResponse::default_with_error(
+                error,
+            ))),
+            Err(refusal) => refuse!(refusal, proto::BatchPutResponse),
+        }
+    }
+
+    async fn compare_and_swap(
+        &self,
+        request: Request<proto::CompareAndSwapRequest>,
+    ) -> Result<Response<proto::CompareAndSwapResponse>, Status> {
+        let mut request = request.into_inner();
+        validate::key(&request.key)?;
+        validate::value(&request.expected_value)?;
+        validate::value(&request.new_value)?;
+        let header = request.header.take();
+        match self.write(header.as_ref(), Op::Cas(request)).await {
+            Ok(Ok(WriteResult::Cas {
+                succeeded,
+                previous,
+            })) => Ok(Response::new(proto::CompareAndSwapResponse {
+                error: None,
+                succeeded,
+                previous_found: previous.is_some(),
+                previous_value: previous.unwrap_or_default().into(),
+            })),
+            Ok(Ok(WriteResult::Done)) => Err(Status::internal(
+                "compare-and-swap applied without a result",
+            )),
+            Ok(Err(error)) => Ok(Response::new(
+                proto::CompareAndSwapResponse::default_with_error(error),
+            )),
+            Err(refusal) => refuse!(refusal, proto::CompareAndSwapResponse),
+        }
+    }
+
+    async fn delete_range(
+        &self,
+        request: Request<proto::DeleteRangeRequest>,
+    ) -> Result<Response<proto::DeleteRangeResponse>, Status> {
+        let mut request = request.into_inner();
+        validate::span(&request.start_key, &request.end_key)?;
+        let header = request.header.take();
+        match self.write(header.as_ref(), Op::DeleteRange(request)).await {
+            Ok(Ok(_)) => Ok(Response::new(proto::DeleteRangeResponse::default())),
+            Ok(Err(error)) => Ok(Response::new(
+                proto::DeleteRangeResponse::default_with_error(error),
+            )),
+            Err(refusal) => refuse!(refusal, proto::DeleteRangeResponse),
+        }
+    }
+}
+
+/// Receives raft batches from other stores.
+pub struct RaftService {
+    store: Weak<Store>,
+}
+
+impl RaftService {
+    pub fn new(store: &Arc<Store>) -> Self {
+        RaftService {
+            store: Arc::downgrade(store),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Raft for RaftService {
+    async fn send(
+        &self,
+        request: Request<Streaming<proto::RaftBatch>>,
+    ) -> Result<Response<proto::RaftDone>, Status> {
+        let mut stream = request.into_inner();
+        while let Some(batch) = stream.message().await? {
+            let Some(store) = self.store.upgrade() else {
+                return Err(Status::unavailable("the store is stopping"));
+            };
+            let local = store.store_id().get();
+            if batch.to_store != local {
+                return Err(Status::invalid_argument(format!(
+                    "batch for store {} reached store {local}",
+                    batch.to_store
+                )));
+            }
+            store.deliver(batch);
+        }
+        Ok(Response::new(proto::RaftDone {}))
+    }
+}

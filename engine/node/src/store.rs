@@ -1,0 +1,389 @@
+//! The store: every range replica on this node, sharded over a fixed pool of worker
+//! threads, and the routing of requests and raft messages to them.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use prost::Message as _;
+use rangekv_log::LogEngine;
+use rangekv_raftstore::ReplicaConfig;
+use rangekv_rpc::proto;
+use rangekv_rpc::RangeDescriptor;
+use rangekv_state::StateMachine;
+use rangekv_types::{RangeId, StoreId};
+
+use crate::command::Responder;
+use crate::transport::Transport;
+use crate::worker::{Control, Inbound, Worker};
+
+/// Settings of the store driver. Units last.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub workers: usize,
+    pub tick_interval: Duration,
+    pub replica: ReplicaConfig,
+    /// Requests and raft messages queued per worker before `ServerBusy`.
+    pub inbox_messages_max: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            workers: 2,
+            tick_interval: Duration::from_millis(100),
+            replica: ReplicaConfig::default(),
+            inbox_messages_max: 65_536,
+        }
+    }
+}
+
+impl StoreConfig {
+    pub fn election_timeout(&self) -> Duration {
+        self.tick_interval * self.replica.election_timeout_ticks as u32
+    }
+
+    /// How long a leader serves reads from its lease after a quorum confirmed it.
+    /// A follower that heard from the leader waits at least `election_timeout_ticks - 1`
+    /// ticks before voting for another (check-quorum); one more tick is the margin for
+    /// clock-rate differences and tick jitter.
+    pub fn lease_duration(&self) -> Duration {
+        self.tick_interval * self.replica.election_timeout_ticks.saturating_sub(2) as u32
+    }
+}
+
+/// What the store shares about one range with the services and PD reporting.
+pub struct RangeInfo {
+    pub worker: usize,
+    pub descriptor: RwLock<RangeDescriptor>,
+    /// raft-rs id of the leader this replica knows (0 = unknown).
+    pub leader_peer: AtomicU64,
+    pub term: AtomicU64,
+    pub applied: AtomicU64,
+    pub local_peer: u64,
+}
+
+impl RangeInfo {
+    pub fn descriptor(&self) -> RangeDescriptor {
+        self.descriptor
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader_peer.load(Ordering::Relaxed) == self.local_peer
+    }
+
+    /// The leader as a `Peer` of the descriptor, when known.
+    pub fn leader(&self) -> Option<proto::Peer> {
+        let leader = self.leader_peer.load(Ordering::Relaxed);
+        self.descriptor()
+            .replicas
+            .into_iter()
+            .find(|p| p.peer_id == leader && leader != 0)
+    }
+
+    pub fn not_leader(&self) -> proto::Error {
+        proto::Error {
+            kind: Some(proto::error::Kind::NotLeader(proto::NotLeader {
+                range_id: self.descriptor().range_id,
+                leader: self.leader(),
+            })),
+        }
+    }
+}
+
+/// Counters for tests and metrics.
+#[derive(Debug, Default)]
+pub struct StoreCounters {
+    pub raft_messages_in: AtomicU64,
+    pub heartbeats_in: AtomicU64,
+    pub inbox_full: AtomicU64,
+}
+
+pub(crate) struct StoreShared {
+    pub store_id: StoreId,
+    pub config: StoreConfig,
+    pub log: LogEngine,
+    pub state: Arc<StateMachine>,
+    pub ranges: RwLock<HashMap<RangeId, Arc<RangeInfo>>>,
+    pub transport: Arc<dyn Transport>,
+    pub counters: StoreCounters,
+    /// Set when the log engine failed: the store has stopped and must not serve.
+    pub stopped: AtomicBool,
+    pub fatal: Box<dyn Fn(String) + Send + Sync>,
+}
+
+pub struct Store {
+    shared: Arc<StoreShared>,
+    inboxes: Vec<Sender<Inbound>>,
+    controls: Vec<Sender<Control>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Why a request could not be handed to its range.
+#[derive(Debug)]
+pub enum RouteError {
+    RangeNotFound,
+    Busy,
+    Stopped,
+}
+
+impl Store {
+    /// Opens every range recorded in `state` and starts the workers. `fatal` is called
+    /// once when the store must stop (a failed log write or sync).
+    pub fn start(
+        store_id: StoreId,
+        config: StoreConfig,
+        log: LogEngine,
+        state: Arc<StateMachine>,
+        transport: Arc<dyn Transport>,
+        fatal: Box<dyn Fn(String) + Send + Sync>,
+    ) -> anyhow::Result<Arc<Store>> {
+        let workers = config.workers.max(1);
+        let shared = Arc::new(StoreShared {
+            store_id,
+            config: config.clone(),
+            log,
+            state,
+            ranges: RwLock::new(HashMap::new()),
+            transport,
+            counters: StoreCounters::default(),
+            stopped: AtomicBool::new(false),
+            fatal,
+        });
+        let mut inboxes = Vec::new();
+        let mut controls = Vec::new();
+        let mut receivers: Vec<(Receiver<Inbound>, Receiver<Control>)> = Vec::new();
+        for _ in 0..workers {
+            let (inbox, inbox_rx) = crossbeam_channel::bounded(config.inbox_messages_max);
+            let (control, control_rx) = crossbeam_channel::unbounded();
+            inboxes.push(inbox);
+            controls.push(control);
+            receivers.push((inbox_rx, control_rx));
+        }
+        let mut descriptors = Vec::new();
+        for (range, raw) in shared.state.descriptors()? {
+            let descriptor = RangeDescriptor::decode(&raw[..]).map_err(|e| {
+                anyhow::anyhow!("descriptor of {range} in the state machine does not decode: {e}")
+            })?;
+            descriptors.push(descriptor);
+        }
+        let mut threads = Vec::new();
+        for (index, (inbox_rx, control_rx)) in receivers.into_iter().enumerate() {
+            let mut worker = Worker::new(
+                index,
+                shared.clone(),
+                inbox_rx,
+                control_rx,
+                controls[index].clone(),
+            );
+            for descriptor in descriptors
+                .iter()
+                .filter(|d| worker_of(RangeId(d.range_id), workers) == index)
+            {
+                worker.open_range(descriptor.clone(), true)?;
+            }
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("rangekv-worker-{index}"))
+                    .spawn(move || worker.run())?,
+            );
+        }
+        Ok(Arc::new(Store {
+            shared,
+            inboxes,
+            controls,
+            threads: Mutex::new(threads),
+        }))
+    }
+
+    pub fn store_id(&self) -> StoreId {
+        self.shared.store_id
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.shared.config
+    }
+
+    pub fn state(&self) -> &Arc<StateMachine> {
+        &self.shared.state
+    }
+
+    pub fn counters(&self) -> &StoreCounters {
+        &self.shared.counters
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.shared.stopped.load(Ordering::SeqCst)
+    }
+
+    pub fn range(&self, range: RangeId) -> Option<Arc<RangeInfo>> {
+        self.shared
+            .ranges
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&range)
+            .cloned()
+    }
+
+    pub fn ranges(&self) -> Vec<(RangeId, Arc<RangeInfo>)> {
+        let mut out: Vec<_> = self
+            .shared
+            .ranges
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, info)| (*id, info.clone()))
+            .collect();
+        out.sort_by_key(|(id, _)| *id);
+        out
+    }
+
+    /// Creates the replica of a range placed on this store at bootstrap (empty log,
+    /// membership from the descriptor). Ignored when the range exists here.
+    pub fn create_range(&self, descriptor: RangeDescriptor) {
+        let range = RangeId(descriptor.range_id);
+        if self.range(range).is_some() {
+            return;
+        }
+        let worker = worker_of(range, self.inboxes.len());
+        let _ = self.controls[worker].send(Control::CreateRange(descriptor));
+    }
+
+    fn inbox_for(&self, range: RangeId) -> Result<&Sender<Inbound>, RouteError> {
+        if self.is_stopped() {
+            return Err(RouteError::Stopped);
+        }
+        let info = self.range(range).ok_or(RouteError::RangeNotFound)?;
+        Ok(&self.inboxes[info.worker])
+    }
+
+    fn send_inbound(&self, sender: &Sender<Inbound>, message: Inbound) -> Result<(), RouteError> {
+        match sender.try_send(message) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => {
+                self.shared
+                    .counters
+                    .inbox_full
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(RouteError::Busy)
+            }
+            Err(TrySendError::Disconnected(_)) => Err(RouteError::Stopped),
+        }
+    }
+
+    /// Hands a client write to its range's worker.
+    pub fn propose(
+        &self,
+        range: RangeId,
+        command: proto::Command,
+        respond: Responder,
+    ) -> Result<(), RouteError> {
+        let inbox = self.inbox_for(range)?;
+        self.send_inbound(
+            inbox,
+            Inbound::Write {
+                range,
+                command,
+                respond,
+            },
+        )
+    }
+
+    /// Asks for a linearizable read point on `range`: answered once the local state
+    /// machine may serve the read (lease or ReadIndex, then apply).
+    pub fn read(
+        &self,
+        range: RangeId,
+        respond: tokio::sync::oneshot::Sender<Result<(), proto::Error>>,
+    ) -> Result<(), RouteError> {
+        let inbox = self.inbox_for(range)?;
+        self.send_inbound(inbox, Inbound::Read { range, respond })
+    }
+
+    /// Delivers a batch received from another store.
+    pub fn deliver(&self, batch: proto::RaftBatch) {
+        if self.is_stopped() {
+            return;
+        }
+        let workers = self.inboxes.len();
+        let from = StoreId(batch.from_store);
+        for envelope in batch.messages {
+            let range = RangeId(envelope.range_id);
+            let message = match <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(
+                &envelope.message,
+            ) {
+                Ok(message) => message,
+                Err(error) => {
+                    tracing::warn!(%from, %range, %error, "dropping a raft message that does not decode");
+                    continue;
+                }
+            };
+            self.shared
+                .counters
+                .raft_messages_in
+                .fetch_add(1, Ordering::Relaxed);
+            let worker = worker_of(range, workers);
+            // A full inbox drops raft messages: raft retransmits.
+            let _ = self.send_inbound(&self.inboxes[worker], Inbound::Raft { range, message });
+        }
+        for (list, responses) in [(batch.heartbeats, false), (batch.heartbeat_responses, true)] {
+            if list.is_empty() {
+                continue;
+            }
+            self.shared
+                .counters
+                .heartbeats_in
+                .fetch_add(list.len() as u64, Ordering::Relaxed);
+            let mut per_worker: Vec<Vec<proto::CoalescedHeartbeat>> = vec![Vec::new(); workers];
+            for heartbeat in list {
+                per_worker[worker_of(RangeId(heartbeat.range_id), workers)].push(heartbeat);
+            }
+            for (worker, heartbeats) in per_worker.into_iter().enumerate() {
+                if !heartbeats.is_empty() {
+                    let _ = self.send_inbound(
+                        &self.inboxes[worker],
+                        Inbound::Heartbeats {
+                            heartbeats,
+                            responses,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// The transport could not reach `store`: raft-rs pauses replication to its peers.
+    pub fn report_unreachable(&self, store: StoreId) {
+        for control in &self.controls {
+            let _ = control.send(Control::Unreachable(store));
+        }
+    }
+
+    /// Stops the workers (pending requests are answered with an error) and waits.
+    pub fn shutdown(&self) {
+        for control in &self.controls {
+            let _ = control.send(Control::Shutdown);
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The worker that owns `range`.
+pub fn worker_of(range: RangeId, workers: usize) -> usize {
+    (range.get() % workers.max(1) as u64) as usize
+}

@@ -1,0 +1,717 @@
+//! One worker thread of the store driver. Each loop iteration:
+//! drain the inbox → tick due ranges → propose each range's gathered writes as one
+//! entry and its gathered reads as one ReadIndex → `ready()` of every range with work
+//! → **one** log write for all of them (persisted asynchronously) → send → apply
+//! committed entries in one RocksDB batch → answer clients.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::{select, Receiver, Sender};
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, EntryType, Message, MessageType};
+use raft::{RawNode, StateRole};
+use rangekv_log::{LogBatch, LogError};
+use rangekv_raftstore::replica::Replica;
+use rangekv_rpc::proto;
+use rangekv_rpc::RangeDescriptor;
+use rangekv_state::ApplyState;
+use rangekv_types::{RangeId, StoreId};
+use tokio::sync::oneshot;
+
+use crate::command::{self, CommandResult, Responder};
+use crate::storage::PeerStorage;
+use crate::store::{RangeInfo, StoreShared};
+
+pub(crate) type ReadResponder = oneshot::Sender<Result<(), proto::Error>>;
+
+/// Requests and raft traffic; bounded (a full inbox answers `ServerBusy`).
+pub(crate) enum Inbound {
+    Raft {
+        range: RangeId,
+        message: Message,
+    },
+    Heartbeats {
+        heartbeats: Vec<proto::CoalescedHeartbeat>,
+        responses: bool,
+    },
+    Write {
+        range: RangeId,
+        command: proto::Command,
+        respond: Responder,
+    },
+    Read {
+        range: RangeId,
+        respond: ReadResponder,
+    },
+}
+
+/// The worker's own events; unbounded, never dropped.
+pub(crate) enum Control {
+    Persisted {
+        seq: u64,
+        result: Result<(), LogError>,
+    },
+    CreateRange(RangeDescriptor),
+    Unreachable(StoreId),
+    Shutdown,
+}
+
+type Proposal = Vec<Responder>;
+
+struct Peer {
+    replica: Replica<PeerStorage, Proposal, ReadResponder>,
+    info: Arc<RangeInfo>,
+    descriptor: RangeDescriptor,
+    store_of: HashMap<u64, StoreId>,
+    writes: Vec<(proto::Command, Responder)>,
+    /// Log writes holding a `Ready` of this range that are not durable yet.
+    persisting: usize,
+    applied_term: u64,
+    /// Votes are refused until then: a reopened replica may have acknowledged a
+    /// leader whose lease is still running (see ARCHITECTURE.md "Reads").
+    votes_refused_until: Option<Instant>,
+}
+
+/// A log write in flight: the `Ready`s it persists, in order.
+struct Persisting {
+    seq: u64,
+    readies: Vec<(RangeId, u64, Vec<Message>)>,
+}
+
+pub(crate) struct Worker {
+    index: usize,
+    shared: Arc<StoreShared>,
+    inbox: Receiver<Inbound>,
+    control: Receiver<Control>,
+    control_sender: Sender<Control>,
+    peers: HashMap<RangeId, Peer>,
+    /// Ranges with something to do this iteration.
+    touched: HashSet<RangeId>,
+    persisting: VecDeque<Persisting>,
+    next_seq: u64,
+    next_tick: Instant,
+    shutdown: bool,
+}
+
+const DRAIN_MAX: usize = 4096;
+
+impl Worker {
+    pub fn new(
+        index: usize,
+        shared: Arc<StoreShared>,
+        inbox: Receiver<Inbound>,
+        control: Receiver<Control>,
+        control_sender: Sender<Control>,
+    ) -> Self {
+        let next_tick = Instant::now() + shared.config.tick_interval;
+        Worker {
+            index,
+            shared,
+            inbox,
+            control,
+            control_sender,
+            peers: HashMap::new(),
+            touched: HashSet::new(),
+            persisting: VecDeque::new(),
+            next_seq: 1,
+            next_tick,
+            shutdown: false,
+        }
+    }
+
+    /// Opens the replica of `descriptor` on this store. `reopened`: it existed before
+    /// this process started (its log and applied state are on disk).
+    pub fn open_range(
+        &mut self,
+        descriptor: RangeDescriptor,
+        reopened: bool,
+    ) -> anyhow::Result<()> {
+        let range = RangeId(descriptor.range_id);
+        let store = self.shared.store_id;
+        let local = descriptor
+            .replicas
+            .iter()
+            .find(|p| p.store_id == store.get())
+            .ok_or_else(|| anyhow::anyhow!("{range} has no replica on {store}"))?
+            .peer_id;
+        let voters: Vec<u64> = descriptor
+            .replicas
+            .iter()
+            .filter(|p| p.role == proto::PeerRole::Voter as i32)
+            .map(|p| p.peer_id)
+            .collect();
+        let learners: Vec<u64> = descriptor
+            .replicas
+            .iter()
+            .filter(|p| p.role == proto::PeerRole::Learner as i32)
+            .map(|p| p.peer_id)
+            .collect();
+        let conf_state = ConfState {
+            voters,
+            learners,
+            ..Default::default()
+        };
+        let apply_state = self.shared.state.apply_state(range)?;
+        let storage = PeerStorage::new(
+            self.shared.log.clone(),
+            range,
+            conf_state,
+            apply_state.applied_index,
+        );
+        let config = self
+            .shared
+            .config
+            .replica
+            .raft_config(rangekv_types::PeerId(local), apply_state.applied_index)?;
+        let logger = crate::logger::raft_logger(range);
+        let raw = RawNode::new(&config, storage, &logger)?;
+        let had_term = raw.raft.term > 0;
+        let info = Arc::new(RangeInfo {
+            worker: self.index,
+            descriptor: std::sync::RwLock::new(descriptor.clone()),
+            leader_peer: Default::default(),
+            term: Default::default(),
+            applied: apply_state.applied_index.into(),
+            local_peer: local,
+        });
+        let store_of = descriptor
+            .replicas
+            .iter()
+            .map(|p| (p.peer_id, StoreId(p.store_id)))
+            .collect();
+        let votes_refused_until =
+            (reopened && had_term).then(|| Instant::now() + self.shared.config.election_timeout());
+        self.peers.insert(
+            range,
+            Peer {
+                replica: Replica::new(
+                    raw,
+                    apply_state.applied_index,
+                    self.shared.config.lease_duration(),
+                ),
+                info: info.clone(),
+                descriptor,
+                store_of,
+                writes: Vec::new(),
+                persisting: 0,
+                applied_term: apply_state.applied_term,
+                votes_refused_until,
+            },
+        );
+        self.shared
+            .ranges
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(range, info);
+        self.touched.insert(range);
+        Ok(())
+    }
+
+    pub fn run(mut self) {
+        while !self.shutdown {
+            self.wait_and_drain();
+            if self.shutdown {
+                break;
+            }
+            let now = Instant::now();
+            if now >= self.next_tick {
+                self.tick_all();
+                self.next_tick += self.shared.config.tick_interval;
+                if self.next_tick < now {
+                    self.next_tick = now + self.shared.config.tick_interval;
+                }
+            }
+            self.process(now);
+        }
+        self.fail_everything("the store is shutting down");
+    }
+
+    fn wait_and_drain(&mut self) {
+        let timeout = self.next_tick.saturating_duration_since(Instant::now());
+        select! {
+            recv(self.control) -> message => match message {
+                Ok(message) => self.on_control(message),
+                Err(_) => self.shutdown = true,
+            },
+            recv(self.inbox) -> message => {
+                if let Ok(message) = message {
+                    self.on_inbound(message);
+                }
+            },
+            default(timeout) => {},
+        }
+        for _ in 0..DRAIN_MAX {
+            let mut progressed = false;
+            if let Ok(message) = self.control.try_recv() {
+                self.on_control(message);
+                progressed = true;
+            }
+            if let Ok(message) = self.inbox.try_recv() {
+                self.on_inbound(message);
+                progressed = true;
+            }
+            if !progressed || self.shutdown {
+                break;
+            }
+        }
+    }
+
+    fn on_control(&mut self, message: Control) {
+        match message {
+            Control::Persisted { seq, result } => self.on_persisted(seq, result),
+            Control::CreateRange(descriptor) => {
+                let range = RangeId(descriptor.range_id);
+                if self.peers.contains_key(&range) {
+                    return;
+                }
+                let persisted = self
+                    .shared
+                    .state
+                    .put_descriptor(range, &descriptor.encode_to_vec());
+                let opened = persisted
+                    .map_err(anyhow::Error::from)
+                    .and_then(|()| self.open_range(descriptor, false));
+                if let Err(error) = opened {
+                    tracing::error!(%range, %error, "cannot create the replica");
+                }
+            }
+            Control::Unreachable(store) => {
+                for (range, peer) in &mut self.peers {
+                    for (peer_id, peer_store) in &peer.store_of {
+                        if *peer_store == store {
+                            peer.replica.raw.report_unreachable(*peer_id);
+                            self.touched.insert(*range);
+                        }
+                    }
+                }
+            }
+            Control::Shutdown => self.shutdown = true,
+        }
+    }
+
+    fn on_inbound(&mut self, message: Inbound) {
+        match message {
+            Inbound::Raft { range, message } => self.step(range, message),
+            Inbound::Heartbeats {
+                heartbeats,
+                responses,
+            } => {
+                let msg_type = if responses {
+                    MessageType::MsgHeartbeatResponse
+                } else {
+                    MessageType::MsgHeartbeat
+                };
+                for heartbeat in heartbeats {
+                    let message = Message {
+                        msg_type,
+                        from: heartbeat.from_peer,
+                        to: heartbeat.to_peer,
+                        term: heartbeat.term,
+                        commit: heartbeat.commit,
+                        context: heartbeat.context,
+                        ..Default::default()
+                    };
+                    self.step(RangeId(heartbeat.range_id), message);
+                }
+            }
+            Inbound::Write {
+                range,
+                command,
+                respond,
+            } => match self.peers.get_mut(&range) {
+                Some(peer) => {
+                    peer.writes.push((command, respond));
+                    self.touched.insert(range);
+                }
+                None => {
+                    let _ = respond.send(Err(range_not_found(range)));
+                }
+            },
+            Inbound::Read { range, respond } => {
+                let Some(peer) = self.peers.get_mut(&range) else {
+                    let _ = respond.send(Err(range_not_found(range)));
+                    return;
+                };
+                match peer.replica.read(Instant::now(), respond) {
+                    Ok(Some(respond)) => {
+                        let _ = respond.send(Ok(()));
+                    }
+                    Ok(None) => {
+                        self.touched.insert(range);
+                    }
+                    Err(refused) => {
+                        let _ = refused.returned.send(Err(peer.info.not_leader()));
+                    }
+                }
+            }
+        }
+    }
+
+    fn step(&mut self, range: RangeId, message: Message) {
+        let Some(peer) = self.peers.get_mut(&range) else {
+            // A replica this store does not host (yet, or any more): creating replicas
+            // from messages comes with membership changes.
+            return;
+        };
+        if matches!(
+            message.msg_type,
+            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+        ) {
+            if let Some(until) = peer.votes_refused_until {
+                if Instant::now() < until {
+                    return;
+                }
+                peer.votes_refused_until = None;
+            }
+        }
+        if let Err(error) = peer.replica.step(message) {
+            tracing::debug!(%range, %error, "raft message refused");
+        }
+        self.touched.insert(range);
+    }
+
+    fn tick_all(&mut self) {
+        for (range, peer) in &mut self.peers {
+            let ticked = peer.replica.raw.tick();
+            if ticked || peer.replica.raw.has_ready() {
+                self.touched.insert(*range);
+            }
+        }
+    }
+
+    fn process(&mut self, now: Instant) {
+        if self.touched.is_empty() {
+            return;
+        }
+        let touched: Vec<RangeId> = self.touched.drain().collect();
+        // Proposals and reads first: they join this iteration's Ready.
+        for range in &touched {
+            if let Some(peer) = self.peers.get_mut(range) {
+                propose_writes(peer, now);
+                peer.replica.flush_reads(now);
+            }
+        }
+        let seq = self.next_seq;
+        let mut batch = LogBatch::new();
+        let mut record = Persisting {
+            seq,
+            readies: Vec::new(),
+        };
+        let mut committed = Vec::new();
+        let mut not_served = Vec::new();
+        for range in &touched {
+            let Some(peer) = self.peers.get_mut(range) else {
+                continue;
+            };
+            if !peer.replica.raw.has_ready() {
+                continue;
+            }
+            let mut ready = peer.replica.raw.ready();
+            if let Some(soft) = ready.ss() {
+                peer.replica.on_role(soft.raft_state, &mut not_served);
+                let leader = if soft.leader_id == raft::INVALID_ID {
+                    0
+                } else {
+                    soft.leader_id
+                };
+                peer.info.leader_peer.store(leader, Ordering::Relaxed);
+                if soft.raft_state == StateRole::Leader {
+                    tracing::debug!(%range, term = peer.replica.term(), "became leader");
+                }
+            }
+            peer.info.term.store(peer.replica.term(), Ordering::Relaxed);
+            let immediate = ready.take_messages();
+            send(&self.shared, &peer.store_of, *range, immediate);
+            if !ready.snapshot().is_empty() {
+                tracing::error!(%range, "received a raft snapshot; snapshots are not supported yet");
+            }
+            if !ready.read_states().is_empty() {
+                let mut reads = Vec::new();
+                peer.replica
+                    .on_read_states(ready.take_read_states(), &mut reads);
+                for respond in reads {
+                    let _ = respond.send(Ok(()));
+                }
+            }
+            let entries = ready.take_committed_entries();
+            if !entries.is_empty() {
+                committed.push((*range, entries));
+            }
+            let appended = ready.take_entries();
+            let hard_state = ready.hs().cloned();
+            let after_persist = ready.take_persisted_messages();
+            let number = ready.number();
+            let needs_persist = !appended.is_empty() || hard_state.is_some();
+            if !appended.is_empty() {
+                peer.replica.raw.mut_store().append_unstable(&appended, seq);
+                batch.append(*range, appended);
+            }
+            if let Some(hard_state) = hard_state {
+                batch.set_hard_state(*range, hard_state);
+            }
+            peer.replica.raw.advance_append_async(ready);
+            if needs_persist || peer.persisting > 0 {
+                peer.persisting += 1;
+                record.readies.push((*range, number, after_persist));
+            } else {
+                peer.replica.raw.on_persist_ready(number);
+                send(&self.shared, &peer.store_of, *range, after_persist);
+                self.touched.insert(*range);
+            }
+        }
+        for respond in not_served {
+            let _ = respond.send(Err(proto::Error {
+                kind: Some(proto::error::Kind::NotLeader(proto::NotLeader::default())),
+            }));
+        }
+        if !record.readies.is_empty() {
+            self.next_seq += 1;
+            self.persisting.push_back(record);
+            let control = self.control_sender.clone();
+            self.shared.log.write(batch, move |result| {
+                let _ = control.send(Control::Persisted { seq, result });
+            });
+        }
+        self.shared.transport.flush();
+        if !committed.is_empty() {
+            self.apply(committed);
+        }
+    }
+
+    fn on_persisted(&mut self, seq: u64, result: Result<(), LogError>) {
+        if let Err(error) = result {
+            // Never retried, never acknowledged: the store stops.
+            self.shared.stopped.store(true, Ordering::SeqCst);
+            (self.shared.fatal)(format!("raft log write failed: {error}"));
+            self.shutdown = true;
+            return;
+        }
+        let Some(record) = self.persisting.pop_front() else {
+            return;
+        };
+        debug_assert_eq!(record.seq, seq, "log writes complete in order");
+        for (range, number, messages) in record.readies {
+            let Some(peer) = self.peers.get_mut(&range) else {
+                continue;
+            };
+            peer.persisting = peer.persisting.saturating_sub(1);
+            peer.replica.raw.mut_store().on_durable(seq);
+            peer.replica.raw.on_persist_ready(number);
+            send(&self.shared, &peer.store_of, range, messages);
+            self.touched.insert(range);
+        }
+    }
+
+    fn apply(&mut self, committed: Vec<(RangeId, Vec<raft::eraftpb::Entry>)>) {
+        let state = self.shared.state.clone();
+        let mut batch = state.batch();
+        let mut answers: Vec<(Responder, CommandResult)> = Vec::new();
+        let mut dropped = Vec::new();
+        let mut applied_to = Vec::new();
+        for (range, entries) in committed {
+            let Some(peer) = self.peers.get_mut(&range) else {
+                continue;
+            };
+            let mut last = (0, 0);
+            for entry in entries {
+                last = (entry.index, entry.term);
+                let proposal = peer
+                    .replica
+                    .take_outcome(entry.index, entry.term, &mut dropped);
+                if entry.get_entry_type() != EntryType::EntryNormal || entry.data.is_empty() {
+                    if let Some(proposal) = proposal {
+                        dropped.push(proposal);
+                    }
+                    continue;
+                }
+                let decoded = command::decode_entry(&entry.data);
+                let commands = match decoded {
+                    Ok(decoded) => decoded.commands,
+                    Err(error) => {
+                        tracing::error!(%range, index = entry.index, %error, "committed entry does not decode; applied as nothing");
+                        Vec::new()
+                    }
+                };
+                let mut results = Vec::with_capacity(commands.len());
+                for command in &commands {
+                    match command::apply_command(&mut batch, command, &peer.descriptor) {
+                        Ok(result) => results.push(result),
+                        Err(error) => {
+                            self.shared.stopped.store(true, Ordering::SeqCst);
+                            (self.shared.fatal)(format!("state machine read failed: {error}"));
+                            self.shutdown = true;
+                            return;
+                        }
+                    }
+                }
+                if let Some(responders) = proposal {
+                    let mut results = results.into_iter();
+                    for respond in responders {
+                        let result = results
+                            .next()
+                            .unwrap_or(Err(internal("entry lost a command")));
+                        answers.push((respond, result));
+                    }
+                }
+            }
+            if last.0 > 0 {
+                peer.applied_term = last.1;
+                batch.set_apply_state(
+                    range,
+                    ApplyState {
+                        applied_index: last.0,
+                        applied_term: last.1,
+                    },
+                );
+                applied_to.push((range, last.0));
+            }
+        }
+        if let Err(error) = batch.commit() {
+            self.shared.stopped.store(true, Ordering::SeqCst);
+            (self.shared.fatal)(format!("state machine write failed: {error}"));
+            self.shutdown = true;
+            return;
+        }
+        for (respond, result) in answers {
+            let _ = respond.send(result);
+        }
+        for responders in dropped {
+            for respond in responders {
+                let _ = respond.send(Err(proto::Error {
+                    kind: Some(proto::error::Kind::NotLeader(proto::NotLeader::default())),
+                }));
+            }
+        }
+        let mut reads = Vec::new();
+        for (range, applied) in applied_to {
+            if let Some(peer) = self.peers.get_mut(&range) {
+                peer.replica.on_applied(applied, &mut reads);
+                peer.info.applied.store(applied, Ordering::Relaxed);
+                self.touched.insert(range);
+            }
+        }
+        for respond in reads {
+            let _ = respond.send(Ok(()));
+        }
+    }
+
+    fn fail_everything(&mut self, why: &str) {
+        for peer in self.peers.values_mut() {
+            for (_, respond) in peer.writes.drain(..) {
+                let _ = respond.send(Err(internal(why)));
+            }
+            for responders in peer.replica.drain_proposals() {
+                for respond in responders {
+                    let _ = respond.send(Err(internal(why)));
+                }
+            }
+        }
+    }
+}
+
+/// Hands `messages` of `range` to the transport, heartbeats coalesced.
+fn send(
+    shared: &StoreShared,
+    store_of: &HashMap<u64, StoreId>,
+    range: RangeId,
+    messages: Vec<Message>,
+) {
+    for message in messages {
+        let Some(store) = store_of.get(&message.to).copied() else {
+            tracing::warn!(%range, to = message.to, "message to a peer not in the descriptor");
+            continue;
+        };
+        match message.msg_type {
+            MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse => {
+                let response = message.msg_type == MessageType::MsgHeartbeatResponse;
+                // A heartbeat carrying a ReadIndex context goes out with this flush;
+                // the rest ride on the next tick's store-level batch.
+                let urgent = !message.context.is_empty();
+                let heartbeat = proto::CoalescedHeartbeat {
+                    range_id: range.get(),
+                    from_peer: message.from,
+                    to_peer: message.to,
+                    term: message.term,
+                    commit: message.commit,
+                    context: message.context.to_vec().into(),
+                };
+                shared
+                    .transport
+                    .heartbeat(store, heartbeat, response, urgent);
+            }
+            _ => match message.write_to_bytes() {
+                Ok(bytes) => shared.transport.send(
+                    store,
+                    proto::RaftEnvelope {
+                        range_id: range.get(),
+                        message: bytes.into(),
+                    },
+                ),
+                Err(error) => tracing::error!(%range, %error, "cannot encode a raft message"),
+            },
+        }
+    }
+}
+
+/// Proposes the writes gathered for `peer` this iteration as one entry (or a few,
+/// when they exceed the entry size target).
+fn propose_writes(peer: &mut Peer, now: Instant) {
+    if peer.writes.is_empty() {
+        return;
+    }
+    let writes = std::mem::take(&mut peer.writes);
+    if !peer.replica.is_leader() {
+        for (_, respond) in writes {
+            let _ = respond.send(Err(peer.info.not_leader()));
+        }
+        return;
+    }
+    let mut commands = Vec::new();
+    let mut responders = Vec::new();
+    let mut bytes = 0;
+    let mut chunks = Vec::new();
+    for (command, respond) in writes {
+        bytes += command.encoded_len();
+        commands.push(command);
+        responders.push(respond);
+        if bytes >= command::ENTRY_BYTES_TARGET {
+            chunks.push((
+                std::mem::take(&mut commands),
+                std::mem::take(&mut responders),
+            ));
+            bytes = 0;
+        }
+    }
+    if !commands.is_empty() {
+        chunks.push((commands, responders));
+    }
+    for (commands, responders) in chunks {
+        let data = command::encode_entry(commands);
+        if let Err(refused) = peer.replica.propose(now, data, responders) {
+            for respond in refused.returned {
+                let _ = respond.send(Err(peer.info.not_leader()));
+            }
+        }
+    }
+}
+
+fn range_not_found(range: RangeId) -> proto::Error {
+    proto::Error {
+        kind: Some(proto::error::Kind::RangeNotFound(proto::RangeNotFound {
+            range_id: range.get(),
+        })),
+    }
+}
+
+fn internal(why: &str) -> proto::Error {
+    proto::Error {
+        kind: Some(proto::error::Kind::ServerBusy(proto::ServerBusy {
+            reason: why.to_string(),
+            backoff_ms: 100,
+        })),
+    }
+}

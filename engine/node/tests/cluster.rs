@@ -1,0 +1,311 @@
+//! A real cluster in one process: PD and three nodes on loopback.
+
+mod common;
+
+use common::Cluster;
+use rangekv_rpc::proto;
+use rangekv_types::RangeId;
+
+fn key(i: usize) -> Vec<u8> {
+    format!("key{i:04}").into_bytes()
+}
+
+fn splits() -> Vec<Vec<u8>> {
+    vec![
+        b"key0250".to_vec(),
+        b"key0500".to_vec(),
+        b"key0750".to_vec(),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_elect_replicate_and_serve_reads() {
+    let cluster = Cluster::start(3, splits()).await;
+    let ranges = cluster.ranges().await;
+    assert_eq!(ranges.len(), 4);
+    for i in (0..1000).step_by(37) {
+        cluster.put(&key(i), format!("v{i}").as_bytes()).await;
+    }
+    for i in (0..1000).step_by(37) {
+        assert_eq!(
+            cluster.get(&key(i)).await,
+            Some(format!("v{i}").into_bytes())
+        );
+        cluster
+            .wait_replicated(&key(i), format!("v{i}").as_bytes())
+            .await;
+    }
+    assert_eq!(cluster.get(b"absent").await, None);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_new_leader_elected_and_writes_continue() {
+    let mut cluster = Cluster::start(3, splits()).await;
+    cluster.put(&key(1), b"before").await;
+    let range = cluster.range_of(&key(1)).await;
+    let leader = cluster.leader_of(RangeId(range.range_id)).unwrap();
+    cluster.kill(leader).await;
+    cluster.wait_for_leaders().await;
+    let new_leader = cluster.leader_of(RangeId(range.range_id)).unwrap();
+    assert_ne!(new_leader, leader);
+    assert_eq!(cluster.get(&key(1)).await, Some(b"before".to_vec()));
+    cluster.put(&key(1), b"after").await;
+    cluster.put(&key(900), b"other range").await;
+    assert_eq!(cluster.get(&key(1)).await, Some(b"after".to_vec()));
+    // The old leader comes back as a follower and catches up.
+    cluster.restart(leader).await;
+    cluster.wait_replicated(&key(1), b"after").await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_of_every_node_keeps_acknowledged_writes() {
+    let mut cluster = Cluster::start(3, splits()).await;
+    for i in (0..1000).step_by(10) {
+        cluster.put(&key(i), format!("v{i}").as_bytes()).await;
+    }
+    for i in 0..3 {
+        cluster.kill(i).await;
+    }
+    for i in 0..3 {
+        cluster.restart(i).await;
+    }
+    cluster.wait_for_leaders().await;
+    for i in (0..1000).step_by(10) {
+        assert_eq!(
+            cluster.get(&key(i)).await,
+            Some(format!("v{i}").into_bytes()),
+            "key {i}"
+        );
+    }
+    cluster.put(&key(3), b"new").await;
+    assert_eq!(cluster.get(&key(3)).await, Some(b"new".to_vec()));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_after_a_leader_change_see_the_latest_write() {
+    let mut cluster = Cluster::start(3, splits()).await;
+    let range = cluster.range_of(&key(7)).await;
+    for round in 0..3 {
+        let value = format!("round{round}");
+        cluster.put(&key(7), value.as_bytes()).await;
+        let leader = cluster.leader_of(RangeId(range.range_id)).unwrap();
+        cluster.kill(leader).await;
+        cluster.wait_for_leaders().await;
+        // The new leader answers with the last acknowledged write, never an older one.
+        assert_eq!(cluster.get(&key(7)).await, Some(value.into_bytes()));
+        cluster.restart(leader).await;
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cas_batch_scan_and_delete_range() {
+    let cluster = Cluster::start(3, splits()).await;
+    let range = cluster.range_of(&key(10)).await;
+    // BatchPut is atomic within the range.
+    let mutations: Vec<proto::Mutation> = (10..20)
+        .map(|i| proto::Mutation {
+            op: proto::mutation::Op::Put as i32,
+            key: key(i).into(),
+            value: format!("b{i}").into_bytes().into(),
+        })
+        .collect();
+    cluster
+        .on_leader(&key(10), |mut kv, header| {
+            let mutations = mutations.clone();
+            async move {
+                let r = kv
+                    .batch_put(proto::BatchPutRequest {
+                        header: Some(header),
+                        mutations,
+                    })
+                    .await?
+                    .into_inner();
+                Ok(((), r.error))
+            }
+        })
+        .await;
+    // CAS: succeeds on the right expectation only, and reports the previous value.
+    let cas = |expected: &'static [u8], new: &'static [u8]| {
+        move |mut kv: proto::kv_client::KvClient<tonic::transport::Channel>, header| async move {
+            let r = kv
+                .compare_and_swap(proto::CompareAndSwapRequest {
+                    header: Some(header),
+                    key: key(10).into(),
+                    expected_absent: false,
+                    expected_value: expected.to_vec().into(),
+                    new_value: new.to_vec().into(),
+                    delete: false,
+                })
+                .await?
+                .into_inner();
+            Ok(((r.succeeded, r.previous_value.to_vec()), r.error))
+        }
+    };
+    let (_, (ok, previous)) = cluster.on_leader(&key(10), cas(b"wrong", b"x")).await;
+    assert!(!ok);
+    assert_eq!(previous, b"b10");
+    let (_, (ok, _)) = cluster.on_leader(&key(10), cas(b"b10", b"c10")).await;
+    assert!(ok);
+    assert_eq!(cluster.get(&key(10)).await, Some(b"c10".to_vec()));
+    // Scan with a limit and resume key.
+    let scan = |start: Vec<u8>| {
+        move |mut kv: proto::kv_client::KvClient<tonic::transport::Channel>, header| {
+            let start = start.clone();
+            async move {
+                let r = kv
+                    .scan(proto::ScanRequest {
+                        header: Some(header),
+                        start_key: start.into(),
+                        end_key: key(20).into(),
+                        limit: 4,
+                        keys_only: false,
+                    })
+                    .await?
+                    .into_inner();
+                Ok(((r.pairs, r.resume_key.to_vec()), r.error))
+            }
+        }
+    };
+    let mut seen = Vec::new();
+    let mut start = key(10);
+    loop {
+        let (_, (pairs, resume)) = cluster.on_leader(&key(10), scan(start.clone())).await;
+        seen.extend(pairs.into_iter().map(|p| p.key.to_vec()));
+        if resume.is_empty() {
+            break;
+        }
+        start = resume;
+    }
+    assert_eq!(seen, (10..20).map(key).collect::<Vec<_>>());
+    // DeleteRange removes exactly [key12, key15).
+    cluster
+        .on_leader(&key(10), |mut kv, header| async move {
+            let r = kv
+                .delete_range(proto::DeleteRangeRequest {
+                    header: Some(header),
+                    start_key: key(12).into(),
+                    end_key: key(15).into(),
+                })
+                .await?
+                .into_inner();
+            Ok(((), r.error))
+        })
+        .await;
+    for i in 10..20 {
+        let present = cluster.get(&key(i)).await.is_some();
+        assert_eq!(present, !(12..15).contains(&i), "key {i}");
+    }
+    assert!(range.contains_key(&key(19)));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_whole_with_a_clear_error() {
+    let cluster = Cluster::start(3, splits()).await;
+    let range = cluster.range_of(&key(1)).await;
+    let leader = cluster.leader_of(RangeId(range.range_id)).unwrap();
+    let mut kv = cluster.kv(leader).await;
+    let header = proto::RequestHeader {
+        range_id: range.range_id,
+        epoch: range.epoch,
+        stale_read: false,
+    };
+    let status = kv
+        .put(proto::PutRequest {
+            header: Some(header),
+            key: vec![b'k'; 9000].into(),
+            value: b"v".to_vec().into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("key_bytes_max=8192"),
+        "{}",
+        status.message()
+    );
+    // A batch with one bad key applies nothing.
+    let status = kv
+        .batch_put(proto::BatchPutRequest {
+            header: Some(header),
+            mutations: vec![
+                proto::Mutation {
+                    op: 0,
+                    key: key(2).into(),
+                    value: b"v".to_vec().into(),
+                },
+                proto::Mutation {
+                    op: 0,
+                    key: Vec::new().into(),
+                    value: b"v".to_vec().into(),
+                },
+            ],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(cluster.get(&key(2)).await, None);
+    // Wrong epoch, key outside the range, unknown range: typed errors.
+    let stale = proto::RequestHeader {
+        epoch: Some(proto::RangeEpoch {
+            conf_ver: 1,
+            version: 99,
+        }),
+        ..header
+    };
+    let response = kv
+        .put(proto::PutRequest {
+            header: Some(stale),
+            key: key(1).into(),
+            value: b"v".to_vec().into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        response.error.and_then(|e| e.kind),
+        Some(proto::error::Kind::EpochNotMatch(e)) if e.current.len() == 1
+    ));
+    let response = kv
+        .put(proto::PutRequest {
+            header: Some(header),
+            key: key(999).into(),
+            value: b"v".to_vec().into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        response.error.and_then(|e| e.kind),
+        Some(proto::error::Kind::KeyNotInRange(_))
+    ));
+    let response = kv
+        .get(proto::GetRequest {
+            header: Some(proto::RequestHeader {
+                range_id: 987_654,
+                ..header
+            }),
+            key: key(1).into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        response.error.and_then(|e| e.kind),
+        Some(proto::error::Kind::RangeNotFound(_))
+    ));
+    // No header at all.
+    let status = kv
+        .get(proto::GetRequest {
+            header: None,
+            key: key(1).into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    cluster.shutdown().await;
+}

@@ -1,0 +1,303 @@
+//! One range replica: a raft-rs `RawNode` plus what the store needs around it —
+//! proposals waiting for their entry to apply, reads waiting for a read index or for
+//! apply, and the leader lease. No I/O: the caller passes the time in and does the
+//! persisting, sending and applying.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use raft::eraftpb::Message;
+use raft::{RawNode, ReadState, StateRole, Storage};
+
+/// A proposal whose entry has not been applied yet.
+struct Pending<P> {
+    index: u64,
+    term: u64,
+    proposed_at: Instant,
+    callback: P,
+}
+
+/// Reads sent to raft's ReadIndex together, waiting for their read index.
+struct ReadBatch<R> {
+    id: u64,
+    sent_at: Instant,
+    reads: Vec<R>,
+}
+
+/// What became of a proposal when the entry at its index was applied.
+pub enum Outcome<P> {
+    /// The entry at its index is the proposal's: its results are the entry's.
+    Applied(P),
+    /// Another entry took its index (a new leader overwrote it): it never applies.
+    Dropped(P),
+}
+
+/// A replica refused a proposal or read because it does not lead the range.
+#[derive(Debug)]
+pub struct NotLeader<T> {
+    pub returned: T,
+    /// The peer this replica believes leads, if any.
+    pub leader: Option<u64>,
+}
+
+pub struct Replica<S: Storage, P, R> {
+    pub raw: RawNode<S>,
+    proposals: VecDeque<Pending<P>>,
+    /// Reads gathered in this loop iteration; sent as one ReadIndex by `flush_reads`.
+    reads_gathering: Vec<R>,
+    reads_waiting_index: VecDeque<ReadBatch<R>>,
+    reads_waiting_apply: VecDeque<(u64, Vec<R>)>,
+    next_read_id: u64,
+    /// Lease reads are served while `now < lease_until` in `lease_term`.
+    lease_until: Option<Instant>,
+    lease_term: u64,
+    lease_duration: Duration,
+    /// Index of the first entry of this leader's term: lease reads wait until it is
+    /// applied (then every write acknowledged by an earlier leader is applied here).
+    term_start_index: u64,
+    applied: u64,
+    role: StateRole,
+}
+
+impl<S: Storage, P, R> Replica<S, P, R> {
+    /// `lease_duration` must be shorter than the minimum time a follower that heard
+    /// from this leader waits before voting for another (election timeout).
+    pub fn new(raw: RawNode<S>, applied: u64, lease_duration: Duration) -> Self {
+        let role = raw.raft.state;
+        Replica {
+            raw,
+            proposals: VecDeque::new(),
+            reads_gathering: Vec::new(),
+            reads_waiting_index: VecDeque::new(),
+            reads_waiting_apply: VecDeque::new(),
+            next_read_id: 1,
+            lease_until: None,
+            lease_term: 0,
+            lease_duration,
+            term_start_index: u64::MAX,
+            applied,
+            role,
+        }
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    pub fn leader_id(&self) -> Option<u64> {
+        match self.raw.raft.leader_id {
+            raft::INVALID_ID => None,
+            id => Some(id),
+        }
+    }
+
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    pub fn commit_index(&self) -> u64 {
+        self.raw.raft.raft_log.committed
+    }
+
+    pub fn has_pending_requests(&self) -> bool {
+        !self.proposals.is_empty()
+            || !self.reads_gathering.is_empty()
+            || !self.reads_waiting_index.is_empty()
+            || !self.reads_waiting_apply.is_empty()
+    }
+
+    pub fn step(&mut self, message: Message) -> raft::Result<()> {
+        self.raw.step(message)
+    }
+
+    /// Proposes `data` as one entry; `callback` comes back through [`Self::take_outcome`]
+    /// when the entry at its index applies.
+    pub fn propose(
+        &mut self,
+        now: Instant,
+        data: Vec<u8>,
+        callback: P,
+    ) -> Result<(), NotLeader<P>> {
+        if !self.is_leader() {
+            return Err(NotLeader {
+                returned: callback,
+                leader: self.leader_id(),
+            });
+        }
+        let before = self.raw.raft.raft_log.last_index();
+        if self.raw.propose(Vec::new(), data).is_err() {
+            return Err(NotLeader {
+                returned: callback,
+                leader: self.leader_id(),
+            });
+        }
+        let index = self.raw.raft.raft_log.last_index();
+        debug_assert_eq!(index, before + 1);
+        self.proposals.push_back(Pending {
+            index,
+            term: self.raw.raft.term,
+            proposed_at: now,
+            callback,
+        });
+        Ok(())
+    }
+
+    /// The proposal (if any) made at `index`, now that the entry `(index, term)`
+    /// applies. Proposals at earlier indexes that were never matched are dropped.
+    pub fn take_outcome(&mut self, index: u64, term: u64, dropped: &mut Vec<P>) -> Option<P>
+    where
+        P: Sized,
+    {
+        while let Some(front) = self.proposals.front() {
+            if front.index > index {
+                return None;
+            }
+            let pending = self.proposals.pop_front()?;
+            if pending.index < index || pending.term != term {
+                dropped.push(pending.callback);
+                continue;
+            }
+            if self.is_leader() && term == self.raw.raft.term {
+                // A quorum accepted this leader after `proposed_at`.
+                self.extend_lease(pending.proposed_at + self.lease_duration);
+            }
+            return Some(pending.callback);
+        }
+        None
+    }
+
+    /// Takes proposals the caller knows can never apply here (replica removed).
+    pub fn drain_proposals(&mut self) -> Vec<P> {
+        self.proposals.drain(..).map(|p| p.callback).collect()
+    }
+
+    fn extend_lease(&mut self, until: Instant) {
+        let term = self.raw.raft.term;
+        if self.lease_term != term {
+            self.lease_term = term;
+            self.lease_until = None;
+        }
+        if self.lease_until.is_none_or(|current| until > current) {
+            self.lease_until = Some(until);
+        }
+    }
+
+    /// Whether a read may be served from the local state machine now, without a
+    /// round trip: this replica leads, its lease holds, and it has applied an entry
+    /// of its own term.
+    pub fn lease_valid(&self, now: Instant) -> bool {
+        self.is_leader()
+            && self.lease_term == self.raw.raft.term
+            && self.lease_until.is_some_and(|until| now < until)
+            && self.applied >= self.term_start_index
+    }
+
+    /// A linearizable read: served at once when the lease holds (returned as
+    /// `Ok(Some(read))`), otherwise gathered for this loop's ReadIndex (`Ok(None)`).
+    pub fn read(&mut self, now: Instant, read: R) -> Result<Option<R>, NotLeader<R>> {
+        if !self.is_leader() {
+            return Err(NotLeader {
+                returned: read,
+                leader: self.leader_id(),
+            });
+        }
+        if self.lease_valid(now) {
+            return Ok(Some(read));
+        }
+        self.reads_gathering.push(read);
+        Ok(None)
+    }
+
+    /// Sends this loop's gathered reads to raft as one ReadIndex request.
+    pub fn flush_reads(&mut self, now: Instant) {
+        if self.reads_gathering.is_empty() {
+            return;
+        }
+        let id = self.next_read_id;
+        self.next_read_id += 1;
+        self.raw.read_index(id.to_be_bytes().to_vec());
+        self.reads_waiting_index.push_back(ReadBatch {
+            id,
+            sent_at: now,
+            reads: std::mem::take(&mut self.reads_gathering),
+        });
+    }
+
+    /// Read states from a `Ready`: reads that got their read index wait for apply
+    /// (those already applied go to `ready_reads`); a quorum confirmed this leader at
+    /// `sent_at`, which extends the lease.
+    pub fn on_read_states(&mut self, states: Vec<ReadState>, ready_reads: &mut Vec<R>) {
+        for state in states {
+            let Ok(id) = <[u8; 8]>::try_from(&state.request_ctx[..]) else {
+                continue;
+            };
+            let id = u64::from_be_bytes(id);
+            while let Some(front) = self.reads_waiting_index.front() {
+                if front.id > id {
+                    break;
+                }
+                let Some(batch) = self.reads_waiting_index.pop_front() else {
+                    break;
+                };
+                if batch.id == id {
+                    if self.is_leader() {
+                        self.extend_lease(batch.sent_at + self.lease_duration);
+                    }
+                    self.reads_waiting_apply
+                        .push_back((state.index, batch.reads));
+                } else {
+                    // raft-rs answers ReadIndex requests in order; an older one
+                    // without an answer was lost, so it rides on this one's index.
+                    self.reads_waiting_apply
+                        .push_back((state.index, batch.reads));
+                }
+            }
+        }
+        self.release_reads(ready_reads);
+    }
+
+    fn release_reads(&mut self, ready_reads: &mut Vec<R>) {
+        while self
+            .reads_waiting_apply
+            .front()
+            .is_some_and(|(index, _)| *index <= self.applied)
+        {
+            if let Some((_, reads)) = self.reads_waiting_apply.pop_front() {
+                ready_reads.extend(reads);
+            }
+        }
+    }
+
+    /// Records that entries up to `applied` are applied; returns the reads that can
+    /// now be served.
+    pub fn on_applied(&mut self, applied: u64, ready_reads: &mut Vec<R>) {
+        self.applied = applied;
+        self.raw.advance_apply_to(applied);
+        self.release_reads(ready_reads);
+    }
+
+    /// Notes a role change seen in a `Ready`'s soft state. Returns the reads that
+    /// can no longer be answered here (this replica stopped leading).
+    pub fn on_role(&mut self, role: StateRole, not_served: &mut Vec<R>) {
+        if role == self.role {
+            return;
+        }
+        let was_leader = self.role == StateRole::Leader;
+        self.role = role;
+        if role == StateRole::Leader {
+            // raft-rs appended this term's empty entry on becoming leader.
+            self.term_start_index = self.raw.raft.raft_log.last_index();
+        } else if was_leader {
+            self.lease_until = None;
+            self.term_start_index = u64::MAX;
+            not_served.append(&mut self.reads_gathering);
+            for batch in self.reads_waiting_index.drain(..) {
+                not_served.extend(batch.reads);
+            }
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! `rangekv node` and `rangekv pd`: run one process of a cluster until SIGTERM or
+//! Ctrl-C, then stop gracefully.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use rangekv_log::LogIo;
+use rangekv_node::NodeConfig;
+use serde::Deserialize;
+
+/// `rangekv node` flags. A flag given on the command line wins over the config file.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NodeArgs {
+    /// Directory of the store's raft log and state machine (created if missing).
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Address the gRPC server (Kv and Raft services) listens on.
+    #[arg(long, default_value = "127.0.0.1:20160")]
+    pub listen: SocketAddr,
+    /// Address other stores and clients use to reach this one (default: --listen).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Placement driver endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:2379")]
+    pub pd: String,
+    /// TOML config file (see deploy/node.toml for every key and its default).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Worker threads driving the ranges.
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Raft log I/O: auto, uring or sync.
+    #[arg(long)]
+    pub log_io: Option<String>,
+}
+
+/// The config file. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    workers: Option<usize>,
+    tick_interval_ms: Option<u64>,
+    election_timeout_ticks: Option<usize>,
+    heartbeat_interval_ticks: Option<usize>,
+    request_bytes_max: Option<usize>,
+    #[serde(default)]
+    log: LogFileConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogFileConfig {
+    io: Option<String>,
+    segment_bytes: Option<u64>,
+    cache_bytes_max: Option<usize>,
+}
+
+fn parse_io(value: &str) -> anyhow::Result<LogIo> {
+    match value {
+        "auto" => Ok(LogIo::Auto),
+        "uring" => Ok(LogIo::Uring),
+        "sync" => Ok(LogIo::Sync),
+        other => anyhow::bail!("log io is {other:?}; it must be auto, uring or sync"),
+    }
+}
+
+fn read_config(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+impl NodeArgs {
+    pub fn into_config(self) -> anyhow::Result<NodeConfig> {
+        let file = match &self.config {
+            Some(path) => read_config(path)?,
+            None => FileConfig::default(),
+        };
+        let mut config = NodeConfig::new(self.data_dir, self.listen, self.pd);
+        config.advertise = self.advertise;
+        if let Some(workers) = self.workers.or(file.workers) {
+            anyhow::ensure!(
+                (1..=64).contains(&workers),
+                "workers is {workers}; it must be in 1..=64"
+            );
+            config.store.workers = workers;
+        }
+        if let Some(ms) = file.tick_interval_ms {
+            anyhow::ensure!(
+                (10..=10_000).contains(&ms),
+                "tick_interval_ms is {ms}; it must be in 10..=10000"
+            );
+            config.store.tick_interval = Duration::from_millis(ms);
+        }
+        if let Some(ticks) = file.election_timeout_ticks {
+            config.store.replica.election_timeout_ticks = ticks;
+        }
+        if let Some(ticks) = file.heartbeat_interval_ticks {
+            config.store.replica.heartbeat_interval_ticks = ticks;
+        }
+        config
+            .store
+            .replica
+            .raft_config(rangekv_types::PeerId(1), 0)
+            .context(
+                "invalid raft timing (election_timeout_ticks must exceed heartbeat_interval_ticks)",
+            )?;
+        if let Some(bytes) = file.request_bytes_max {
+            anyhow::ensure!(
+                bytes >= 1 << 20,
+                "request_bytes_max is {bytes}; it must be at least 1 MiB"
+            );
+            config.request_bytes_max = bytes;
+        }
+        if let Some(io) = self.log_io.as_deref().or(file.log.io.as_deref()) {
+            config.log.io = parse_io(io)?;
+        }
+        if let Some(bytes) = file.log.segment_bytes {
+            anyhow::ensure!(
+                bytes >= 1 << 20,
+                "log.segment_bytes is {bytes}; it must be at least 1 MiB"
+            );
+            config.log.segment_bytes = bytes;
+        }
+        if let Some(bytes) = file.log.cache_bytes_max {
+            config.log.cache_bytes_max = bytes;
+        }
+        Ok(config)
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn terminated() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+pub async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    let config = args.into_config()?;
+    let node = rangekv_node::start(config).await?;
+    tracing::info!(addr = %node.addr(), store = %node.store().store_id(), "node serving");
+    let failed = tokio::select! {
+        _ = terminated() => false,
+        _ = node.failed() => true,
+    };
+    tracing::info!("stopping");
+    node.shutdown().await;
+    if failed {
+        anyhow::bail!("the store stopped on a fatal error (see the log above)");
+    }
+    Ok(())
+}
+
+pub async fn run_pd(args: rangekv_placement::server::PdArgs) -> anyhow::Result<()> {
+    let config = args.into_config()?;
+    tracing::info!(listen = %config.listen, "placement driver serving");
+    rangekv_placement::server::serve(config, terminated()).await
+}

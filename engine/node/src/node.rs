@@ -295,11 +295,14 @@ async fn store_heartbeats(
         };
         match pd.store_heartbeat(request).await {
             Ok(response) => {
-                for descriptor in response.into_inner().create_ranges {
+                let create = response.into_inner().create_ranges;
+                for descriptor in &create {
                     for replica in &descriptor.replicas {
                         transport.add_store(StoreId(replica.store_id));
                     }
-                    store.create_range(descriptor);
+                }
+                if !create.is_empty() {
+                    store.create_ranges(create);
                 }
             }
             Err(status) => tracing::warn!(%status, "store heartbeat to PD failed"),

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use prost::Message as _;
@@ -18,7 +18,7 @@ use rangekv_types::{RangeId, StoreId};
 
 use crate::command::Responder;
 use crate::transport::Transport;
-use crate::worker::{Control, Inbound, Worker};
+use crate::worker::{Control, HeartbeatKind, Inbound, Worker};
 
 /// Settings of the store driver. Units last.
 #[derive(Debug, Clone)]
@@ -28,6 +28,10 @@ pub struct StoreConfig {
     pub replica: ReplicaConfig,
     /// Requests and raft messages queued per worker before `ServerBusy`.
     pub inbox_messages_max: usize,
+    /// Idle ranges stop ticking (see ARCHITECTURE.md "Quiescence").
+    pub quiesce: bool,
+    /// Ticks without a proposal or read before a leader quiesces its range.
+    pub quiesce_after_ticks: u32,
 }
 
 impl Default for StoreConfig {
@@ -37,6 +41,8 @@ impl Default for StoreConfig {
             tick_interval: Duration::from_millis(100),
             replica: ReplicaConfig::default(),
             inbox_messages_max: 65_536,
+            quiesce: true,
+            quiesce_after_ticks: 20,
         }
     }
 }
@@ -64,6 +70,8 @@ pub struct RangeInfo {
     pub term: AtomicU64,
     pub applied: AtomicU64,
     pub local_peer: u64,
+    /// Whether the replica was quiesced at its worker's last tick.
+    pub quiesced: AtomicBool,
 }
 
 impl RangeInfo {
@@ -116,6 +124,24 @@ pub(crate) struct StoreShared {
     /// Set when the log engine failed: the store has stopped and must not serve.
     pub stopped: AtomicBool,
     pub fatal: Box<dyn Fn(String) + Send + Sync>,
+    /// When each other store's last tick batch arrived: the store-level liveness
+    /// that wakes quiesced followers of a silent leader's store.
+    pub last_heard: Mutex<HashMap<StoreId, Instant>>,
+}
+
+impl StoreShared {
+    /// Whether `store` sent a tick batch within `within` (stores never heard from
+    /// since this one started count as heard at its start).
+    pub fn heard_from(&self, store: StoreId, within: Duration, started: Instant) -> bool {
+        let heard = self
+            .last_heard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&store)
+            .copied()
+            .unwrap_or(started);
+        heard.elapsed() < within
+    }
 }
 
 pub struct Store {
@@ -155,6 +181,7 @@ impl Store {
             counters: StoreCounters::default(),
             stopped: AtomicBool::new(false),
             fatal,
+            last_heard: Mutex::new(HashMap::new()),
         });
         let mut inboxes = Vec::new();
         let mut controls = Vec::new();
@@ -244,15 +271,21 @@ impl Store {
         out
     }
 
-    /// Creates the replica of a range placed on this store at bootstrap (empty log,
-    /// membership from the descriptor). Ignored when the range exists here.
-    pub fn create_range(&self, descriptor: RangeDescriptor) {
-        let range = RangeId(descriptor.range_id);
-        if self.range(range).is_some() {
-            return;
+    /// Creates the replicas of ranges placed on this store at bootstrap (empty log,
+    /// membership from the descriptor). Ranges that exist here are skipped.
+    pub fn create_ranges(&self, descriptors: Vec<RangeDescriptor>) {
+        let mut per_worker: Vec<Vec<RangeDescriptor>> = vec![Vec::new(); self.inboxes.len()];
+        for descriptor in descriptors {
+            let range = RangeId(descriptor.range_id);
+            if self.range(range).is_none() {
+                per_worker[worker_of(range, self.inboxes.len())].push(descriptor);
+            }
         }
-        let worker = worker_of(range, self.inboxes.len());
-        let _ = self.controls[worker].send(Control::CreateRange(descriptor));
+        for (worker, descriptors) in per_worker.into_iter().enumerate() {
+            if !descriptors.is_empty() {
+                let _ = self.controls[worker].send(Control::CreateRanges(descriptors));
+            }
+        }
     }
 
     fn inbox_for(&self, range: RangeId) -> Result<&Sender<Inbound>, RouteError> {
@@ -313,6 +346,13 @@ impl Store {
         }
         let workers = self.inboxes.len();
         let from = StoreId(batch.from_store);
+        if batch.tick {
+            self.shared
+                .last_heard
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(from, Instant::now());
+        }
         for envelope in batch.messages {
             let range = RangeId(envelope.range_id);
             let message = match <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(
@@ -332,7 +372,11 @@ impl Store {
             // A full inbox drops raft messages: raft retransmits.
             let _ = self.send_inbound(&self.inboxes[worker], Inbound::Raft { range, message });
         }
-        for (list, responses) in [(batch.heartbeats, false), (batch.heartbeat_responses, true)] {
+        for (list, kind) in [
+            (batch.heartbeats, HeartbeatKind::Heartbeat),
+            (batch.heartbeat_responses, HeartbeatKind::Response),
+            (batch.quiesce, HeartbeatKind::Quiesce),
+        ] {
             if list.is_empty() {
                 continue;
             }
@@ -348,10 +392,7 @@ impl Store {
                 if !heartbeats.is_empty() {
                     let _ = self.send_inbound(
                         &self.inboxes[worker],
-                        Inbound::Heartbeats {
-                            heartbeats,
-                            responses,
-                        },
+                        Inbound::Heartbeats { heartbeats, kind },
                     );
                 }
             }

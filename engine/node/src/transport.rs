@@ -28,6 +28,8 @@ pub trait Transport: Send + Sync + 'static {
         urgent: bool,
     );
     fn flush(&self);
+    /// Tells a follower on `to` that its range is idle (sent with the tick batch).
+    fn quiesce(&self, to: StoreId, heartbeat: proto::CoalescedHeartbeat);
 }
 
 #[derive(Default)]
@@ -37,6 +39,7 @@ struct Outbox {
     responses: Vec<proto::CoalescedHeartbeat>,
     tick_heartbeats: Vec<proto::CoalescedHeartbeat>,
     tick_responses: Vec<proto::CoalescedHeartbeat>,
+    quiesce: Vec<proto::CoalescedHeartbeat>,
 }
 
 /// Per destination: batches sent (tick batches included) and tick batches.
@@ -158,7 +161,7 @@ impl GrpcTransport {
                             messages: std::mem::take(&mut outbox.messages),
                             heartbeats: std::mem::take(&mut outbox.heartbeats),
                             heartbeat_responses: std::mem::take(&mut outbox.responses),
-                            quiesce_ranges: Vec::new(),
+                            quiesce: Vec::new(),
                             tick: false,
                         },
                     )
@@ -185,7 +188,7 @@ impl GrpcTransport {
                             messages: Vec::new(),
                             heartbeats: std::mem::take(&mut outbox.tick_heartbeats),
                             heartbeat_responses: std::mem::take(&mut outbox.tick_responses),
-                            quiesce_ranges: Vec::new(),
+                            quiesce: std::mem::take(&mut outbox.quiesce),
                             tick: true,
                         },
                     )
@@ -321,5 +324,9 @@ impl Transport for Arc<GrpcTransport> {
 
     fn flush(&self) {
         self.flush_inner();
+    }
+
+    fn quiesce(&self, to: StoreId, heartbeat: proto::CoalescedHeartbeat) {
+        self.outbox(to, |o| o.quiesce.push(heartbeat));
     }
 }

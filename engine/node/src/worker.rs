@@ -36,7 +36,7 @@ pub(crate) enum Inbound {
     },
     Heartbeats {
         heartbeats: Vec<proto::CoalescedHeartbeat>,
-        responses: bool,
+        kind: HeartbeatKind,
     },
     Write {
         range: RangeId,
@@ -49,13 +49,22 @@ pub(crate) enum Inbound {
     },
 }
 
+/// What a coalesced heartbeat stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HeartbeatKind {
+    Heartbeat,
+    Response,
+    /// A heartbeat from a leader telling the follower its range is idle.
+    Quiesce,
+}
+
 /// The worker's own events; unbounded, never dropped.
 pub(crate) enum Control {
     Persisted {
         seq: u64,
         result: Result<(), LogError>,
     },
-    CreateRange(RangeDescriptor),
+    CreateRanges(Vec<RangeDescriptor>),
     Unreachable(StoreId),
     Shutdown,
 }
@@ -74,6 +83,13 @@ struct Peer {
     /// Votes are refused until then: a reopened replica may have acknowledged a
     /// leader whose lease is still running (see ARCHITECTURE.md "Reads").
     votes_refused_until: Option<Instant>,
+    /// Not ticked and sending nothing until woken (see "Quiescence").
+    quiesced: bool,
+    /// Ticks since the last proposal or read (leader only).
+    idle_ticks: u32,
+    /// The term in which this follower last hastened an election because its
+    /// leader's store went silent.
+    hastened_in_term: u64,
 }
 
 /// A log write in flight: the `Ready`s it persists, in order.
@@ -95,6 +111,7 @@ pub(crate) struct Worker {
     next_seq: u64,
     next_tick: Instant,
     shutdown: bool,
+    started: Instant,
 }
 
 const DRAIN_MAX: usize = 4096;
@@ -120,6 +137,7 @@ impl Worker {
             next_seq: 1,
             next_tick,
             shutdown: false,
+            started: Instant::now(),
         }
     }
 
@@ -177,6 +195,7 @@ impl Worker {
             term: Default::default(),
             applied: apply_state.applied_index.into(),
             local_peer: local,
+            quiesced: Default::default(),
         });
         let store_of = descriptor
             .replicas
@@ -200,6 +219,9 @@ impl Worker {
                 persisting: 0,
                 applied_term: apply_state.applied_term,
                 votes_refused_until,
+                quiesced: false,
+                idle_ticks: 0,
+                hastened_in_term: 0,
             },
         );
         self.shared
@@ -263,20 +285,25 @@ impl Worker {
     fn on_control(&mut self, message: Control) {
         match message {
             Control::Persisted { seq, result } => self.on_persisted(seq, result),
-            Control::CreateRange(descriptor) => {
-                let range = RangeId(descriptor.range_id);
-                if self.peers.contains_key(&range) {
+            Control::CreateRanges(descriptors) => {
+                let new: Vec<RangeDescriptor> = descriptors
+                    .into_iter()
+                    .filter(|d| !self.peers.contains_key(&RangeId(d.range_id)))
+                    .collect();
+                let encoded: Vec<(RangeId, Vec<u8>)> = new
+                    .iter()
+                    .map(|d| (RangeId(d.range_id), d.encode_to_vec()))
+                    .collect();
+                // One synced write for all of them, before any replica exists.
+                if let Err(error) = self.shared.state.put_descriptors(&encoded) {
+                    tracing::error!(%error, "cannot record new replicas");
                     return;
                 }
-                let persisted = self
-                    .shared
-                    .state
-                    .put_descriptor(range, &descriptor.encode_to_vec());
-                let opened = persisted
-                    .map_err(anyhow::Error::from)
-                    .and_then(|()| self.open_range(descriptor, false));
-                if let Err(error) = opened {
-                    tracing::error!(%range, %error, "cannot create the replica");
+                for descriptor in new {
+                    let range = RangeId(descriptor.range_id);
+                    if let Err(error) = self.open_range(descriptor, false) {
+                        tracing::error!(%range, %error, "cannot create the replica");
+                    }
                 }
             }
             Control::Unreachable(store) => {
@@ -295,17 +322,15 @@ impl Worker {
 
     fn on_inbound(&mut self, message: Inbound) {
         match message {
-            Inbound::Raft { range, message } => self.step(range, message),
-            Inbound::Heartbeats {
-                heartbeats,
-                responses,
-            } => {
-                let msg_type = if responses {
+            Inbound::Raft { range, message } => self.step(range, message, false),
+            Inbound::Heartbeats { heartbeats, kind } => {
+                let msg_type = if kind == HeartbeatKind::Response {
                     MessageType::MsgHeartbeatResponse
                 } else {
                     MessageType::MsgHeartbeat
                 };
                 for heartbeat in heartbeats {
+                    let sender = (heartbeat.from_peer, heartbeat.term);
                     let message = Message {
                         msg_type,
                         from: heartbeat.from_peer,
@@ -315,7 +340,12 @@ impl Worker {
                         context: heartbeat.context,
                         ..Default::default()
                     };
-                    self.step(RangeId(heartbeat.range_id), message);
+                    let range = RangeId(heartbeat.range_id);
+                    let quiesce = kind == HeartbeatKind::Quiesce;
+                    self.step(range, message, quiesce);
+                    if quiesce {
+                        self.quiesce_follower(range, sender);
+                    }
                 }
             }
             Inbound::Write {
@@ -325,6 +355,8 @@ impl Worker {
             } => match self.peers.get_mut(&range) {
                 Some(peer) => {
                     peer.writes.push((command, respond));
+                    peer.quiesced = false;
+                    peer.idle_ticks = 0;
                     self.touched.insert(range);
                 }
                 None => {
@@ -336,6 +368,8 @@ impl Worker {
                     let _ = respond.send(Err(range_not_found(range)));
                     return;
                 };
+                peer.quiesced = false;
+                peer.idle_ticks = 0;
                 match peer.replica.read(Instant::now(), respond) {
                     Ok(Some(respond)) => {
                         let _ = respond.send(Ok(()));
@@ -351,7 +385,9 @@ impl Worker {
         }
     }
 
-    fn step(&mut self, range: RangeId, message: Message) {
+    /// Steps a raft message. A message wakes a quiesced range, except a heartbeat
+    /// response at a leader and the quiesce heartbeat itself (`quiesce`).
+    fn step(&mut self, range: RangeId, message: Message, quiesce: bool) {
         let Some(peer) = self.peers.get_mut(&range) else {
             // A replica this store does not host (yet, or any more): creating replicas
             // from messages comes with membership changes.
@@ -368,19 +404,119 @@ impl Worker {
                 peer.votes_refused_until = None;
             }
         }
+        if !quiesce && message.msg_type != MessageType::MsgHeartbeatResponse {
+            peer.quiesced = false;
+        }
         if let Err(error) = peer.replica.step(message) {
             tracing::debug!(%range, %error, "raft message refused");
         }
         self.touched.insert(range);
     }
 
+    /// A follower told by its current leader that the range is idle stops ticking.
+    fn quiesce_follower(&mut self, range: RangeId, (from_peer, term): (u64, u64)) {
+        let Some(peer) = self.peers.get_mut(&range) else {
+            return;
+        };
+        let raft = &peer.replica.raw.raft;
+        if raft.state == StateRole::Follower && raft.term == term && raft.leader_id == from_peer {
+            peer.quiesced = true;
+        }
+    }
+
+    /// Whether `peer` (a leader) may quiesce its range: nothing pending, every
+    /// follower has every entry, everything committed is applied.
+    fn can_quiesce(peer: &Peer) -> bool {
+        let raft = &peer.replica.raw.raft;
+        let last = raft.raft_log.last_index();
+        raft.state == StateRole::Leader
+            && peer.writes.is_empty()
+            && peer.persisting == 0
+            && !peer.replica.has_pending_requests()
+            && raft.pending_read_count() == 0
+            && raft.raft_log.committed == last
+            && peer.replica.applied() == last
+            && !peer.replica.raw.has_ready()
+            && raft
+                .prs()
+                .iter()
+                .all(|(_, progress)| progress.matched == last)
+    }
+
     fn tick_all(&mut self) {
+        let election_timeout = self.shared.config.election_timeout();
+        let quiesce_after = self.shared.config.quiesce_after_ticks;
+        let mut quiescing = Vec::new();
         for (range, peer) in &mut self.peers {
+            // A follower whose leader's store sent no tick batch for an election
+            // timeout stops waiting: it wakes and campaigns within a few ticks.
+            let raft = &peer.replica.raw.raft;
+            if raft.state == StateRole::Follower && raft.leader_id != raft::INVALID_ID {
+                let leader_store = peer.store_of.get(&raft.leader_id).copied();
+                let silent = leader_store.is_some_and(|store| {
+                    store != self.shared.store_id
+                        && !self
+                            .shared
+                            .heard_from(store, election_timeout, self.started)
+                });
+                if silent && peer.hastened_in_term != raft.term {
+                    peer.hastened_in_term = raft.term;
+                    peer.quiesced = false;
+                    let raft = &mut peer.replica.raw.raft;
+                    // Campaign after 1 to 3 more ticks, spread by peer id so the
+                    // followers of one range rarely split the vote.
+                    let jitter = 1 + (raft.id % 3) as usize;
+                    raft.election_elapsed =
+                        raft.randomized_election_timeout().saturating_sub(jitter);
+                }
+            }
+            peer.info.quiesced.store(peer.quiesced, Ordering::Relaxed);
+            if peer.quiesced {
+                continue;
+            }
             let ticked = peer.replica.raw.tick();
             if ticked || peer.replica.raw.has_ready() {
                 self.touched.insert(*range);
             }
+            if peer.replica.is_leader() {
+                peer.idle_ticks = peer.idle_ticks.saturating_add(1);
+                if self.shared.config.quiesce
+                    && peer.idle_ticks >= quiesce_after
+                    && Self::can_quiesce(peer)
+                {
+                    quiescing.push(*range);
+                }
+            }
         }
+        for range in quiescing {
+            self.quiesce_leader(range);
+        }
+    }
+
+    /// Tells every follower, with the next tick batch, that the range is idle, and
+    /// stops ticking it.
+    fn quiesce_leader(&mut self, range: RangeId) {
+        let Some(peer) = self.peers.get_mut(&range) else {
+            return;
+        };
+        let raft = &peer.replica.raw.raft;
+        for (peer_id, store) in &peer.store_of {
+            if *peer_id == raft.id {
+                continue;
+            }
+            self.shared.transport.quiesce(
+                *store,
+                proto::CoalescedHeartbeat {
+                    range_id: range.get(),
+                    from_peer: raft.id,
+                    to_peer: *peer_id,
+                    term: raft.term,
+                    commit: raft.raft_log.committed,
+                    context: Default::default(),
+                },
+            );
+        }
+        peer.quiesced = true;
     }
 
     fn process(&mut self, now: Instant) {

@@ -309,3 +309,154 @@ async fn bad_input_is_refused_whole_with_a_clear_error() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     cluster.shutdown().await;
 }
+
+/// Per ordered store pair: (batches, tick batches) sent so far.
+fn link_counts(cluster: &Cluster) -> Vec<(u64, u64)> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = Vec::new();
+    for (_, from) in cluster.running() {
+        for (_, to) in cluster.running() {
+            if from.store().store_id() == to.store().store_id() {
+                continue;
+            }
+            let counters = from
+                .transport()
+                .counters(to.store().store_id())
+                .expect("a link to every store");
+            out.push((
+                counters.batches.load(Relaxed),
+                counters.tick_batches.load(Relaxed),
+            ));
+        }
+    }
+    out
+}
+
+fn heartbeats_received(cluster: &Cluster) -> u64 {
+    cluster
+        .running()
+        .map(|(_, n)| {
+            n.store()
+                .counters()
+                .heartbeats_in
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum()
+}
+
+fn many_splits(ranges: usize) -> Vec<Vec<u8>> {
+    (1..ranges)
+        .map(|i| format!("r{i:05}").into_bytes())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_of_1000_ranges_travel_in_one_batch_per_store_pair_per_tick() {
+    let ranges = 1000;
+    let cluster = Cluster::start_with(3, many_splits(ranges), |config| {
+        config.store.quiesce = false;
+        config.store.tick_interval = std::time::Duration::from_millis(100);
+    })
+    .await;
+    // Elections and the first entries of every range cause appends; wait for them to end.
+    let mut previous = link_counts(&cluster);
+    cluster
+        .wait_until("raft traffic settles to heartbeats", |c| {
+            let now = link_counts(c);
+            if now.iter().zip(&previous).any(|(n, p)| n.1 - p.1 < 2) {
+                return false; // the window has not seen 2 ticks yet
+            }
+            let idle = now
+                .iter()
+                .zip(&previous)
+                .all(|(n, p)| n.0 - p.0 == n.1 - p.1);
+            previous = now;
+            idle
+        })
+        .await;
+    let before = link_counts(&cluster);
+    let heartbeats_before = heartbeats_received(&cluster);
+    let ticks = 20;
+    cluster
+        .wait_until("20 ticks pass", |c| {
+            link_counts(c)
+                .iter()
+                .zip(&before)
+                .all(|(n, b)| n.1 - b.1 >= ticks)
+        })
+        .await;
+    let after = link_counts(&cluster);
+    let heartbeats = heartbeats_received(&cluster) - heartbeats_before;
+    for (a, b) in after.iter().zip(&before) {
+        let (batches, tick_batches) = (a.0 - b.0, a.1 - b.1);
+        assert_eq!(batches, tick_batches, "only tick batches while idle");
+        assert!(
+            tick_batches <= ticks + 3,
+            "one batch per tick: {tick_batches} in ~{ticks} ticks"
+        );
+    }
+    // Every leader heartbeats 2 followers every 2 ticks and each answers: about
+    // 2 × ranges heartbeats and responses per tick, all inside those batches.
+    assert!(
+        heartbeats >= ranges as u64 * ticks,
+        "{heartbeats} heartbeats in {ticks} ticks"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_ranges_quiesce_wake_on_requests_and_survive_their_leader_store() {
+    let ranges = 50;
+    let mut cluster = Cluster::start_with(3, many_splits(ranges), |config| {
+        config.store.quiesce_after_ticks = 5;
+    })
+    .await;
+    let all_quiesced = |c: &Cluster| {
+        c.running().all(|(_, n)| {
+            n.store()
+                .ranges()
+                .iter()
+                .all(|(_, info)| info.quiesced.load(std::sync::atomic::Ordering::Relaxed))
+        })
+    };
+    cluster
+        .wait_until("every replica quiesces", all_quiesced)
+        .await;
+    let before = heartbeats_received(&cluster);
+    let links = link_counts(&cluster);
+    cluster
+        .wait_until("10 ticks pass", |c| {
+            link_counts(c)
+                .iter()
+                .zip(&links)
+                .all(|(n, b)| n.1 - b.1 >= 10)
+        })
+        .await;
+    assert_eq!(
+        heartbeats_received(&cluster),
+        before,
+        "quiesced ranges send no heartbeats"
+    );
+    // A request wakes its range.
+    cluster.put(b"r00007x", b"awake").await;
+    assert_eq!(cluster.get(b"r00007x").await, Some(b"awake".to_vec()));
+    cluster
+        .wait_until("the range quiesces again", all_quiesced)
+        .await;
+    // The store leading the most ranges dies: its quiesced followers notice the silence
+    // of its store and elect new leaders.
+    let leaders_on = |c: &Cluster, i: usize| {
+        c.node(i)
+            .store()
+            .ranges()
+            .iter()
+            .filter(|(_, info)| info.is_leader())
+            .count()
+    };
+    let victim = (0..3).max_by_key(|i| leaders_on(&cluster, *i)).unwrap();
+    cluster.kill(victim).await;
+    cluster.wait_for_leaders().await;
+    cluster.put(b"r00007x", b"after").await;
+    assert_eq!(cluster.get(b"r00007x").await, Some(b"after".to_vec()));
+    cluster.shutdown().await;
+}

@@ -199,10 +199,18 @@ impl StateMachine {
 
     /// Durably records the descriptor (encoded by the caller) of a range hosted here.
     pub fn put_descriptor(&self, range: RangeId, encoded: &[u8]) -> Result<(), StateError> {
+        self.put_descriptors(&[(range, encoded.to_vec())])
+    }
+
+    /// Durably records several descriptors in one synced write.
+    pub fn put_descriptors(&self, descriptors: &[(RangeId, Vec<u8>)]) -> Result<(), StateError> {
         let mut options = WriteOptions::default();
         options.set_sync(true);
-        self.db
-            .put_cf_opt(self.cf(CF_META), descriptor_key(range), encoded, &options)?;
+        let mut batch = WriteBatch::default();
+        for (range, encoded) in descriptors {
+            batch.put_cf(self.cf(CF_META), descriptor_key(*range), encoded);
+        }
+        self.db.write_opt(batch, &options)?;
         Ok(())
     }
 

@@ -42,6 +42,15 @@ impl Cluster {
     /// Starts PD (bootstrap at `split_keys`) and `nodes` nodes, and waits until every
     /// range has a leader.
     pub async fn start(nodes: usize, split_keys: Vec<Vec<u8>>) -> Cluster {
+        Self::start_with(nodes, split_keys, |_| {}).await
+    }
+
+    /// Like [`Cluster::start`], with `tune` applied to every node's config.
+    pub async fn start_with(
+        nodes: usize,
+        split_keys: Vec<Vec<u8>>,
+        tune: impl Fn(&mut NodeConfig),
+    ) -> Cluster {
         init_tracing();
         let dir = tempfile::tempdir().unwrap();
         let mut pd_config = PdConfig::new(dir.path().join("pd"));
@@ -57,7 +66,8 @@ impl Cluster {
             configs: Vec::new(),
         };
         for i in 0..nodes {
-            let config = cluster.node_config(i);
+            let mut config = cluster.node_config(i);
+            tune(&mut config);
             cluster.configs.push(config.clone());
             cluster
                 .nodes
@@ -121,6 +131,18 @@ impl Cluster {
             let info = node.store().range(range)?;
             info.is_leader().then_some(i)
         })
+    }
+
+    /// Waits until `condition` holds, polling; panics with `what` after [`DEADLINE`].
+    pub async fn wait_until(&self, what: &str, mut condition: impl FnMut(&Cluster) -> bool) {
+        let give_up = tokio::time::Instant::now() + DEADLINE;
+        while !condition(self) {
+            assert!(
+                tokio::time::Instant::now() < give_up,
+                "{what}: not within {DEADLINE:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits until every range has exactly one running leader that every running

@@ -30,6 +30,9 @@ pub struct LocalArgs {
     /// Raft log I/O of every node: auto, uring or sync.
     #[arg(long)]
     pub log_io: Option<String>,
+    /// Node config file passed to every node (see deploy/node.toml).
+    #[arg(long)]
+    pub node_config: Option<PathBuf>,
     /// Seconds to wait for every range to elect a leader.
     #[arg(long, default_value_t = 60)]
     pub ready_timeout_secs: u64,
@@ -168,6 +171,9 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<()> {
             "--pd".into(),
             pd_url.clone(),
         ];
+        if let Some(config) = &args.node_config {
+            node_args.extend(["--config".to_string(), config.display().to_string()]);
+        }
         if let Some(io) = &args.log_io {
             node_args.extend(["--log-io".to_string(), io.clone()]);
         }

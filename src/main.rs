@@ -41,6 +41,9 @@ enum BenchCommand {
     Ycsb,
     /// The raft log engine, side by side with raft-engine and RocksDB.
     Log(rangekv_bench::log::LogBenchArgs),
+    /// Stop the store leading the most ranges; time until every range is led and
+    /// writable again.
+    Failover(rangekv_bench::failover::FailoverArgs),
 }
 
 /// A subcommand whose issue has not landed: say so and fail.
@@ -86,6 +89,13 @@ fn main() -> ExitCode {
         Command::Kv => not_yet("kv", "client"),
         Command::Ctl => not_yet("ctl", "client"),
         Command::Bench(BenchCommand::Ycsb) => not_yet("bench ycsb", "YCSB bench"),
+        Command::Bench(BenchCommand::Failover(args)) => match rangekv_bench::failover::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("rangekv bench failover: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Bench(BenchCommand::Log(args)) => match rangekv_bench::log::run(&args) {
             Ok(_) => ExitCode::SUCCESS,
             Err(error) => {

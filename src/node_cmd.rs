@@ -34,6 +34,9 @@ pub struct NodeArgs {
     /// Raft log I/O: auto, uring or sync.
     #[arg(long)]
     pub log_io: Option<String>,
+    /// Seconds to keep retrying PD at start before giving up.
+    #[arg(long, default_value_t = 30)]
+    pub pd_wait_secs: u64,
 }
 
 /// The config file. Every key is optional.
@@ -45,6 +48,8 @@ struct FileConfig {
     election_timeout_ticks: Option<usize>,
     heartbeat_interval_ticks: Option<usize>,
     request_bytes_max: Option<usize>,
+    quiesce: Option<bool>,
+    quiesce_after_ticks: Option<u32>,
     #[serde(default)]
     log: LogFileConfig,
 }
@@ -80,6 +85,7 @@ impl NodeArgs {
         };
         let mut config = NodeConfig::new(self.data_dir, self.listen, self.pd);
         config.advertise = self.advertise;
+        config.pd_connect_timeout = Duration::from_secs(self.pd_wait_secs);
         if let Some(workers) = self.workers.or(file.workers) {
             anyhow::ensure!(
                 (1..=64).contains(&workers),
@@ -107,6 +113,16 @@ impl NodeArgs {
             .context(
                 "invalid raft timing (election_timeout_ticks must exceed heartbeat_interval_ticks)",
             )?;
+        if let Some(quiesce) = file.quiesce {
+            config.store.quiesce = quiesce;
+        }
+        if let Some(ticks) = file.quiesce_after_ticks {
+            anyhow::ensure!(
+                ticks >= 1,
+                "quiesce_after_ticks is 0; it must be at least 1"
+            );
+            config.store.quiesce_after_ticks = ticks;
+        }
         if let Some(bytes) = file.request_bytes_max {
             anyhow::ensure!(
                 bytes >= 1 << 20,

@@ -59,6 +59,31 @@ fn node_refuses_a_bad_config_file_naming_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_key"));
 }
 
+#[test]
+fn the_documented_node_config_is_accepted() {
+    // deploy/node.toml lists every key with its default; a node must accept it. The
+    // PD address is unreachable, so the node fails after parsing, on connecting.
+    let dir = tempfile::tempdir().unwrap();
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/node.toml");
+    let out = rangekv(&[
+        "node",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--config",
+        config,
+        "--pd",
+        "http://127.0.0.1:1",
+        "--listen",
+        "127.0.0.1:0",
+        "--pd-wait-secs",
+        "1",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(!stderr.contains("invalid config"), "{stderr}");
+    assert!(stderr.contains("cannot reach PD"), "{stderr}");
+}
+
 /// A free port on loopback (the OS picks it; it is released for the child to take).
 #[allow(clippy::unwrap_used)]
 fn free_port() -> u16 {

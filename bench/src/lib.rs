@@ -4,5 +4,6 @@
 //!
 //! Benchmarks are binaries' code: `unwrap` and `anyhow` are fine here.
 
+pub mod failover;
 pub mod log;
 pub mod report;

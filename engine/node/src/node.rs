@@ -1,6 +1,7 @@
 //! A node's lifecycle: open the log and state machine under the data directory,
 //! register with PD, start the store and the gRPC server, report to PD, stop.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -13,7 +14,7 @@ use rangekv_rpc::proto::{
     self, kv_server::KvServer, placement_client::PlacementClient, raft_server::RaftServer,
 };
 use rangekv_state::StateMachine;
-use rangekv_types::{limits, StoreId};
+use rangekv_types::{limits, RangeId, StoreId};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -54,7 +55,7 @@ impl NodeConfig {
             store: StoreConfig::default(),
             log: LogConfig::default(),
             request_bytes_max: limits::REQUEST_BYTES_MAX,
-            store_heartbeat_interval: Duration::from_millis(500),
+            store_heartbeat_interval: Duration::from_secs(1),
             range_heartbeat_interval: Duration::from_secs(1),
             pd_connect_timeout: Duration::from_secs(30),
         }
@@ -177,7 +178,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Node> {
         store_id,
         config.pd.clone(),
         tokio::runtime::Handle::current(),
-        config.request_bytes_max,
+        raft_bytes_max(&config),
     );
     let failed = Arc::new(Notify::new());
     let on_fatal = failed.clone();
@@ -213,12 +214,12 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Node> {
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut server_shutdown = shutdown_rx.clone();
-    let kv = KvServer::new(KvService::new(&store))
-        .max_decoding_message_size(config.request_bytes_max)
-        .max_encoding_message_size(config.request_bytes_max);
+    let kv = KvServer::new(KvService::new(&store, config.request_bytes_max))
+        .max_decoding_message_size(config.request_bytes_max + (1 << 20))
+        .max_encoding_message_size(config.request_bytes_max + (1 << 20));
     let raft = RaftServer::new(RaftService::new(&store))
-        .max_decoding_message_size(config.request_bytes_max)
-        .max_encoding_message_size(config.request_bytes_max);
+        .max_decoding_message_size(raft_bytes_max(&config))
+        .max_encoding_message_size(raft_bytes_max(&config));
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -255,6 +256,12 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Node> {
         server: Some(server),
         failed,
     })
+}
+
+/// The largest raft batch: at most one entry above `BATCH_BYTES_TARGET`, itself
+/// bounded by the request limit, plus framing.
+fn raft_bytes_max(config: &NodeConfig) -> usize {
+    config.request_bytes_max + crate::transport::BATCH_BYTES_TARGET + (1 << 20)
 }
 
 fn unix_ms() -> u64 {
@@ -310,38 +317,57 @@ async fn store_heartbeats(
     }
 }
 
-/// Reports every range this store leads to PD, in one request per interval.
+/// Every this many range-heartbeat intervals, every led range is reported, changed
+/// or not (PD may have restarted and lost its in-memory leaders).
+const FULL_REPORT_EVERY: u32 = 60;
+
+/// Reports the ranges this store leads to PD, in one request per interval: those whose
+/// leadership, term or descriptor changed since the last report, and all of them
+/// every [`FULL_REPORT_EVERY`] intervals.
 async fn range_heartbeats(
     mut pd: PlacementClient<Channel>,
     store: Weak<Store>,
     interval: Duration,
 ) {
     let mut timer = tokio::time::interval(interval);
+    let mut reported: HashMap<RangeId, (u64, proto::RangeDescriptor)> = HashMap::new();
+    let mut round: u32 = 0;
     loop {
         timer.tick().await;
         let Some(store) = store.upgrade() else {
             return;
         };
+        let full = round % FULL_REPORT_EVERY == 0;
+        round = round.wrapping_add(1);
+        let mut current = Vec::new();
         let ranges: Vec<proto::RangeReport> = store
             .ranges()
             .into_iter()
             .filter(|(_, info)| info.is_leader())
-            .map(|(_, info)| proto::RangeReport {
-                range: Some(info.descriptor()),
-                leader: info.leader(),
-                term: info.term.load(Ordering::Relaxed),
-                applied_index: info.applied.load(Ordering::Relaxed),
+            .filter_map(|(id, info)| {
+                let term = info.term.load(Ordering::Relaxed);
+                let descriptor = info.descriptor();
+                let changed = reported
+                    .get(&id)
+                    .is_none_or(|(t, d)| *t != term || *d != descriptor);
+                current.push((id, (term, descriptor.clone())));
+                (full || changed).then(|| proto::RangeReport {
+                    range: Some(descriptor),
+                    leader: info.leader(),
+                    term,
+                    applied_index: info.applied.load(Ordering::Relaxed),
+                })
             })
             .collect();
+        let store_id = store.store_id().get();
+        drop(store);
         if ranges.is_empty() {
             continue;
         }
-        let request = proto::RangeHeartbeatRequest {
-            store_id: store.store_id().get(),
-            ranges,
-        };
-        if let Err(status) = pd.range_heartbeat(request).await {
-            tracing::warn!(%status, "range heartbeat to PD failed");
+        let request = proto::RangeHeartbeatRequest { store_id, ranges };
+        match pd.range_heartbeat(request).await {
+            Ok(_) => reported = current.into_iter().collect(),
+            Err(status) => tracing::warn!(%status, "range heartbeat to PD failed"),
         }
     }
 }

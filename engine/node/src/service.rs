@@ -26,13 +26,30 @@ pub const SCAN_LIMIT_DEFAULT: usize = 1000;
 /// arrive afterwards get `UNAVAILABLE`.
 pub struct KvService {
     store: Weak<Store>,
+    request_bytes_max: usize,
 }
 
 impl KvService {
-    pub fn new(store: &Arc<Store>) -> Self {
+    /// tonic's own decode limit must sit above `request_bytes_max` (the node sets it
+    /// 1 MiB higher) so that most oversized requests get this service's
+    /// `INVALID_ARGUMENT` naming the limit rather than tonic's `OUT_OF_RANGE`.
+    pub fn new(store: &Arc<Store>, request_bytes_max: usize) -> Self {
         KvService {
             store: Arc::downgrade(store),
+            request_bytes_max,
         }
+    }
+
+    fn check_size(&self, request: &impl prost::Message) -> Result<(), Status> {
+        let bytes = request.encoded_len();
+        if bytes > self.request_bytes_max {
+            return Err(Invalid {
+                limit: format!("request_bytes_max={}", self.request_bytes_max),
+                message: format!("request has {bytes} bytes"),
+            }
+            .into());
+        }
+        Ok(())
     }
 
     fn store(&self) -> Result<Arc<Store>, Status> {
@@ -215,6 +232,7 @@ impl Kv for KvService {
         request: Request<proto::GetRequest>,
     ) -> Result<Response<proto::GetResponse>, Status> {
         let request = request.into_inner();
+        self.check_size(&request)?;
         validate::key(&request.key)?;
         let descriptor = match self.read_point(request.header.as_ref()).await {
             Ok(d) => d,
@@ -236,6 +254,7 @@ impl Kv for KvService {
         request: Request<proto::PutRequest>,
     ) -> Result<Response<proto::PutResponse>, Status> {
         let request = request.into_inner();
+        self.check_size(&request)?;
         validate::key(&request.key)?;
         validate::value(&request.value)?;
         let op = Op::Batch(proto::BatchPutRequest {
@@ -258,6 +277,7 @@ impl Kv for KvService {
         request: Request<proto::DeleteRequest>,
     ) -> Result<Response<proto::DeleteResponse>, Status> {
         let request = request.into_inner();
+        self.check_size(&request)?;
         validate::key(&request.key)?;
         let op = Op::Batch(proto::BatchPutRequest {
             header: None,
@@ -281,6 +301,7 @@ impl Kv for KvService {
         request: Request<proto::ScanRequest>,
     ) -> Result<Response<proto::ScanResponse>, Status> {
         let request = request.into_inner();
+        self.check_size(&request)?;
         validate::span(&request.start_key, &request.end_key)?;
         let limit = match request.limit {
             0 => SCAN_LIMIT_DEFAULT,
@@ -343,6 +364,7 @@ impl Kv for KvService {
         request: Request<proto::BatchGetRequest>,
     ) -> Result<Response<proto::BatchGetResponse>, Status> {
         let request = request.into_inner();
+        self.check_size(&request)?;
         validate::batch_len(request.keys.len())?;
         for key in &request.keys {
             validate::key(key)?;
@@ -374,6 +396,7 @@ impl Kv for KvService {
         request: Request<proto::BatchPutRequest>,
     ) -> Result<Response<proto::BatchPutResponse>, Status> {
         let mut request = request.into_inner();
+        self.check_size(&request)?;
         validate::batch_len(request.mutations.len())?;
         for mutation in &request.mutations {
             validate::key(&mutation.key)?;
@@ -400,6 +423,7 @@ impl Kv for KvService {
         request: Request<proto::CompareAndSwapRequest>,
     ) -> Result<Response<proto::CompareAndSwapResponse>, Status> {
         let mut request = request.into_inner();
+        self.check_size(&request)?;
         validate::key(&request.key)?;
         validate::value(&request.expected_value)?;
         validate::value(&request.new_value)?;
@@ -429,6 +453,7 @@ impl Kv for KvService {
         request: Request<proto::DeleteRangeRequest>,
     ) -> Result<Response<proto::DeleteRangeResponse>, Status> {
         let mut request = request.into_inner();
+        self.check_size(&request)?;
         validate::span(&request.start_key, &request.end_key)?;
         let header = request.header.take();
         match self.write(header.as_ref(), Op::DeleteRange(request)).await {

@@ -1,7 +1,7 @@
 //! The store: every range replica on this node, sharded over a fixed pool of worker
 //! threads, and the routing of requests and raft messages to them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -130,17 +130,27 @@ pub(crate) struct StoreShared {
 }
 
 impl StoreShared {
-    /// Whether `store` sent a tick batch within `within` (stores never heard from
-    /// since this one started count as heard at its start).
-    pub fn heard_from(&self, store: StoreId, within: Duration, started: Instant) -> bool {
-        let heard = self
-            .last_heard
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&store)
-            .copied()
-            .unwrap_or(started);
-        heard.elapsed() < within
+    /// Other stores that sent no tick batch within `within` (stores never heard from
+    /// count as heard when this one `started`).
+    pub fn silent_stores(&self, within: Duration, started: Instant) -> HashSet<StoreId> {
+        if started.elapsed() < within {
+            return HashSet::new();
+        }
+        let heard = self.last_heard.lock().unwrap_or_else(|p| p.into_inner());
+        let mut silent: HashSet<StoreId> = self
+            .transport
+            .known_stores()
+            .into_iter()
+            .filter(|store| *store != self.store_id)
+            .filter(|store| heard.get(store).is_none_or(|at| at.elapsed() >= within))
+            .collect();
+        silent.extend(
+            heard
+                .iter()
+                .filter(|(_, at)| at.elapsed() >= within)
+                .map(|(store, _)| *store),
+        );
+        silent
     }
 }
 

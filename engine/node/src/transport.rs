@@ -30,6 +30,8 @@ pub trait Transport: Send + Sync + 'static {
     fn flush(&self);
     /// Tells a follower on `to` that its range is idle (sent with the tick batch).
     fn quiesce(&self, to: StoreId, heartbeat: proto::CoalescedHeartbeat);
+    /// Every store this one sends tick batches to.
+    fn known_stores(&self) -> Vec<StoreId>;
 }
 
 #[derive(Default)]
@@ -58,6 +60,8 @@ struct Link {
 /// Batches queued per link while its stream is down before new ones are dropped
 /// (raft retransmits what is lost).
 const LINK_QUEUE_BATCHES: usize = 4096;
+/// Raft messages are split into batches of about this many bytes.
+pub const BATCH_BYTES_TARGET: usize = 4 * 1024 * 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -145,31 +149,49 @@ impl GrpcTransport {
     }
 
     fn flush_inner(self: &Arc<Self>) {
-        let ready: Vec<(StoreId, proto::RaftBatch)> = {
+        let mut ready: Vec<(StoreId, proto::RaftBatch)> = Vec::new();
+        {
             let mut outboxes = self.outboxes.lock().unwrap_or_else(|p| p.into_inner());
-            outboxes
-                .iter_mut()
-                .filter(|(_, o)| {
-                    !o.messages.is_empty() || !o.heartbeats.is_empty() || !o.responses.is_empty()
-                })
-                .map(|(to, outbox)| {
-                    (
-                        *to,
-                        proto::RaftBatch {
-                            from_store: self.store_id.get(),
-                            to_store: to.get(),
-                            messages: std::mem::take(&mut outbox.messages),
-                            heartbeats: std::mem::take(&mut outbox.heartbeats),
-                            heartbeat_responses: std::mem::take(&mut outbox.responses),
-                            quiesce: Vec::new(),
-                            tick: false,
-                        },
-                    )
-                })
-                .collect()
-        };
+            for (to, outbox) in outboxes.iter_mut() {
+                if outbox.messages.is_empty()
+                    && outbox.heartbeats.is_empty()
+                    && outbox.responses.is_empty()
+                {
+                    continue;
+                }
+                let mut batch = self.empty_batch(*to, false);
+                batch.heartbeats = std::mem::take(&mut outbox.heartbeats);
+                batch.heartbeat_responses = std::mem::take(&mut outbox.responses);
+                let mut bytes = 0;
+                for envelope in outbox.messages.drain(..) {
+                    let size = envelope.message.len() + 16;
+                    // Batches stay under BATCH_BYTES_TARGET unless one message alone
+                    // is larger (bounded by the request limit).
+                    if bytes > 0 && bytes + size > BATCH_BYTES_TARGET {
+                        let next = self.empty_batch(*to, false);
+                        ready.push((*to, std::mem::replace(&mut batch, next)));
+                        bytes = 0;
+                    }
+                    bytes += size;
+                    batch.messages.push(envelope);
+                }
+                ready.push((*to, batch));
+            }
+        }
         for (to, batch) in ready {
             self.push(to, batch, false);
+        }
+    }
+
+    fn empty_batch(&self, to: StoreId, tick: bool) -> proto::RaftBatch {
+        proto::RaftBatch {
+            from_store: self.store_id.get(),
+            to_store: to.get(),
+            messages: Vec::new(),
+            heartbeats: Vec::new(),
+            heartbeat_responses: Vec::new(),
+            quiesce: Vec::new(),
+            tick,
         }
     }
 
@@ -180,18 +202,11 @@ impl GrpcTransport {
             outboxes
                 .iter_mut()
                 .map(|(to, outbox)| {
-                    (
-                        *to,
-                        proto::RaftBatch {
-                            from_store: self.store_id.get(),
-                            to_store: to.get(),
-                            messages: Vec::new(),
-                            heartbeats: std::mem::take(&mut outbox.tick_heartbeats),
-                            heartbeat_responses: std::mem::take(&mut outbox.tick_responses),
-                            quiesce: std::mem::take(&mut outbox.quiesce),
-                            tick: true,
-                        },
-                    )
+                    let mut batch = self.empty_batch(*to, true);
+                    batch.heartbeats = std::mem::take(&mut outbox.tick_heartbeats);
+                    batch.heartbeat_responses = std::mem::take(&mut outbox.tick_responses);
+                    batch.quiesce = std::mem::take(&mut outbox.quiesce);
+                    (*to, batch)
                 })
                 .collect()
         };
@@ -328,5 +343,14 @@ impl Transport for Arc<GrpcTransport> {
 
     fn quiesce(&self, to: StoreId, heartbeat: proto::CoalescedHeartbeat) {
         self.outbox(to, |o| o.quiesce.push(heartbeat));
+    }
+
+    fn known_stores(&self) -> Vec<StoreId> {
+        self.outboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect()
     }
 }

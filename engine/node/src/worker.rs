@@ -92,6 +92,15 @@ struct Peer {
     hastened_in_term: u64,
 }
 
+impl Peer {
+    fn set_quiesced(&mut self, quiesced: bool) {
+        if self.quiesced != quiesced {
+            self.quiesced = quiesced;
+            self.info.quiesced.store(quiesced, Ordering::Relaxed);
+        }
+    }
+}
+
 /// A log write in flight: the `Ready`s it persists, in order.
 struct Persisting {
     seq: u64,
@@ -107,6 +116,8 @@ pub(crate) struct Worker {
     peers: HashMap<RangeId, Peer>,
     /// Ranges with something to do this iteration.
     touched: HashSet<RangeId>,
+    /// Ranges not quiesced: the ones ticked.
+    awake: HashSet<RangeId>,
     persisting: VecDeque<Persisting>,
     next_seq: u64,
     next_tick: Instant,
@@ -133,6 +144,7 @@ impl Worker {
             control_sender,
             peers: HashMap::new(),
             touched: HashSet::new(),
+            awake: HashSet::new(),
             persisting: VecDeque::new(),
             next_seq: 1,
             next_tick,
@@ -230,6 +242,7 @@ impl Worker {
             .unwrap_or_else(|p| p.into_inner())
             .insert(range, info);
         self.touched.insert(range);
+        self.awake.insert(range);
         Ok(())
     }
 
@@ -355,7 +368,8 @@ impl Worker {
             } => match self.peers.get_mut(&range) {
                 Some(peer) => {
                     peer.writes.push((command, respond));
-                    peer.quiesced = false;
+                    peer.set_quiesced(false);
+                    self.awake.insert(range);
                     peer.idle_ticks = 0;
                     self.touched.insert(range);
                 }
@@ -368,7 +382,8 @@ impl Worker {
                     let _ = respond.send(Err(range_not_found(range)));
                     return;
                 };
-                peer.quiesced = false;
+                peer.set_quiesced(false);
+                self.awake.insert(range);
                 peer.idle_ticks = 0;
                 match peer.replica.read(Instant::now(), respond) {
                     Ok(Some(respond)) => {
@@ -405,7 +420,8 @@ impl Worker {
             }
         }
         if !quiesce && message.msg_type != MessageType::MsgHeartbeatResponse {
-            peer.quiesced = false;
+            peer.set_quiesced(false);
+            self.awake.insert(range);
         }
         if let Err(error) = peer.replica.step(message) {
             tracing::debug!(%range, %error, "raft message refused");
@@ -420,7 +436,8 @@ impl Worker {
         };
         let raft = &peer.replica.raw.raft;
         if raft.state == StateRole::Follower && raft.term == term && raft.leader_id == from_peer {
-            peer.quiesced = true;
+            peer.set_quiesced(true);
+            self.awake.remove(&range);
         }
     }
 
@@ -443,37 +460,41 @@ impl Worker {
                 .all(|(_, progress)| progress.matched == last)
     }
 
+    /// Ticks every awake range. Quiesced ranges cost nothing here unless a store
+    /// went silent, when its followers are found and woken.
     fn tick_all(&mut self) {
         let election_timeout = self.shared.config.election_timeout();
         let quiesce_after = self.shared.config.quiesce_after_ticks;
-        let mut quiescing = Vec::new();
-        for (range, peer) in &mut self.peers {
-            // A follower whose leader's store sent no tick batch for an election
-            // timeout stops waiting: it wakes and campaigns within a few ticks.
-            let raft = &peer.replica.raw.raft;
-            if raft.state == StateRole::Follower && raft.leader_id != raft::INVALID_ID {
-                let leader_store = peer.store_of.get(&raft.leader_id).copied();
-                let silent = leader_store.is_some_and(|store| {
-                    store != self.shared.store_id
-                        && !self
-                            .shared
-                            .heard_from(store, election_timeout, self.started)
-                });
-                if silent && peer.hastened_in_term != raft.term {
+        let silent = self.shared.silent_stores(election_timeout, self.started);
+        if !silent.is_empty() {
+            for (range, peer) in &mut self.peers {
+                // A follower whose leader's store sent no tick batch for an election
+                // timeout stops waiting: it wakes and campaigns within a few ticks.
+                let raft = &mut peer.replica.raw.raft;
+                if raft.state != StateRole::Follower
+                    || raft.leader_id == raft::INVALID_ID
+                    || peer.hastened_in_term == raft.term
+                {
+                    continue;
+                }
+                let leader_store = peer.store_of.get(&raft.leader_id);
+                if leader_store.is_some_and(|store| silent.contains(store)) {
                     peer.hastened_in_term = raft.term;
-                    peer.quiesced = false;
-                    let raft = &mut peer.replica.raw.raft;
                     // Campaign after 1 to 3 more ticks, spread by peer id so the
                     // followers of one range rarely split the vote.
                     let jitter = 1 + (raft.id % 3) as usize;
                     raft.election_elapsed =
                         raft.randomized_election_timeout().saturating_sub(jitter);
+                    peer.set_quiesced(false);
+                    self.awake.insert(*range);
                 }
             }
-            peer.info.quiesced.store(peer.quiesced, Ordering::Relaxed);
-            if peer.quiesced {
+        }
+        let mut quiescing = Vec::new();
+        for range in &self.awake {
+            let Some(peer) = self.peers.get_mut(range) else {
                 continue;
-            }
+            };
             let ticked = peer.replica.raw.tick();
             if ticked || peer.replica.raw.has_ready() {
                 self.touched.insert(*range);
@@ -516,7 +537,8 @@ impl Worker {
                 },
             );
         }
-        peer.quiesced = true;
+        peer.set_quiesced(true);
+        self.awake.remove(&range);
     }
 
     fn process(&mut self, now: Instant) {
@@ -561,7 +583,7 @@ impl Worker {
             }
             peer.info.term.store(peer.replica.term(), Ordering::Relaxed);
             let immediate = ready.take_messages();
-            send(&self.shared, &peer.store_of, *range, immediate);
+            send(&self.shared, peer, *range, immediate);
             if !ready.snapshot().is_empty() {
                 tracing::error!(%range, "received a raft snapshot; snapshots are not supported yet");
             }
@@ -595,7 +617,7 @@ impl Worker {
                 record.readies.push((*range, number, after_persist));
             } else {
                 peer.replica.raw.on_persist_ready(number);
-                send(&self.shared, &peer.store_of, *range, after_persist);
+                send(&self.shared, peer, *range, after_persist);
                 self.touched.insert(*range);
             }
         }
@@ -637,7 +659,7 @@ impl Worker {
             peer.persisting = peer.persisting.saturating_sub(1);
             peer.replica.raw.mut_store().on_durable(seq);
             peer.replica.raw.on_persist_ready(number);
-            send(&self.shared, &peer.store_of, range, messages);
+            send(&self.shared, peer, range, messages);
             self.touched.insert(range);
         }
     }
@@ -749,15 +771,17 @@ impl Worker {
     }
 }
 
-/// Hands `messages` of `range` to the transport, heartbeats coalesced.
-fn send(
-    shared: &StoreShared,
-    store_of: &HashMap<u64, StoreId>,
-    range: RangeId,
-    messages: Vec<Message>,
-) {
+/// Hands `messages` of `range` to the transport, heartbeats coalesced. A quiesced
+/// follower sends nothing: not even the answer to the quiesce heartbeat.
+fn send(shared: &StoreShared, peer: &Peer, range: RangeId, messages: Vec<Message>) {
     for message in messages {
-        let Some(store) = store_of.get(&message.to).copied() else {
+        if peer.quiesced
+            && message.msg_type == MessageType::MsgHeartbeatResponse
+            && message.context.is_empty()
+        {
+            continue;
+        }
+        let Some(store) = peer.store_of.get(&message.to).copied() else {
             tracing::warn!(%range, to = message.to, "message to a peer not in the descriptor");
             continue;
         };
@@ -811,16 +835,19 @@ fn propose_writes(peer: &mut Peer, now: Instant) {
     let mut bytes = 0;
     let mut chunks = Vec::new();
     for (command, respond) in writes {
-        bytes += command.encoded_len();
-        commands.push(command);
-        responders.push(respond);
-        if bytes >= command::ENTRY_BYTES_TARGET {
+        let size = command.encoded_len();
+        // An entry never grows past the target with a second command; a single
+        // command is bounded by the request limit.
+        if !commands.is_empty() && bytes + size > command::ENTRY_BYTES_TARGET {
             chunks.push((
                 std::mem::take(&mut commands),
                 std::mem::take(&mut responders),
             ));
             bytes = 0;
         }
+        bytes += size;
+        commands.push(command);
+        responders.push(respond);
     }
     if !commands.is_empty() {
         chunks.push((commands, responders));

@@ -1,9 +1,7 @@
 //! A real cluster in one process: PD and three nodes on loopback.
 
-mod common;
-
-use common::Cluster;
 use rangekv_rpc::proto;
+use rangekv_testkit::Cluster;
 use rangekv_types::RangeId;
 
 fn key(i: usize) -> Vec<u8> {
@@ -458,5 +456,58 @@ async fn idle_ranges_quiesce_wake_on_requests_and_survive_their_leader_store() {
     cluster.wait_for_leaders().await;
     cluster.put(b"r00007x", b"after").await;
     assert_eq!(cluster.get(b"r00007x").await, Some(b"after".to_vec()));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_over_the_configured_size_is_refused_naming_the_limit() {
+    let limit = 2 << 20;
+    let cluster = Cluster::start_with(3, Vec::new(), |config| {
+        config.request_bytes_max = limit;
+    })
+    .await;
+    let range = cluster.range_of(b"k").await;
+    let leader = cluster.leader_of(RangeId(range.range_id)).unwrap();
+    let mut kv = cluster.kv(leader).await;
+    let header = proto::RequestHeader {
+        range_id: range.range_id,
+        epoch: range.epoch,
+        stale_read: false,
+    };
+    let big = |i: u8| proto::Mutation {
+        op: 0,
+        key: vec![b'k', i].into(),
+        value: vec![i; 1 << 20].into(),
+    };
+    let status = kv
+        .batch_put(proto::BatchPutRequest {
+            header: Some(header),
+            // Just over the limit (2 MiB of values plus framing), under tonic's own.
+            mutations: vec![big(1), big(2)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .contains(&format!("request_bytes_max={limit}")),
+        "{}",
+        status.message()
+    );
+    // Far above the limit, tonic itself refuses it before decoding.
+    let status = kv
+        .batch_put(proto::BatchPutRequest {
+            header: Some(header),
+            mutations: (1..=5).map(big).collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_ne!(status.code(), tonic::Code::Ok);
+    assert_eq!(
+        cluster.get(&[b'k', 1]).await,
+        None,
+        "nothing of either applied"
+    );
     cluster.shutdown().await;
 }

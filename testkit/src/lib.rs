@@ -1,7 +1,8 @@
-//! An in-process cluster for integration tests: PD plus N nodes on loopback, each
-//! with its own data directory, with a small router that follows NotLeader hints.
+//! An in-process cluster for integration tests and benchmarks: PD plus N nodes on
+//! loopback, each with its own data directory, and a small router that follows the
+//! cluster's leaders. Test code: it panics on anything unexpected.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

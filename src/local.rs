@@ -21,7 +21,8 @@ pub struct LocalArgs {
     /// PD's port on 127.0.0.1.
     #[arg(long, default_value_t = 2379)]
     pub pd_port: u16,
-    /// First node's port on 127.0.0.1; the others follow.
+    /// First node's port on 127.0.0.1; the others follow. 0: every node takes a port
+    /// the OS picks (printed once the cluster is ready).
     #[arg(long, default_value_t = 20160)]
     pub node_port: u16,
     /// Ranges the keyspace is cut into at bootstrap (YCSB key space).
@@ -157,10 +158,13 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<()> {
     )?];
     let mut node_addrs = Vec::new();
     for i in 0..args.nodes {
-        let port = args
-            .node_port
-            .checked_add(i as u16)
-            .context("--node-port leaves no room for every node")?;
+        let port = if args.node_port == 0 {
+            0
+        } else {
+            args.node_port
+                .checked_add(i as u16)
+                .context("--node-port leaves no room for every node")?
+        };
         let listen = format!("127.0.0.1:{port}");
         let mut node_args = vec![
             "node".to_string(),
@@ -201,6 +205,17 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<()> {
             return Err(error);
         }
     };
+    // The addresses the nodes registered (they differ from --listen with port 0).
+    if let Ok(mut client) = PlacementClient::connect(pd_url.clone()).await {
+        if let Ok(stores) = client.list_stores(proto::ListStoresRequest {}).await {
+            node_addrs = stores
+                .into_inner()
+                .stores
+                .into_iter()
+                .map(|s| s.address)
+                .collect();
+        }
+    }
     println!("rangekv local cluster ready");
     println!("  PD     {pd_url}");
     for (i, addr) in node_addrs.iter().enumerate() {

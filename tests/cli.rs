@@ -99,8 +99,8 @@ fn local_cluster_starts_serves_and_stops_on_sigterm() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let pd_port = free_port().to_string();
-    // The nodes take this port and the two after it (free in practice on loopback).
-    let node_port = free_port().to_string();
+    // Nodes take ports the OS picks.
+    let node_port = "0".to_string();
     let mut child = Command::new(env!("CARGO_BIN_EXE_rangekv"))
         .args([
             "local",
@@ -131,6 +131,15 @@ fn local_cluster_starts_serves_and_stops_on_sigterm() {
         }
     }
     assert!(banner.iter().any(|l| l.contains("4 ranges")), "{banner:?}");
+    let nodes: Vec<_> = banner
+        .iter()
+        .filter(|l| l.trim_start().starts_with("node"))
+        .collect();
+    assert_eq!(nodes.len(), 3, "{banner:?}");
+    assert!(
+        nodes.iter().all(|l| !l.ends_with(":0")),
+        "real addresses: {banner:?}"
+    );
     // SAFETY: kill(2) on our own child.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);

@@ -98,6 +98,11 @@ impl Node {
         for task in self.tasks.drain(..) {
             task.abort();
         }
+        // Silence first: no more raft traffic or ticks leave this store, and the
+        // workers stop; then the server gets its grace period.
+        self.transport.stop();
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
         if let Some(mut server) = self.server.take() {
             if tokio::time::timeout(SHUTDOWN_GRACE, &mut server)
                 .await
@@ -107,8 +112,6 @@ impl Node {
                 let _ = server.await;
             }
         }
-        let store = self.store.clone();
-        let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
         // Requests in flight hold the store for a moment (their answers fail now that
         // the workers are gone); the state machine and log close with the last one.
         let give_up = tokio::time::Instant::now() + SHUTDOWN_GRACE;

@@ -73,6 +73,7 @@ pub struct GrpcTransport {
     links: Mutex<HashMap<StoreId, Link>>,
     unreachable: OnceLock<Box<dyn Fn(StoreId) + Send + Sync>>,
     message_bytes_max: usize,
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl GrpcTransport {
@@ -91,6 +92,7 @@ impl GrpcTransport {
             links: Mutex::new(HashMap::new()),
             unreachable: OnceLock::new(),
             message_bytes_max,
+            stopped: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -124,7 +126,16 @@ impl GrpcTransport {
         f(outboxes.entry(to).or_default())
     }
 
+    /// Sends nothing more, ever; streams close.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        self.links.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     fn push(self: &Arc<Self>, to: StoreId, batch: proto::RaftBatch, tick: bool) {
+        if self.stopped.load(Ordering::SeqCst) {
+            return;
+        }
         let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
         let link = links.entry(to).or_insert_with(|| self.connect(to));
         match link.sender.try_send(batch) {

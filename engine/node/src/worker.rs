@@ -482,9 +482,13 @@ impl Worker {
                     peer.hastened_in_term = raft.term;
                     // Campaign after 1 to 3 more ticks, spread by peer id so the
                     // followers of one range rarely split the vote.
+                    // At least a full election timeout, or the other followers would
+                    // still count the silent leader's lease and refuse their votes.
                     let jitter = 1 + (raft.id % 3) as usize;
-                    raft.election_elapsed =
-                        raft.randomized_election_timeout().saturating_sub(jitter);
+                    raft.election_elapsed = raft
+                        .randomized_election_timeout()
+                        .saturating_sub(jitter)
+                        .max(raft.election_timeout());
                     peer.set_quiesced(false);
                     self.awake.insert(*range);
                 }

@@ -32,6 +32,9 @@ pub struct StoreConfig {
     pub quiesce: bool,
     /// Ticks without a proposal or read before a leader quiesces its range.
     pub quiesce_after_ticks: u32,
+    /// A leader proposes log compaction once at least this many applied entries, held
+    /// by every follower, can be dropped.
+    pub log_gc_entries: u64,
 }
 
 impl Default for StoreConfig {
@@ -43,6 +46,7 @@ impl Default for StoreConfig {
             inbox_messages_max: 65_536,
             quiesce: true,
             quiesce_after_ticks: 20,
+            log_gc_entries: 4096,
         }
     }
 }
@@ -245,6 +249,10 @@ impl Store {
 
     pub fn config(&self) -> &StoreConfig {
         &self.shared.config
+    }
+
+    pub fn log(&self) -> &LogEngine {
+        &self.shared.log
     }
 
     pub fn state(&self) -> &Arc<StateMachine> {

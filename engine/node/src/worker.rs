@@ -66,6 +66,8 @@ pub(crate) enum Control {
     },
     CreateRanges(Vec<RangeDescriptor>),
     Unreachable(StoreId),
+    /// A log write outside the Ready flow (compaction) failed.
+    LogFailed(LogError),
     Shutdown,
 }
 
@@ -90,6 +92,8 @@ struct Peer {
     /// The term in which this follower last hastened an election because its
     /// leader's store went silent.
     hastened_in_term: u64,
+    /// The highest index this leader proposed to compact the log to.
+    compact_proposed: u64,
 }
 
 impl Peer {
@@ -234,6 +238,7 @@ impl Worker {
                 quiesced: false,
                 idle_ticks: 0,
                 hastened_in_term: 0,
+                compact_proposed: 0,
             },
         );
         self.shared
@@ -329,6 +334,7 @@ impl Worker {
                     }
                 }
             }
+            Control::LogFailed(error) => self.on_persisted(0, Err(error)),
             Control::Shutdown => self.shutdown = true,
         }
     }
@@ -505,6 +511,16 @@ impl Worker {
             }
             if peer.replica.is_leader() {
                 peer.idle_ticks = peer.idle_ticks.saturating_add(1);
+                // Going idle: drop the whole applied log, not just big prefixes.
+                // (Two: the compaction's own entry stays, or each would beget another.)
+                let gc_entries = if peer.idle_ticks >= quiesce_after {
+                    2
+                } else {
+                    self.shared.config.log_gc_entries
+                };
+                if propose_compaction(peer, gc_entries) {
+                    self.touched.insert(*range);
+                }
                 if self.shared.config.quiesce
                     && peer.idle_ticks >= quiesce_after
                     && Self::can_quiesce(peer)
@@ -674,6 +690,7 @@ impl Worker {
         let mut answers: Vec<(Responder, CommandResult)> = Vec::new();
         let mut dropped = Vec::new();
         let mut applied_to = Vec::new();
+        let mut compactions = Vec::new();
         for (range, entries) in committed {
             let Some(peer) = self.peers.get_mut(&range) else {
                 continue;
@@ -700,6 +717,9 @@ impl Worker {
                 };
                 let mut results = Vec::with_capacity(commands.len());
                 for command in &commands {
+                    if let Some(proto::command::Op::CompactLog(compact)) = &command.op {
+                        compactions.push((range, compact.index, compact.term));
+                    }
                     match command::apply_command(&mut batch, command, &peer.descriptor) {
                         Ok(result) => results.push(result),
                         Err(error) => {
@@ -738,6 +758,9 @@ impl Worker {
             self.shutdown = true;
             return;
         }
+        if !compactions.is_empty() {
+            self.compact_logs(compactions);
+        }
         for (respond, result) in answers {
             let _ = respond.send(result);
         }
@@ -759,6 +782,27 @@ impl Worker {
         for respond in reads {
             let _ = respond.send(Ok(()));
         }
+    }
+
+    /// Drops raft log entries up to each applied compaction point, once the state
+    /// machine that holds them is durable.
+    fn compact_logs(&mut self, compactions: Vec<(RangeId, u64, u64)>) {
+        if let Err(error) = self.shared.state.sync() {
+            self.shared.stopped.store(true, Ordering::SeqCst);
+            (self.shared.fatal)(format!("state machine sync failed: {error}"));
+            self.shutdown = true;
+            return;
+        }
+        let mut batch = LogBatch::new();
+        for (range, index, term) in compactions {
+            batch.compact_to(range, index, term);
+        }
+        let control = self.control_sender.clone();
+        self.shared.log.write(batch, move |result| {
+            if let Err(error) = result {
+                let _ = control.send(Control::LogFailed(error));
+            }
+        });
     }
 
     fn fail_everything(&mut self, why: &str) {
@@ -819,6 +863,37 @@ fn send(shared: &StoreShared, peer: &Peer, range: RangeId, messages: Vec<Message
             },
         }
     }
+}
+
+/// Proposes compacting the log of `peer` (a leader) when at least `gc_entries`
+/// entries are applied here and held by every follower. Returns whether it proposed.
+fn propose_compaction(peer: &mut Peer, gc_entries: u64) -> bool {
+    let raft = &peer.replica.raw.raft;
+    let held_by_all = raft.prs().iter().map(|(_, p)| p.matched).min().unwrap_or(0);
+    let target = peer.replica.applied().min(held_by_all);
+    let first = raft::Storage::first_index(peer.replica.raw.store()).unwrap_or(1);
+    if target <= peer.compact_proposed || target + 1 < first + gc_entries.max(1) {
+        return false;
+    }
+    let Ok(term) = raft.raft_log.term(target) else {
+        return false;
+    };
+    let data = command::encode_entry(vec![proto::Command {
+        epoch: None,
+        op: Some(proto::command::Op::CompactLog(proto::CompactLog {
+            index: target,
+            term,
+        })),
+    }]);
+    if peer
+        .replica
+        .propose(Instant::now(), data, Vec::new())
+        .is_ok()
+    {
+        peer.compact_proposed = target;
+        return true;
+    }
+    false
 }
 
 /// Proposes the writes gathered for `peer` this iteration as one entry (or a few,

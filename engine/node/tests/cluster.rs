@@ -511,3 +511,59 @@ async fn a_request_over_the_configured_size_is_refused_naming_the_limit() {
     );
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applied_log_is_compacted_on_every_replica_and_restart_still_has_everything() {
+    let mut cluster = Cluster::start_with(3, splits(), |config| {
+        config.store.log_gc_entries = 50;
+        // Keep the range awake: only the entry-count rule compacts here.
+        config.store.quiesce = false;
+    })
+    .await;
+    let range = RangeId(cluster.range_of(&key(1)).await.range_id);
+    for i in 0..200 {
+        cluster.put(&key(1), format!("v{i}").as_bytes()).await;
+    }
+    cluster
+        .wait_until("every replica drops at least 100 entries", |c| {
+            c.running()
+                .all(|(_, n)| n.store().log().first_index(range) > 100)
+        })
+        .await;
+    for i in 0..3 {
+        cluster.kill(i).await;
+    }
+    for i in 0..3 {
+        cluster.restart(i).await;
+    }
+    cluster.wait_for_leaders().await;
+    assert_eq!(cluster.get(&key(1)).await, Some(b"v199".to_vec()));
+    cluster.put(&key(1), b"after").await;
+    cluster.wait_replicated(&key(1), b"after").await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_going_idle_drops_its_applied_log() {
+    let cluster = Cluster::start_with(3, splits(), |config| {
+        config.store.quiesce_after_ticks = 5;
+    })
+    .await;
+    let range = RangeId(cluster.range_of(&key(1)).await.range_id);
+    for i in 0..20 {
+        cluster.put(&key(1), format!("v{i}").as_bytes()).await;
+    }
+    cluster
+        .wait_until(
+            "the idle range's log is empty but for its last entries",
+            |c| {
+                c.running().all(|(_, n)| {
+                    let log = n.store().log();
+                    log.last_index(range) + 1 - log.first_index(range) <= 2
+                })
+            },
+        )
+        .await;
+    assert_eq!(cluster.get(&key(1)).await, Some(b"v19".to_vec()));
+    cluster.shutdown().await;
+}

@@ -197,6 +197,13 @@ impl StateMachine {
         }
     }
 
+    /// Makes every write so far durable (syncs RocksDB's WAL): the raft log may then
+    /// drop entries up to the applied indexes recorded.
+    pub fn sync(&self) -> Result<(), StateError> {
+        self.db.flush_wal(true)?;
+        Ok(())
+    }
+
     /// Durably records the descriptor (encoded by the caller) of a range hosted here.
     pub fn put_descriptor(&self, range: RangeId, encoded: &[u8]) -> Result<(), StateError> {
         self.put_descriptors(&[(range, encoded.to_vec())])

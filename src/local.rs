@@ -141,6 +141,9 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
     let dir = args.dir.canonicalize()?;
+    // One signal listener for the whole run, installed before any child starts: a
+    // SIGTERM arriving between two waits must not be lost.
+    let mut stop = Box::pin(crate::node_cmd::terminated());
     let pd_listen = format!("127.0.0.1:{}", args.pd_port);
     let pd_url = format!("http://{pd_listen}");
     let mut processes = vec![spawn(
@@ -196,7 +199,7 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<()> {
     }
     let ready = tokio::select! {
         ready = wait_ready(&pd_url, &mut processes, Duration::from_secs(args.ready_timeout_secs)) => ready,
-        _ = crate::node_cmd::terminated() => Err(anyhow::anyhow!("interrupted before the cluster was ready")),
+        _ = &mut stop => Err(anyhow::anyhow!("interrupted before the cluster was ready")),
     };
     let ranges = match ready {
         Ok(ranges) => ranges,
@@ -229,7 +232,7 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<()> {
     let mut watch = tokio::time::interval(Duration::from_millis(500));
     let result = loop {
         tokio::select! {
-            _ = crate::node_cmd::terminated() => break Ok(()),
+            _ = &mut stop => break Ok(()),
             _ = watch.tick() => {
                 if let Some(why) = exited(&mut processes) {
                     break Err(anyhow::anyhow!(why));

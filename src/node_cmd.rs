@@ -147,35 +147,32 @@ impl NodeArgs {
     }
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn terminated() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGTERM or Ctrl-C. The SIGTERM handler is installed when this is
+/// called (not when first polled), so a signal arriving in between is not lost.
+pub fn terminated() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        if let Some(mut term) = term {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
             }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
+            return;
         }
-    }
-    #[cfg(not(unix))]
-    {
         let _ = ctrl_c.await;
     }
 }
 
 pub async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     let config = args.into_config()?;
+    let stop = terminated();
     let node = rangekv_node::start(config).await?;
     tracing::info!(addr = %node.addr(), store = %node.store().store_id(), "node serving");
     let failed = tokio::select! {
-        _ = terminated() => false,
+        _ = stop => false,
         _ = node.failed() => true,
     };
     tracing::info!("stopping");

@@ -114,7 +114,7 @@ fn local_cluster_starts_serves_and_stops_on_sigterm() {
             "4",
         ])
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();

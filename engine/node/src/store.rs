@@ -35,6 +35,8 @@ pub struct StoreConfig {
     /// A leader proposes log compaction once at least this many applied entries, held
     /// by every follower, can be dropped.
     pub log_gc_entries: u64,
+    /// Seeds every replica's randomized election timeouts (mixed with its peer id).
+    pub election_seed: u64,
 }
 
 impl Default for StoreConfig {
@@ -47,6 +49,10 @@ impl Default for StoreConfig {
             quiesce: true,
             quiesce_after_ticks: 20,
             log_gc_entries: 4096,
+            election_seed: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0x5EED),
         }
     }
 }

@@ -227,6 +227,7 @@ impl Worker {
                     raw,
                     apply_state.applied_index,
                     self.shared.config.lease_duration(),
+                    self.shared.config.election_seed ^ local.wrapping_mul(0x9E37_79B9_7F4A_7C15),
                 ),
                 info: info.clone(),
                 descriptor,
@@ -505,7 +506,7 @@ impl Worker {
             let Some(peer) = self.peers.get_mut(range) else {
                 continue;
             };
-            let ticked = peer.replica.raw.tick();
+            let ticked = peer.replica.tick();
             if ticked || peer.replica.raw.has_ready() {
                 self.touched.insert(*range);
             }

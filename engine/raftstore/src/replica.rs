@@ -57,14 +57,21 @@ pub struct Replica<S: Storage, P, R> {
     term_start_index: u64,
     applied: u64,
     role: StateRole,
+    /// Seeded source of randomized election timeouts (raft-rs would use its thread
+    /// RNG): a seeded simulation replays elections exactly.
+    rng: u64,
+    /// (term, role, leader) when the election timeout was last drawn.
+    drawn_for: (u64, StateRole, u64),
 }
 
 impl<S: Storage, P, R> Replica<S, P, R> {
     /// `lease_duration` must be shorter than the minimum time a follower that heard
     /// from this leader waits before voting for another (election timeout).
-    pub fn new(raw: RawNode<S>, applied: u64, lease_duration: Duration) -> Self {
+    ///
+    /// `seed` drives the randomized election timeouts.
+    pub fn new(raw: RawNode<S>, applied: u64, lease_duration: Duration, seed: u64) -> Self {
         let role = raw.raft.state;
-        Replica {
+        let mut replica = Replica {
             raw,
             proposals: VecDeque::new(),
             reads_gathering: Vec::new(),
@@ -77,7 +84,41 @@ impl<S: Storage, P, R> Replica<S, P, R> {
             term_start_index: u64::MAX,
             applied,
             role,
+            rng: seed,
+            drawn_for: (u64::MAX, role, u64::MAX),
+        };
+        replica.redraw_election_timeout();
+        replica
+    }
+
+    /// splitmix64: small, seedable, good enough to spread election timeouts.
+    fn next_random(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// raft-rs draws a new randomized election timeout from its thread RNG whenever
+    /// the term, role or leader changes; this replaces it with one from the seed.
+    fn redraw_election_timeout(&mut self) {
+        let raft = &self.raw.raft;
+        let now = (raft.term, raft.state, raft.leader_id);
+        if now == self.drawn_for {
+            return;
         }
+        self.drawn_for = now;
+        let base = self.raw.raft.election_timeout().max(1);
+        let timeout = base + (self.next_random() % base as u64) as usize;
+        self.raw.raft.set_randomized_election_timeout(timeout);
+    }
+
+    /// Advances raft's logical clock by one tick.
+    pub fn tick(&mut self) -> bool {
+        let ready = self.raw.tick();
+        self.redraw_election_timeout();
+        ready
     }
 
     pub fn is_leader(&self) -> bool {
@@ -111,7 +152,9 @@ impl<S: Storage, P, R> Replica<S, P, R> {
     }
 
     pub fn step(&mut self, message: Message) -> raft::Result<()> {
-        self.raw.step(message)
+        let result = self.raw.step(message);
+        self.redraw_election_timeout();
+        result
     }
 
     /// Proposes `data` as one entry; `callback` comes back through [`Self::take_outcome`]
@@ -299,5 +342,63 @@ impl<S: Storage, P, R> Replica<S, P, R> {
                 not_served.extend(batch.reads);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use raft::eraftpb::ConfState;
+    use raft::storage::MemStorage;
+    use rangekv_types::PeerId;
+
+    use super::*;
+    use crate::ReplicaConfig;
+
+    fn replica(seed: u64) -> Replica<MemStorage, (), ()> {
+        let storage = MemStorage::new_with_conf_state(ConfState::from((vec![1, 2, 3], vec![])));
+        let config = ReplicaConfig::default().raft_config(PeerId(1), 0).unwrap();
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let raw = RawNode::new(&config, storage, &logger).unwrap();
+        Replica::new(raw, 0, Duration::from_millis(800), seed)
+    }
+
+    /// Ticks until the replica campaigns (becomes pre-candidate); returns the count.
+    fn ticks_to_campaign(replica: &mut Replica<MemStorage, (), ()>) -> usize {
+        for ticks in 1..1000 {
+            replica.tick();
+            if replica.raw.raft.state != StateRole::Follower {
+                return ticks;
+            }
+        }
+        panic!("never campaigned");
+    }
+
+    #[test]
+    fn election_timeouts_come_from_the_seed() {
+        let base = ReplicaConfig::default().election_timeout_ticks;
+        let runs: Vec<usize> = (0..20)
+            .map(|seed| ticks_to_campaign(&mut replica(seed)))
+            .collect();
+        let again: Vec<usize> = (0..20)
+            .map(|seed| ticks_to_campaign(&mut replica(seed)))
+            .collect();
+        assert_eq!(runs, again, "same seeds, same elections");
+        assert!(
+            runs.iter().all(|t| (base..2 * base + 1).contains(t)),
+            "{runs:?}"
+        );
+        let distinct: std::collections::HashSet<_> = runs.iter().collect();
+        assert!(distinct.len() > 3, "timeouts spread: {runs:?}");
+    }
+
+    #[test]
+    fn a_follower_refuses_proposals_and_reads_naming_no_leader() {
+        let mut replica = replica(1);
+        let refused = replica
+            .propose(Instant::now(), b"x".to_vec(), ())
+            .unwrap_err();
+        assert_eq!(refused.leader, None);
+        assert!(replica.read(Instant::now(), ()).is_err());
+        assert!(!replica.lease_valid(Instant::now()));
     }
 }

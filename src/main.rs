@@ -1,5 +1,6 @@
 //! `rangekv`: the one binary. Subcommands: `node`, `pd`, `local`, `kv`, `bench`, `ctl`.
 
+mod kv_cmd;
 mod local;
 mod node_cmd;
 
@@ -27,12 +28,12 @@ enum Command {
     /// Run a local cluster: PD and 3 nodes as child processes on loopback.
     Local(local::LocalArgs),
     /// Read and write keys (get, put, del, scan, cas, batch).
-    Kv,
+    Kv(kv_cmd::KvArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Show and steer the cluster (stores, ranges, leaders).
-    Ctl,
+    /// Show the cluster (stores, ranges, leaders).
+    Ctl(kv_cmd::CtlArgs),
 }
 
 #[derive(Subcommand)]
@@ -52,8 +53,16 @@ fn not_yet(what: &str, issue: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
-/// Runs a server subcommand on a multi-threaded tokio runtime.
+/// Runs a subcommand on a multi-threaded tokio runtime; success exits 0.
 fn run_async(what: &str, job: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    run_with_status(what, async { job.await.map(|()| ExitCode::SUCCESS) })
+}
+
+/// Runs a subcommand that chooses its own exit status; an error exits 1.
+fn run_with_status(
+    what: &str,
+    job: impl std::future::Future<Output = anyhow::Result<ExitCode>>,
+) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -65,7 +74,7 @@ fn run_async(what: &str, job: impl std::future::Future<Output = anyhow::Result<(
         }
     };
     match runtime.block_on(job) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("rangekv {what}: {error:#}");
             ExitCode::FAILURE
@@ -86,8 +95,8 @@ fn main() -> ExitCode {
         Command::Node(args) => run_async("node", node_cmd::run_node(args)),
         Command::Pd(args) => run_async("pd", node_cmd::run_pd(args)),
         Command::Local(args) => run_async("local", local::run_local(args)),
-        Command::Kv => not_yet("kv", "client"),
-        Command::Ctl => not_yet("ctl", "client"),
+        Command::Kv(args) => run_with_status("kv", kv_cmd::run_kv(args)),
+        Command::Ctl(args) => run_with_status("ctl", kv_cmd::run_ctl(args)),
         Command::Bench(BenchCommand::Ycsb) => not_yet("bench ycsb", "YCSB bench"),
         Command::Bench(BenchCommand::Failover(args)) => match rangekv_bench::failover::run(&args) {
             Ok(()) => ExitCode::SUCCESS,

@@ -32,6 +32,8 @@
 //! # }
 //! ```
 
+mod batch;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,6 +43,19 @@ use rangekv_rpc::proto::{kv_client::KvClient, placement_client::PlacementClient}
 use rangekv_rpc::RangeDescriptor;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
+
+use crate::batch::{Cmd, Conn, Reply};
+
+/// Sends `$request` as batch command `$variant` on `$conn`; evaluates to the reply of
+/// the same kind (inside an async block returning `Result<_, Status>`).
+macro_rules! reply {
+    ($conn:expr, $variant:ident, $request:expr) => {
+        match $conn.call(Cmd::$variant($request)).await? {
+            Reply::$variant(reply) => reply,
+            _ => return Err(Status::internal("a batch-commands reply of the wrong kind")),
+        }
+    };
+}
 
 /// Client settings. Units last.
 #[derive(Debug, Clone)]
@@ -170,8 +185,8 @@ struct Inner {
     pd_endpoints: Vec<String>,
     config: Config,
     cache: Mutex<RangeCache>,
-    /// Store id → (address, connection), one connection per store.
-    stores: Mutex<HashMap<u64, (String, KvClient<Channel>)>>,
+    /// Store id → (address, batch-commands stream), one per store.
+    stores: Mutex<HashMap<u64, (String, Conn)>>,
 }
 
 /// A handle to a rangekv cluster; cheap to clone, safe to share between tasks.
@@ -302,10 +317,13 @@ impl Client {
         Ok(found)
     }
 
-    /// A connection to `store`, made on first use.
-    async fn store(&self, store: u64) -> Result<KvClient<Channel>> {
-        if let Some((_, client)) = lock(&self.inner.stores).get(&store) {
-            return Ok(client.clone());
+    /// The batch-commands stream to `store`, opened on first use (and again after
+    /// it broke).
+    async fn store(&self, store: u64) -> Result<Conn> {
+        if let Some((_, conn)) = lock(&self.inner.stores).get(&store) {
+            if !conn.is_broken() {
+                return Ok(conn.clone());
+            }
         }
         let mut pd = self.pd().await?;
         let address = pd
@@ -326,8 +344,9 @@ impl Client {
         let client = KvClient::new(channel)
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
-        lock(&self.inner.stores).insert(store, (address, client.clone()));
-        Ok(client)
+        let conn = Conn::open(client);
+        lock(&self.inner.stores).insert(store, (address, conn.clone()));
+        Ok(conn)
     }
 
     fn forget_store(&self, store: u64) {
@@ -379,7 +398,7 @@ impl Client {
     /// outcome is unknown may be repeated.
     async fn on_range<T, F, Fut>(&self, key: &[u8], retry_unknown: bool, mut call: F) -> Result<T>
     where
-        F: FnMut(KvClient<Channel>, proto::RequestHeader) -> Fut,
+        F: FnMut(Conn, proto::RequestHeader) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<(T, Option<proto::Error>), Status>>,
     {
         let deadline = Instant::now() + self.inner.config.timeout;
@@ -462,16 +481,17 @@ impl Client {
     pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         check(&[key], &[])?;
         let key = bytes::Bytes::copy_from_slice(key);
-        self.on_range(&key.clone(), true, |mut kv, header| {
+        self.on_range(&key.clone(), true, |conn, header| {
             let key = key.clone();
             async move {
-                let r = kv
-                    .get(proto::GetRequest {
+                let r = reply!(
+                    conn,
+                    Get,
+                    proto::GetRequest {
                         header: Some(header),
                         key,
-                    })
-                    .await?
-                    .into_inner();
+                    }
+                );
                 Ok((r.found.then(|| r.value.to_vec()), r.error))
             }
         })
@@ -515,16 +535,17 @@ impl Client {
                     },
                 })
                 .collect();
-            self.on_range(&key, true, |mut kv, header| {
+            self.on_range(&key, true, |conn, header| {
                 let mutations = group.clone();
                 async move {
-                    let r = kv
-                        .batch_put(proto::BatchPutRequest {
+                    let r = reply!(
+                        conn,
+                        BatchPut,
+                        proto::BatchPutRequest {
                             header: Some(header),
                             mutations,
-                        })
-                        .await?
-                        .into_inner();
+                        }
+                    );
                     Ok(((), r.error))
                 }
             })
@@ -560,16 +581,17 @@ impl Client {
         for (key, group) in self.group_by_range(keys.to_vec(), |k| k.clone()).await? {
             let group: Vec<bytes::Bytes> = group.into_iter().map(Into::into).collect();
             let pairs = self
-                .on_range(&key, true, |mut kv, header| {
+                .on_range(&key, true, |conn, header| {
                     let keys = group.clone();
                     async move {
-                        let r = kv
-                            .batch_get(proto::BatchGetRequest {
+                        let r = reply!(
+                            conn,
+                            BatchGet,
+                            proto::BatchGetRequest {
                                 header: Some(header),
                                 keys,
-                            })
-                            .await?
-                            .into_inner();
+                            }
+                        );
                         Ok((r.pairs, r.error))
                     }
                 })
@@ -604,11 +626,11 @@ impl Client {
             new_value: new.unwrap_or_default().to_vec().into(),
             delete: new.is_none(),
         };
-        self.on_range(key, false, |mut kv, header| {
+        self.on_range(key, false, |conn, header| {
             let mut request = request.clone();
             request.header = Some(header);
             async move {
-                let r = kv.compare_and_swap(request).await?.into_inner();
+                let r = reply!(conn, Cas, request);
                 let outcome = CasOutcome {
                     succeeded: r.succeeded,
                     previous: r.previous_found.then(|| r.previous_value.to_vec()),
@@ -653,19 +675,20 @@ impl Client {
                 (false, false) => end.min(&range_end[..]).to_vec(),
             };
             let (pairs, resume) = self
-                .on_range(&from.clone(), true, |mut kv, header| {
+                .on_range(&from.clone(), true, |conn, header| {
                     let (from, stop) = (from.clone(), stop.clone());
                     async move {
-                        let r = kv
-                            .scan(proto::ScanRequest {
+                        let r = reply!(
+                            conn,
+                            Scan,
+                            proto::ScanRequest {
                                 header: Some(header),
                                 start_key: from.into(),
                                 end_key: stop.into(),
                                 limit: page,
                                 keys_only: false,
-                            })
-                            .await?
-                            .into_inner();
+                            }
+                        );
                         Ok(((r.pairs, r.resume_key.to_vec()), r.error))
                     }
                 })
@@ -697,17 +720,18 @@ impl Client {
                 (false, true) => end.to_vec(),
                 (false, false) => end.min(&range_end[..]).to_vec(),
             };
-            self.on_range(&from.clone(), true, |mut kv, header| {
+            self.on_range(&from.clone(), true, |conn, header| {
                 let (from, stop) = (from.clone(), stop.clone());
                 async move {
-                    let r = kv
-                        .delete_range(proto::DeleteRangeRequest {
+                    let r = reply!(
+                        conn,
+                        DeleteRange,
+                        proto::DeleteRangeRequest {
                             header: Some(header),
                             start_key: from.into(),
                             end_key: stop.into(),
-                        })
-                        .await?
-                        .into_inner();
+                        }
+                    );
                     Ok(((), r.error))
                 }
             })

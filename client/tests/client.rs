@@ -148,3 +148,38 @@ async fn bad_input_gives_a_clear_error() {
     ));
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_batch_messages() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let cluster = Cluster::start(3, Vec::new()).await;
+    let client = client(&cluster).await;
+    client.put(b"warm", b"up").await.unwrap();
+    let counts = |c: &Cluster| {
+        c.running().fold((0, 0), |(m, r), (_, n)| {
+            let counters = n.store().counters();
+            (
+                m + counters.batch_messages_in.load(Relaxed),
+                r + counters.batch_requests_in.load(Relaxed),
+            )
+        })
+    };
+    let (messages_before, requests_before) = counts(&cluster);
+    let calls: Vec<_> = (0..500)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move { client.put(&key(i), b"v").await })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let (messages, requests) = counts(&cluster);
+    let (messages, requests) = (messages - messages_before, requests - requests_before);
+    assert!(requests >= 500, "{requests} requests");
+    assert!(
+        messages * 2 < requests,
+        "500 concurrent puts went out in {messages} messages: not batched"
+    );
+    cluster.shutdown().await;
+}

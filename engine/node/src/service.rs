@@ -3,6 +3,7 @@
 //! Every Kv request is checked at the edge (limits, then range, epoch and key span)
 //! before anything reaches raft; a request that fails a check is refused whole.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ pub const SCAN_LIMIT_DEFAULT: usize = 1000;
 
 /// Services hold the store weakly: a stopping node drops it, and requests that
 /// arrive afterwards get `UNAVAILABLE`.
+#[derive(Clone)]
 pub struct KvService {
     store: Weak<Store>,
     request_bytes_max: usize,
@@ -225,8 +227,101 @@ with_error!(
     proto::DeleteRangeResponse
 );
 
+/// Requests of one batch-commands stream answered together in one response message.
+const BATCH_RESPONSES_MAX: usize = 1024;
+
+impl KvService {
+    /// Runs one request of a batch-commands stream exactly as its unary call.
+    async fn run_command(
+        self,
+        cmd: proto::batch_commands_request::request::Cmd,
+    ) -> Result<proto::batch_commands_response::response::Cmd, Status> {
+        use proto::batch_commands_request::request::Cmd as Req;
+        use proto::batch_commands_response::response::Cmd as Resp;
+        Ok(match cmd {
+            Req::Get(r) => Resp::Get(self.get(Request::new(r)).await?.into_inner()),
+            Req::Put(r) => Resp::Put(self.put(Request::new(r)).await?.into_inner()),
+            Req::Delete(r) => Resp::Delete(self.delete(Request::new(r)).await?.into_inner()),
+            Req::Scan(r) => Resp::Scan(self.scan(Request::new(r)).await?.into_inner()),
+            Req::BatchGet(r) => Resp::BatchGet(self.batch_get(Request::new(r)).await?.into_inner()),
+            Req::BatchPut(r) => Resp::BatchPut(self.batch_put(Request::new(r)).await?.into_inner()),
+            Req::Cas(r) => Resp::Cas(self.compare_and_swap(Request::new(r)).await?.into_inner()),
+            Req::DeleteRange(r) => {
+                Resp::DeleteRange(self.delete_range(Request::new(r)).await?.into_inner())
+            }
+        })
+    }
+}
+
+type ResponseStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<proto::BatchCommandsResponse, Status>> + Send>,
+>;
+
 #[tonic::async_trait]
 impl Kv for KvService {
+    type BatchCommandsStream = ResponseStream;
+
+    /// Every request of the stream runs concurrently; answers are sent as they are
+    /// ready, as many per message as are ready together.
+    async fn batch_commands(
+        &self,
+        request: Request<Streaming<proto::BatchCommandsRequest>>,
+    ) -> Result<Response<Self::BatchCommandsStream>, Status> {
+        let mut incoming = request.into_inner();
+        let (answers, ready) = tokio::sync::mpsc::unbounded_channel();
+        let service = self.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(batch)) = incoming.message().await {
+                if let Some(store) = service.store.upgrade() {
+                    let counters = store.counters();
+                    counters.batch_messages_in.fetch_add(1, Ordering::Relaxed);
+                    counters
+                        .batch_requests_in
+                        .fetch_add(batch.requests.len() as u64, Ordering::Relaxed);
+                }
+                for request in batch.requests {
+                    let (service, answers) = (service.clone(), answers.clone());
+                    tokio::spawn(async move {
+                        let id = request.id;
+                        let response = match request.cmd {
+                            None => {
+                                Err(Status::invalid_argument("batch command without a request"))
+                            }
+                            Some(cmd) => service.run_command(cmd).await,
+                        };
+                        let response = match response {
+                            Ok(cmd) => proto::batch_commands_response::Response {
+                                id,
+                                cmd: Some(cmd),
+                                status_code: 0,
+                                status_message: String::new(),
+                            },
+                            Err(status) => proto::batch_commands_response::Response {
+                                id,
+                                cmd: None,
+                                status_code: status.code() as i32,
+                                status_message: status.message().to_string(),
+                            },
+                        };
+                        let _ = answers.send(response);
+                    });
+                }
+            }
+        });
+        let stream = futures_util::stream::unfold(ready, |mut ready| async move {
+            let first = ready.recv().await?;
+            let mut responses = vec![first];
+            while responses.len() < BATCH_RESPONSES_MAX {
+                match ready.try_recv() {
+                    Ok(response) => responses.push(response),
+                    Err(_) => break,
+                }
+            }
+            Some((Ok(proto::BatchCommandsResponse { responses }), ready))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn get(
         &self,
         request: Request<proto::GetRequest>,

@@ -118,6 +118,9 @@ impl RangeInfo {
 /// Counters for tests and metrics.
 #[derive(Debug, Default)]
 pub struct StoreCounters {
+    /// Batch-commands messages received, and the requests they carried.
+    pub batch_messages_in: AtomicU64,
+    pub batch_requests_in: AtomicU64,
     pub raft_messages_in: AtomicU64,
     pub heartbeats_in: AtomicU64,
     pub inbox_full: AtomicU64,

@@ -16,21 +16,7 @@
 //! [`Error::OutcomeUnknown`]. Errors that prove nothing was applied (`NotLeader`,
 //! `EpochNotMatch`, `ServerBusy`, ...) are always retried.
 //!
-//! ```no_run
-//! # async fn demo() -> Result<(), rangekv_client::Error> {
-//! use rangekv_client::{Client, Config};
-//!
-//! let client = Client::connect(&["http://127.0.0.1:2379"], Config::default()).await?;
-//! client.put(b"user42", b"hello").await?;
-//! assert_eq!(client.get(b"user42").await?, Some(b"hello".to_vec()));
-//! let swapped = client.compare_and_swap(b"user42", Some(b"hello"), Some(b"bye")).await?;
-//! assert!(swapped.succeeded);
-//! for (key, value) in client.scan(b"user", b"userz", 100).await? {
-//!     println!("{key:?} = {value:?}");
-//! }
-//! # Ok(())
-//! # }
-//! ```
+//! See [`Client`] for an example.
 
 mod batch;
 
@@ -190,6 +176,22 @@ struct Inner {
 }
 
 /// A handle to a rangekv cluster; cheap to clone, safe to share between tasks.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), rangekv_client::Error> {
+/// use rangekv_client::{Client, Config};
+///
+/// let client = Client::connect(&["http://127.0.0.1:2379"], Config::default()).await?;
+/// client.put(b"user42", b"hello").await?;
+/// assert_eq!(client.get(b"user42").await?, Some(b"hello".to_vec()));
+/// let swapped = client.compare_and_swap(b"user42", Some(b"hello"), Some(b"bye")).await?;
+/// assert!(swapped.succeeded);
+/// for (key, value) in client.scan(b"user", b"userz", 100).await? {
+///     println!("{key:?} = {value:?}");
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,

@@ -38,19 +38,13 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// YCSB core workloads A–F against rangekv or etcd.
-    Ycsb,
+    /// YCSB core workloads A–F against rangekv.
+    Ycsb(rangekv_bench::ycsb::YcsbArgs),
     /// The raft log engine, side by side with raft-engine and RocksDB.
     Log(rangekv_bench::log::LogBenchArgs),
     /// Stop the store leading the most ranges; time until every range is led and
     /// writable again.
     Failover(rangekv_bench::failover::FailoverArgs),
-}
-
-/// A subcommand whose issue has not landed: say so and fail.
-fn not_yet(what: &str, issue: &str) -> ExitCode {
-    eprintln!("rangekv {what}: not implemented yet (tracked by the {issue} issue)");
-    ExitCode::from(2)
 }
 
 /// Runs a subcommand on a multi-threaded tokio runtime; success exits 0.
@@ -97,7 +91,13 @@ fn main() -> ExitCode {
         Command::Local(args) => run_async("local", local::run_local(args)),
         Command::Kv(args) => run_with_status("kv", kv_cmd::run_kv(args)),
         Command::Ctl(args) => run_with_status("ctl", kv_cmd::run_ctl(args)),
-        Command::Bench(BenchCommand::Ycsb) => not_yet("bench ycsb", "YCSB bench"),
+        Command::Bench(BenchCommand::Ycsb(args)) => match rangekv_bench::ycsb::run_bench(&args) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("rangekv bench ycsb: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Bench(BenchCommand::Failover(args)) => match rangekv_bench::failover::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {

@@ -1,4 +1,4 @@
-//! The binary's command line: every subcommand exists; those not built yet fail loudly.
+//! The binary's command line: subcommands, their flags, their errors and exit codes.
 
 use std::process::Command;
 
@@ -26,10 +26,13 @@ fn unknown_subcommand_is_an_error() {
 }
 
 #[test]
-fn subcommands_not_built_yet_say_so_and_fail() {
-    let out = rangekv(&["bench", "ycsb"]);
+fn bench_ycsb_refuses_an_unknown_workload_or_property_naming_it() {
+    let out = rangekv(&["bench", "ycsb", "--workloads", "z"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not implemented yet"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown workload \"z\""));
+    let out = rangekv(&["bench", "ycsb", "-p", "readproportion=2"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("readproportion=2"));
 }
 
 #[test]

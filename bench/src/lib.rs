@@ -7,3 +7,4 @@
 pub mod failover;
 pub mod log;
 pub mod report;
+pub mod ycsb;

@@ -772,6 +772,11 @@ impl LogEngine {
         self.write_sync(batch)
     }
 
+    /// The largest batch [`LogEngine::write`] accepts.
+    pub fn batch_bytes_max(&self) -> usize {
+        self.shared().config.batch_bytes_max()
+    }
+
     /// The error that stopped the engine, if it has stopped on one.
     pub fn failure(&self) -> Option<LogError> {
         lock(&self.shared().failure).clone()

@@ -238,10 +238,20 @@ impl Store {
             {
                 worker.open_range(descriptor.clone(), true)?;
             }
+            let guard = shared.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("rangekv-worker-{index}"))
-                    .spawn(move || worker.run())?,
+                    .spawn(move || {
+                        // A panic (raft-rs calls `fatal!` on impossible input) must stop the
+                        // store, not leave its ranges silently dead.
+                        let run =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()));
+                        if run.is_err() {
+                            guard.stopped.store(true, Ordering::SeqCst);
+                            (guard.fatal)(format!("worker {index} panicked"));
+                        }
+                    })?,
             );
         }
         Ok(Arc::new(Store {
@@ -373,13 +383,12 @@ impl Store {
         }
         let workers = self.inboxes.len();
         let from = StoreId(batch.from_store);
-        if batch.tick {
-            self.shared
-                .last_heard
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(from, Instant::now());
-        }
+        // Any batch shows the sender alive (tick batches are only the guaranteed ones).
+        self.shared
+            .last_heard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(from, Instant::now());
         for envelope in batch.messages {
             let range = RangeId(envelope.range_id);
             let message = match <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(

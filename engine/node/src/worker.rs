@@ -130,6 +130,26 @@ pub(crate) struct Worker {
 }
 
 const DRAIN_MAX: usize = 4096;
+/// Payload bytes one loop iteration drains, proposes per range, and writes to the log
+/// in one batch (more goes in another batch of the same iteration, or the next one);
+/// at most a quarter of the log's largest batch, so that one range's Ready plus one
+/// more of the largest entry still fits in it.
+const LOOP_BYTES_TARGET: usize = 32 * 1024 * 1024;
+
+fn loop_bytes_target(shared: &StoreShared) -> usize {
+    LOOP_BYTES_TARGET.min(shared.log.batch_bytes_max() / 4)
+}
+
+impl Inbound {
+    /// Bytes of user data (entries, commands) the message carries.
+    fn payload_bytes(&self) -> usize {
+        match self {
+            Inbound::Raft { message, .. } => message.entries.iter().map(|e| e.data.len()).sum(),
+            Inbound::Write { command, .. } => command.encoded_len(),
+            Inbound::Heartbeats { .. } | Inbound::Read { .. } => 0,
+        }
+    }
+}
 
 impl Worker {
     pub fn new(
@@ -272,7 +292,12 @@ impl Worker {
     }
 
     fn wait_and_drain(&mut self) {
-        let timeout = self.next_tick.saturating_duration_since(Instant::now());
+        // Work left from the last iteration (a range touched again) must not wait.
+        let timeout = if self.touched.is_empty() {
+            self.next_tick.saturating_duration_since(Instant::now())
+        } else {
+            std::time::Duration::ZERO
+        };
         select! {
             recv(self.control) -> message => match message {
                 Ok(message) => self.on_control(message),
@@ -285,6 +310,9 @@ impl Worker {
             },
             default(timeout) => {},
         }
+        // Bounded by count and by payload bytes, so one loop's log write stays far
+        // below the log engine's largest batch.
+        let mut bytes = 0;
         for _ in 0..DRAIN_MAX {
             let mut progressed = false;
             if let Ok(message) = self.control.try_recv() {
@@ -292,10 +320,11 @@ impl Worker {
                 progressed = true;
             }
             if let Ok(message) = self.inbox.try_recv() {
+                bytes += message.payload_bytes();
                 self.on_inbound(message);
                 progressed = true;
             }
-            if !progressed || self.shutdown {
+            if !progressed || self.shutdown || bytes >= loop_bytes_target(&self.shared) {
                 break;
             }
         }
@@ -443,6 +472,8 @@ impl Worker {
         };
         let raft = &peer.replica.raw.raft;
         if raft.state == StateRole::Follower && raft.term == term && raft.leader_id == from_peer {
+            // Heard from the leader: a later silence of its store may hasten again.
+            peer.hastened_in_term = 0;
             peer.set_quiesced(true);
             self.awake.remove(&range);
         }
@@ -475,10 +506,13 @@ impl Worker {
         let silent = self.shared.silent_stores(election_timeout, self.started);
         if !silent.is_empty() {
             for (range, peer) in &mut self.peers {
-                // A follower whose leader's store sent no tick batch for an election
-                // timeout stops waiting: it wakes and campaigns within a few ticks.
+                // A quiesced follower whose leader's store sent nothing for an
+                // election timeout stops waiting: it wakes and campaigns in a few ticks.
                 let raft = &mut peer.replica.raw.raft;
-                if raft.state != StateRole::Follower
+                // Only quiesced followers: awake ones count raft's own election timer
+                // from the last message they got, which is what lease safety rests on.
+                if !peer.quiesced
+                    || raft.state != StateRole::Follower
                     || raft.leader_id == raft::INVALID_ID
                     || peer.hastened_in_term == raft.term
                 {
@@ -570,11 +604,14 @@ impl Worker {
         // Proposals and reads first: they join this iteration's Ready.
         for range in &touched {
             if let Some(peer) = self.peers.get_mut(range) {
-                propose_writes(peer, now);
+                propose_writes(peer, now, loop_bytes_target(&self.shared));
                 peer.replica.flush_reads(now);
+                if !peer.writes.is_empty() {
+                    self.touched.insert(*range);
+                }
             }
         }
-        let seq = self.next_seq;
+        let mut seq = self.next_seq;
         let mut batch = LogBatch::new();
         let mut record = Persisting {
             seq,
@@ -583,6 +620,14 @@ impl Worker {
         let mut committed = Vec::new();
         let mut not_served = Vec::new();
         for range in &touched {
+            if batch.bytes() >= loop_bytes_target(&self.shared) {
+                self.submit(std::mem::take(&mut batch), record);
+                seq = self.next_seq;
+                record = Persisting {
+                    seq,
+                    readies: Vec::new(),
+                };
+            }
             let Some(peer) = self.peers.get_mut(range) else {
                 continue;
             };
@@ -647,18 +692,27 @@ impl Worker {
                 kind: Some(proto::error::Kind::NotLeader(proto::NotLeader::default())),
             }));
         }
-        if !record.readies.is_empty() {
-            self.next_seq += 1;
-            self.persisting.push_back(record);
-            let control = self.control_sender.clone();
-            self.shared.log.write(batch, move |result| {
-                let _ = control.send(Control::Persisted { seq, result });
-            });
-        }
+        self.submit(batch, record);
         self.shared.transport.flush();
         if !committed.is_empty() {
             self.apply(committed);
         }
+    }
+
+    /// Hands one log write (the `Ready`s in `record`) to the log engine; its
+    /// completion comes back as `Control::Persisted`.
+    fn submit(&mut self, batch: LogBatch, record: Persisting) {
+        if record.readies.is_empty() {
+            return;
+        }
+        let seq = record.seq;
+        debug_assert_eq!(seq, self.next_seq);
+        self.next_seq += 1;
+        self.persisting.push_back(record);
+        let control = self.control_sender.clone();
+        self.shared.log.write(batch, move |result| {
+            let _ = control.send(Control::Persisted { seq, result });
+        });
     }
 
     fn on_persisted(&mut self, seq: u64, result: Result<(), LogError>) {
@@ -811,11 +865,9 @@ impl Worker {
             for (_, respond) in peer.writes.drain(..) {
                 let _ = respond.send(Err(internal(why)));
             }
-            for responders in peer.replica.drain_proposals() {
-                for respond in responders {
-                    let _ = respond.send(Err(internal(why)));
-                }
-            }
+            // Proposed entries may still commit under another leader: dropping their
+            // responders tells clients the outcome is unknown (never "not applied").
+            drop(peer.replica.drain_proposals());
         }
     }
 }
@@ -899,7 +951,7 @@ fn propose_compaction(peer: &mut Peer, gc_entries: u64) -> bool {
 
 /// Proposes the writes gathered for `peer` this iteration as one entry (or a few,
 /// when they exceed the entry size target).
-fn propose_writes(peer: &mut Peer, now: Instant) {
+fn propose_writes(peer: &mut Peer, now: Instant, bytes_target: usize) {
     if peer.writes.is_empty() {
         return;
     }
@@ -914,7 +966,9 @@ fn propose_writes(peer: &mut Peer, now: Instant) {
     let mut responders = Vec::new();
     let mut bytes = 0;
     let mut chunks = Vec::new();
-    for (command, respond) in writes {
+    let mut proposed = 0;
+    let mut writes = writes.into_iter();
+    for (command, respond) in writes.by_ref() {
         let size = command.encoded_len();
         // An entry never grows past the target with a second command; a single
         // command is bounded by the request limit.
@@ -926,9 +980,15 @@ fn propose_writes(peer: &mut Peer, now: Instant) {
             bytes = 0;
         }
         bytes += size;
+        proposed += size;
         commands.push(command);
         responders.push(respond);
+        if proposed >= bytes_target {
+            break;
+        }
     }
+    // The rest waits for the next iteration (the caller keeps the range touched).
+    peer.writes.extend(writes);
     if !commands.is_empty() {
         chunks.push((commands, responders));
     }

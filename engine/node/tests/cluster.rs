@@ -567,3 +567,24 @@ async fn a_range_going_idle_drops_its_applied_log() {
     assert_eq!(cluster.get(&key(1)).await, Some(b"v19".to_vec()));
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_large_writes_in_one_loop_are_split_over_several_log_writes() {
+    // Segments of 8 MiB: one log write takes at most that. 24 concurrent 1 MiB puts
+    // arrive in one loop; written as one batch they would stop the store.
+    let cluster = Cluster::start_with(3, Vec::new(), |config| {
+        config.log.segment_bytes = 8 << 20;
+    })
+    .await;
+    let puts = (0..24).map(|i| {
+        let key = key(i);
+        let cluster = &cluster;
+        async move { cluster.put(&key, &vec![i as u8; 1 << 20]).await }
+    });
+    futures_util::future::join_all(puts).await;
+    for i in 0..24 {
+        assert_eq!(cluster.get(&key(i)).await, Some(vec![i as u8; 1 << 20]));
+    }
+    assert!(cluster.running().all(|(_, n)| !n.store().is_stopped()));
+    cluster.shutdown().await;
+}

@@ -48,6 +48,8 @@ impl ReplicaConfig {
             pre_vote: true,
             check_quorum: true,
             batch_append: true,
+            // Bounds one apply batch (and its memory) after a restart with a backlog.
+            max_committed_size_per_ready: 16 * 1024 * 1024,
             ..Default::default()
         };
         config.validate()?;

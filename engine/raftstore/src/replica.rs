@@ -196,11 +196,13 @@ impl<S: Storage, P, R> Replica<S, P, R> {
         P: Sized,
     {
         while let Some(front) = self.proposals.front() {
-            if front.index > index {
+            // Terms never decrease along a log: once an entry of `term` applies, no
+            // later index can hold a proposal of an older term.
+            if front.index > index && front.term >= term {
                 return None;
             }
             let pending = self.proposals.pop_front()?;
-            if pending.index < index || pending.term != term {
+            if pending.index != index || pending.term != term {
                 dropped.push(pending.callback);
                 continue;
             }
@@ -255,9 +257,12 @@ impl<S: Storage, P, R> Replica<S, P, R> {
         Ok(None)
     }
 
-    /// Sends this loop's gathered reads to raft as one ReadIndex request.
+    /// Sends this loop's gathered reads to raft as one ReadIndex request (once this
+    /// leader has committed an entry of its term).
     pub fn flush_reads(&mut self, now: Instant) {
-        if self.reads_gathering.is_empty() {
+        // raft-rs drops a ReadIndex on a leader that has not committed an entry of its
+        // term yet; keep gathering until it has (its first commit touches the range).
+        if self.reads_gathering.is_empty() || !self.raw.raft.commit_to_current_term() {
             return;
         }
         let id = self.next_read_id;

@@ -61,9 +61,10 @@ test: deps
 	$(MAKE) --no-print-directory unit-test
 
 # A local cluster: PD on 127.0.0.1:2379, nodes on 20160-20162, data under
-# ./rangekv-local (kept between runs). Ctrl-C stops it.
+# ./rangekv-local (kept between runs); loads 100,000 YCSB records, runs 15 s of
+# YCSB-A with a live progress line, prints the summary, then serves until Ctrl-C.
 run: release
-	$(CARGO_TARGET_DIR)/release/rangekv local --dir rangekv-local
+	$(CARGO_TARGET_DIR)/release/rangekv local --dir rangekv-local --demo-records 100000 --demo-seconds 15
 
 bench-log: release
 	$(CARGO_TARGET_DIR)/release/rangekv bench log --ranges 100 --writers 64 --entry-bytes 1024 --seconds 5 --compare raft-engine,rocksdb

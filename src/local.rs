@@ -34,6 +34,13 @@ pub struct LocalArgs {
     /// Node config file passed to every node (see deploy/node.toml).
     #[arg(long)]
     pub node_config: Option<PathBuf>,
+    /// Once ready, load this many YCSB records and run a short YCSB-A against the
+    /// cluster (with a live progress line), then keep serving. 0: no demo.
+    #[arg(long, default_value_t = 0)]
+    pub demo_records: u64,
+    /// Seconds the demo's YCSB-A runs.
+    #[arg(long, default_value_t = 10)]
+    pub demo_seconds: u64,
     /// Seconds to wait for every range to elect a leader.
     #[arg(long, default_value_t = 60)]
     pub ready_timeout_secs: u64,
@@ -228,6 +235,39 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<()> {
         "  {ranges} ranges, 3 replicas each; data and logs under {}",
         dir.display()
     );
+    if args.demo_records > 0 {
+        println!(
+            "loading {} YCSB records, then {} s of YCSB-A (256 threads) against it",
+            args.demo_records, args.demo_seconds
+        );
+        let demo = rangekv_bench::ycsb::YcsbArgs {
+            workloads: vec!["a".into()],
+            properties: vec![format!("recordcount={}", args.demo_records)],
+            phase: "both".into(),
+            threads: 256,
+            duration_secs: Some(args.demo_seconds as f64),
+            operations: None,
+            target: None,
+            pd: vec![pd_url.clone()],
+            initial_ranges: 0,
+            json: None,
+            quiet: false,
+        };
+        // The bench drives its own runtime: run it on a blocking thread.
+        match tokio::task::spawn_blocking(move || rangekv_bench::ycsb::run_bench(&demo)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => eprintln!("demo workload failed: {error:#}"),
+            Err(error) => eprintln!("demo workload failed: {error}"),
+        }
+        let exe = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "rangekv".into());
+        println!("The cluster keeps serving. Try:");
+        println!("  {exe} kv --pd {pd_url} put hello world");
+        println!("  {exe} kv --pd {pd_url} get hello");
+        println!("  {exe} kv --pd {pd_url} scan user user~ --limit 5");
+        println!("  {exe} ctl --pd {pd_url} ranges");
+    }
     println!("Press Ctrl-C to stop.");
     let mut watch = tokio::time::interval(Duration::from_millis(500));
     let result = loop {

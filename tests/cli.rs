@@ -115,6 +115,11 @@ fn local_cluster_starts_serves_and_stops_on_sigterm() {
             &node_port,
             "--initial-ranges",
             "4",
+            // What `make run` does, in small: load, a short YCSB-A, a summary.
+            "--demo-records",
+            "300",
+            "--demo-seconds",
+            "1",
         ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
@@ -134,6 +139,17 @@ fn local_cluster_starts_serves_and_stops_on_sigterm() {
         }
     }
     assert!(banner.iter().any(|l| l.contains("4 ranges")), "{banner:?}");
+    assert!(
+        banner
+            .iter()
+            .any(|l| l.starts_with("[rangekv] load: ") && l.contains(" 300 operations, 0 errors")),
+        "{banner:?}"
+    );
+    assert!(
+        banner.iter().any(|l| l.starts_with("[rangekv] a: ")),
+        "{banner:?}"
+    );
+    assert!(banner.iter().any(|l| l.contains("kv --pd")), "{banner:?}");
     let nodes: Vec<_> = banner
         .iter()
         .filter(|l| l.trim_start().starts_with("node"))

@@ -9,7 +9,10 @@ export CARGO_TARGET_DIR CARGO_BUILD_JOBS
 # Debian packages the build and the tests need:
 #   clang, libclang-dev  bindgen for the RocksDB bindings (librocksdb-sys)
 #   python3-seccomp      runs the log tests under a seccomp filter denying io_uring
-APT_PACKAGES := clang libclang-dev python3-seccomp
+#   protobuf-compiler    protoc on PATH for the etcd-client crate's build (bench only;
+#                        our own protos use the vendored protoc)
+#   etcd-server          etcd 3.4, the YCSB bench's yardstick (--compare etcd)
+APT_PACKAGES := clang libclang-dev python3-seccomp protobuf-compiler etcd-server
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] && echo "" || (command -v sudo >/dev/null 2>&1 && echo sudo || echo MISSING))
 

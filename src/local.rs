@@ -252,6 +252,8 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<()> {
             initial_ranges: 0,
             json: None,
             quiet: false,
+            compare: Vec::new(),
+            etcd: "local".into(),
         };
         // The bench drives its own runtime: run it on a blocking thread.
         match tokio::task::spawn_blocking(move || rangekv_bench::ycsb::run_bench(&demo)).await {

@@ -11,6 +11,7 @@
 //! update put the fields they carry (an update of one field writes that field only),
 //! read gets the value, scan reads `count` records from the start key on.
 
+pub mod etcd;
 pub mod generator;
 pub mod workload;
 
@@ -65,29 +66,45 @@ pub struct YcsbArgs {
     /// No live progress line.
     #[arg(long)]
     pub quiet: bool,
+    /// Also run the same workloads against this system, in this invocation, and
+    /// print the ratio: `etcd`.
+    #[arg(long, value_delimiter = ',')]
+    pub compare: Vec<String>,
+    /// etcd endpoints for `--compare etcd`, comma-separated, or `local`: the bench
+    /// starts a 3-member etcd 3.4 on loopback and stops it after.
+    #[arg(long, default_value = "local")]
+    pub etcd: String,
 }
 
 /// The data store under test.
 pub enum Driver {
     Rangekv(Client),
+    Etcd(Box<etcd_client::Client>),
 }
 
 impl Driver {
     pub fn name(&self) -> &'static str {
         match self {
             Driver::Rangekv(_) => "rangekv",
+            Driver::Etcd(_) => "etcd",
         }
     }
 
     async fn read(&self, key: &str) -> anyhow::Result<bool> {
         match self {
             Driver::Rangekv(client) => Ok(client.get(key.as_bytes()).await?.is_some()),
+            // Linearizable (etcd's default), like rangekv's reads.
+            Driver::Etcd(client) => Ok(!(**client).clone().get(key, None).await?.kvs().is_empty()),
         }
     }
 
     async fn write(&self, key: &str, value: &[u8]) -> anyhow::Result<()> {
         match self {
             Driver::Rangekv(client) => Ok(client.put(key.as_bytes(), value).await?),
+            Driver::Etcd(client) => {
+                (**client).clone().put(key, value, None).await?;
+                Ok(())
+            }
         }
     }
 
@@ -97,6 +114,17 @@ impl Driver {
                 .scan(start.as_bytes(), b"", count as usize)
                 .await?
                 .len()),
+            Driver::Etcd(client) => {
+                let options = etcd_client::GetOptions::new()
+                    .with_from_key()
+                    .with_limit(count as i64);
+                Ok((**client)
+                    .clone()
+                    .get(start, Some(options))
+                    .await?
+                    .kvs()
+                    .len())
+            }
         }
     }
 }
@@ -407,6 +435,34 @@ fn print_table(result: &PhaseResult) {
     }
 }
 
+/// rangekv beside each other system, per phase: throughput ratio and latencies.
+fn print_comparison(results: &[PhaseResult]) {
+    println!(
+        "\n{:<10} {:<8} {:>12} {:>10} {:>10} {:>8}",
+        "workload", "system", "ops/s", "p50 µs", "p99 µs", "ratio"
+    );
+    for ours in results.iter().filter(|r| r.system == "rangekv") {
+        println!(
+            "{:<10} {:<8} {:>12.0} {:>10} {:>10} {:>8}",
+            ours.workload, ours.system, ours.ops_per_sec, ours.p50_us, ours.p99_us, ""
+        );
+        for theirs in results
+            .iter()
+            .filter(|r| r.system != "rangekv" && r.workload == ours.workload)
+        {
+            println!(
+                "{:<10} {:<8} {:>12.0} {:>10} {:>10} {:>7.2}x",
+                "",
+                theirs.system,
+                theirs.ops_per_sec,
+                theirs.p50_us,
+                theirs.p99_us,
+                ours.ops_per_sec / theirs.ops_per_sec.max(1e-9)
+            );
+        }
+    }
+}
+
 pub fn run_bench(args: &YcsbArgs) -> anyhow::Result<Vec<PhaseResult>> {
     anyhow::ensure!(args.threads >= 1, "--threads must be at least 1");
     anyhow::ensure!(
@@ -445,24 +501,48 @@ pub fn run_bench(args: &YcsbArgs) -> anyhow::Result<Vec<PhaseResult>> {
         };
         let endpoints: Vec<&str> = endpoints.iter().map(String::as_str).collect();
         let client = Client::connect(&endpoints, Config::default()).await?;
-        let driver = Arc::new(Driver::Rangekv(client));
+        let mut drivers = vec![Arc::new(Driver::Rangekv(client))];
+        let mut local_etcd = None;
+        for other in &args.compare {
+            anyhow::ensure!(
+                other == "etcd",
+                "--compare {other:?}: only etcd is supported"
+            );
+            let endpoints = if args.etcd == "local" {
+                let started = etcd::LocalEtcd::start().await?;
+                let endpoints = started.endpoints.clone();
+                local_etcd = Some(started);
+                endpoints
+            } else {
+                args.etcd.split(',').map(str::to_string).collect()
+            };
+            drivers.push(Arc::new(Driver::Etcd(Box::new(
+                etcd_client::Client::connect(&endpoints, None).await?,
+            ))));
+        }
         let mut results = Vec::new();
         let first = workloads[0].clone();
-        if args.phase != "run" {
-            let result = load(driver.clone(), first.clone(), args.threads, args.quiet).await;
-            print_table(&result);
-            results.push(result);
-        }
-        if args.phase != "load" {
-            for w in &workloads {
-                let inserts = Arc::new(AcknowledgedCounter::new(
-                    w.insertstart + w.records_to_load(),
-                ));
-                let result = run(driver.clone(), w.clone(), args, inserts).await?;
+        for driver in &drivers {
+            if args.phase != "run" {
+                let result = load(driver.clone(), first.clone(), args.threads, args.quiet).await;
                 print_table(&result);
                 results.push(result);
             }
+            if args.phase != "load" {
+                for w in &workloads {
+                    let inserts = Arc::new(AcknowledgedCounter::new(
+                        w.insertstart + w.records_to_load(),
+                    ));
+                    let result = run(driver.clone(), w.clone(), args, inserts).await?;
+                    print_table(&result);
+                    results.push(result);
+                }
+            }
         }
+        if drivers.len() > 1 {
+            print_comparison(&results);
+        }
+        drop(local_etcd);
         if let Some(path) = &args.json {
             let report = serde_json::json!({
                 "results": results,
@@ -473,6 +553,7 @@ pub fn run_bench(args: &YcsbArgs) -> anyhow::Result<Vec<PhaseResult>> {
                     "operations": args.operations,
                     "properties": first.as_properties(),
                     "embedded_cluster": args.pd.is_empty(),
+                    "compare": args.compare,
                 },
                 "commit": COMMIT,
             });
@@ -505,6 +586,8 @@ mod tests {
             initial_ranges: 4,
             json: Some(json.clone()),
             quiet: true,
+            compare: Vec::new(),
+            etcd: "local".into(),
         };
         let results = run_bench(&args).unwrap();
         assert_eq!(results.len(), 7, "load and six runs");
@@ -522,5 +605,45 @@ mod tests {
         assert_eq!(report["results"][1]["system"], "rangekv");
         assert_eq!(report["results"][1]["workload"], "a");
         assert!(report["results"][1]["ops_per_sec"].as_f64().unwrap() > 0.0);
+    }
+
+    #[test]
+    fn a_tiny_comparison_with_a_local_etcd_runs_both_and_reports_both() {
+        let args = YcsbArgs {
+            workloads: vec!["a".into(), "e".into()],
+            properties: vec!["recordcount=100".into()],
+            phase: "both".into(),
+            threads: 4,
+            duration_secs: None,
+            operations: Some(100),
+            target: None,
+            pd: Vec::new(),
+            initial_ranges: 2,
+            json: None,
+            quiet: true,
+            compare: vec!["etcd".into()],
+            etcd: "local".into(),
+        };
+        let results = run_bench(&args).unwrap();
+        let systems: Vec<(&str, &str)> = results
+            .iter()
+            .map(|r| (r.system.as_str(), r.workload.as_str()))
+            .collect();
+        assert_eq!(
+            systems,
+            vec![
+                ("rangekv", "load"),
+                ("rangekv", "a"),
+                ("rangekv", "e"),
+                ("etcd", "load"),
+                ("etcd", "a"),
+                ("etcd", "e")
+            ]
+        );
+        for r in &results {
+            assert_eq!(r.errors, 0, "{r:?}");
+            assert_eq!(r.operations, 100, "{r:?}");
+        }
+        assert!(results[5].by_operation.contains_key("SCAN"));
     }
 }

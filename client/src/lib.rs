@@ -245,6 +245,16 @@ fn check(keys: &[&[u8]], values: &[&[u8]]) -> Result<()> {
     Ok(())
 }
 
+/// The end of a request's part within a range: the nearer of `end` and `range_end`
+/// (either empty means +infinity).
+fn span_end(end: &[u8], range_end: &[u8]) -> Vec<u8> {
+    match (end.is_empty(), range_end.is_empty()) {
+        (true, _) => range_end.to_vec(),
+        (false, true) => end.to_vec(),
+        (false, false) => end.min(range_end).to_vec(),
+    }
+}
+
 /// Whether a write refused with `status` certainly did not apply.
 fn certainly_not_applied(status: &Status) -> bool {
     status.code() == Code::ResourceExhausted || status.code() == Code::InvalidArgument
@@ -671,11 +681,7 @@ impl Client {
             let page = (limit - seen).min(self.inner.config.scan_page_keys as usize) as u32;
             let range = self.route(&from).await?;
             let range_end = range.descriptor.end_key.to_vec();
-            let stop = match (end.is_empty(), range_end.is_empty()) {
-                (true, _) => range_end.clone(),
-                (false, true) => end.to_vec(),
-                (false, false) => end.min(&range_end[..]).to_vec(),
-            };
+            let stop = span_end(end, &range_end);
             let (pairs, resume) = self
                 .on_range(&from.clone(), true, |conn, header| {
                     let (from, stop) = (from.clone(), stop.clone());
@@ -717,11 +723,7 @@ impl Client {
         while end.is_empty() || from.as_slice() < end {
             let range = self.route(&from).await?;
             let range_end = range.descriptor.end_key.to_vec();
-            let stop = match (end.is_empty(), range_end.is_empty()) {
-                (true, _) => range_end.clone(),
-                (false, true) => end.to_vec(),
-                (false, false) => end.min(&range_end[..]).to_vec(),
-            };
+            let stop = span_end(end, &range_end);
             self.on_range(&from.clone(), true, |conn, header| {
                 let (from, stop) = (from.clone(), stop.clone());
                 async move {

@@ -154,6 +154,16 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(budget: u64) -> Self {
+        Shared {
+            done: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            budget: AtomicU64::new(budget),
+            stop: AtomicBool::new(false),
+            live: Mutex::new(latency_histogram()),
+        }
+    }
+
     fn take_one(&self) -> bool {
         self.budget
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
@@ -204,6 +214,41 @@ async fn progress(shared: Arc<Shared>, label: String, quiet: bool) {
     bar.finish_and_clear();
 }
 
+/// Records a finished operation: its latency, or an error.
+fn outcome(
+    histograms: &mut BTreeMap<Op, Histogram<u64>>,
+    shared: &Shared,
+    op: Op,
+    began: Instant,
+    result: anyhow::Result<()>,
+) {
+    match result {
+        Ok(()) => record(histograms, shared, op, began.elapsed().as_micros() as u64),
+        Err(_) => {
+            shared.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+type Histograms = BTreeMap<Op, Histogram<u64>>;
+
+/// Waits for a phase's threads, then stops its progress line.
+async fn finish(
+    tasks: Vec<tokio::task::JoinHandle<Histograms>>,
+    shared: &Shared,
+    bar: tokio::task::JoinHandle<()>,
+    start: Instant,
+) -> (Vec<Histograms>, Duration) {
+    let mut histograms = Vec::new();
+    for task in tasks {
+        histograms.push(task.await.unwrap_or_default());
+    }
+    let elapsed = start.elapsed();
+    shared.stop.store(true, Ordering::Relaxed);
+    let _ = bar.await;
+    (histograms, elapsed)
+}
+
 fn summarize(
     system: &str,
     workload: &str,
@@ -242,13 +287,7 @@ async fn load(driver: Arc<Driver>, w: Arc<Workload>, threads: usize, quiet: bool
     let total = w.records_to_load();
     let next = Arc::new(AtomicU64::new(w.insertstart));
     let end = w.insertstart + total;
-    let shared = Arc::new(Shared {
-        done: AtomicU64::new(0),
-        errors: AtomicU64::new(0),
-        budget: AtomicU64::new(total),
-        stop: AtomicBool::new(false),
-        live: Mutex::new(latency_histogram()),
-    });
+    let shared = Arc::new(Shared::new(total));
     let bar = tokio::spawn(progress(
         shared.clone(),
         format!("{} load", driver.name()),
@@ -269,28 +308,13 @@ async fn load(driver: Arc<Driver>, w: Arc<Workload>, threads: usize, quiet: bool
                 }
                 let value = w.record(&mut rng, &fields);
                 let began = Instant::now();
-                match driver.write(&w.key(keynum), &value).await {
-                    Ok(()) => record(
-                        &mut histograms,
-                        &shared,
-                        Op::Insert,
-                        began.elapsed().as_micros() as u64,
-                    ),
-                    Err(_) => {
-                        shared.errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+                let result = driver.write(&w.key(keynum), &value).await;
+                outcome(&mut histograms, &shared, Op::Insert, began, result);
             }
             histograms
         }));
     }
-    let mut histograms = Vec::new();
-    for task in tasks {
-        histograms.push(task.await.unwrap_or_default());
-    }
-    let elapsed = start.elapsed();
-    shared.stop.store(true, Ordering::Relaxed);
-    let _ = bar.await;
+    let (histograms, elapsed) = finish(tasks, &shared, bar, start).await;
     summarize(
         driver.name(),
         "load",
@@ -315,13 +339,7 @@ async fn run(
     let deadline = args
         .duration_secs
         .map(|s| Instant::now() + Duration::from_secs_f64(s));
-    let shared = Arc::new(Shared {
-        done: AtomicU64::new(0),
-        errors: AtomicU64::new(0),
-        budget: AtomicU64::new(budget),
-        stop: AtomicBool::new(false),
-        live: Mutex::new(latency_histogram()),
-    });
+    let shared = Arc::new(Shared::new(budget));
     let label = format!("{} workload {}", driver.name(), w.name);
     let bar = tokio::spawn(progress(shared.clone(), label, args.quiet));
     let interval = args
@@ -374,28 +392,12 @@ async fn run(
                         (Op::ReadModifyWrite, result)
                     }
                 };
-                match result {
-                    Ok(()) => record(
-                        &mut histograms,
-                        &shared,
-                        op,
-                        began.elapsed().as_micros() as u64,
-                    ),
-                    Err(_) => {
-                        shared.errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+                outcome(&mut histograms, &shared, op, began, result);
             }
             histograms
         }));
     }
-    let mut histograms = Vec::new();
-    for task in tasks {
-        histograms.push(task.await.unwrap_or_default());
-    }
-    let elapsed = start.elapsed();
-    shared.stop.store(true, Ordering::Relaxed);
-    let _ = bar.await;
+    let (histograms, elapsed) = finish(tasks, &shared, bar, start).await;
     Ok(summarize(
         driver.name(),
         &w.name,

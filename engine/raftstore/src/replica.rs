@@ -396,6 +396,150 @@ mod tests {
         assert!(distinct.len() > 3, "timeouts spread: {runs:?}");
     }
 
+    type Node = Replica<MemStorage, u32, u32>;
+
+    fn node(id: u64) -> Node {
+        let storage = MemStorage::new_with_conf_state(ConfState::from((vec![1, 2, 3], vec![])));
+        let config = ReplicaConfig::default().raft_config(PeerId(id), 0).unwrap();
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        Replica::new(
+            RawNode::new(&config, storage, &logger).unwrap(),
+            0,
+            Duration::from_millis(800),
+            id,
+        )
+    }
+
+    /// Handles every node's Ready synchronously (persist, apply, deliver) until quiet;
+    /// returns the reads released by apply or read states.
+    fn pump(nodes: &mut [Node], deliver: bool) -> Vec<u32> {
+        let mut released = Vec::new();
+        loop {
+            let mut messages = Vec::new();
+            for node in nodes.iter_mut() {
+                if !node.raw.has_ready() {
+                    continue;
+                }
+                let mut ready = node.raw.ready();
+                if let Some(soft) = ready.ss() {
+                    let mut lost = Vec::new();
+                    node.on_role(soft.raft_state, &mut lost);
+                }
+                messages.extend(ready.take_messages());
+                node.raw.mut_store().wl().append(ready.entries()).unwrap();
+                if let Some(hs) = ready.hs() {
+                    node.raw.mut_store().wl().set_hardstate(hs.clone());
+                }
+                node.on_read_states(ready.take_read_states(), &mut released);
+                let committed = ready.take_committed_entries();
+                messages.extend(ready.take_persisted_messages());
+                let mut light = node.raw.advance(ready);
+                messages.extend(light.take_messages());
+                let last = committed
+                    .iter()
+                    .chain(light.committed_entries().iter())
+                    .map(|e| e.index)
+                    .max();
+                if let Some(last) = last {
+                    node.on_applied(last, &mut released);
+                }
+            }
+            if messages.is_empty() || !deliver {
+                return released;
+            }
+            for message in messages {
+                let to = message.to as usize - 1;
+                let _ = nodes[to].step(message);
+            }
+        }
+    }
+
+    #[test]
+    fn reads_wait_for_the_new_leaders_first_commit_then_are_answered() {
+        let mut nodes = vec![node(1), node(2), node(3)];
+        nodes[0].raw.campaign().unwrap();
+        // Elect node 1 but hold back the appends of its first (empty) entry.
+        let mut elected = false;
+        let mut held = Vec::new();
+        for _ in 0..10 {
+            let mut messages = Vec::new();
+            for node in nodes.iter_mut() {
+                if !node.raw.has_ready() {
+                    continue;
+                }
+                let mut ready = node.raw.ready();
+                if let Some(soft) = ready.ss() {
+                    node.on_role(soft.raft_state, &mut Vec::new());
+                }
+                node.raw.mut_store().wl().append(ready.entries()).unwrap();
+                if let Some(hs) = ready.hs() {
+                    node.raw.mut_store().wl().set_hardstate(hs.clone());
+                }
+                messages.extend(ready.take_messages());
+                messages.extend(ready.take_persisted_messages());
+                let mut light = node.raw.advance(ready);
+                messages.extend(light.take_messages());
+            }
+            if nodes[0].is_leader() {
+                elected = true;
+                held = messages;
+                break;
+            }
+            for message in messages {
+                let to = message.to as usize - 1;
+                let _ = nodes[to].step(message);
+            }
+        }
+        assert!(elected);
+        assert!(!nodes[0].raw.raft.commit_to_current_term());
+        let now = Instant::now();
+        assert!(
+            matches!(nodes[0].read(now, 7), Ok(None)),
+            "no lease yet: gathered"
+        );
+        nodes[0].flush_reads(now);
+        assert_eq!(
+            nodes[0].raw.raft.pending_read_count(),
+            0,
+            "not sent before the first commit"
+        );
+        // Let the first entry commit; the read is then sent and answered.
+        for message in held {
+            let to = message.to as usize - 1;
+            let _ = nodes[to].step(message);
+        }
+        let mut answered = pump(&mut nodes, true);
+        assert!(nodes[0].raw.raft.commit_to_current_term());
+        nodes[0].flush_reads(now);
+        answered.extend(pump(&mut nodes, true));
+        assert_eq!(answered, vec![7]);
+        assert!(!nodes[0].has_pending_requests());
+    }
+
+    #[test]
+    fn proposals_of_an_older_term_are_dropped_once_a_newer_entry_applies() {
+        let mut nodes = vec![node(1), node(2), node(3)];
+        nodes[0].raw.campaign().unwrap();
+        pump(&mut nodes, true);
+        assert!(nodes[0].is_leader());
+        let term = nodes[0].term();
+        let last = nodes[0].raw.raft.raft_log.last_index();
+        for callback in 0..3 {
+            nodes[0]
+                .propose(Instant::now(), b"x".to_vec(), callback)
+                .unwrap();
+        }
+        // Another leader's entry of a newer term took index last + 1: every proposal
+        // above it is of an older term and can never apply.
+        let mut dropped = Vec::new();
+        assert_eq!(
+            nodes[0].take_outcome(last + 1, term + 1, &mut dropped),
+            None
+        );
+        assert_eq!(dropped, vec![0, 1, 2]);
+        assert!(!nodes[0].has_pending_requests());
+    }
+
     #[test]
     fn a_follower_refuses_proposals_and_reads_naming_no_leader() {
         let mut replica = replica(1);

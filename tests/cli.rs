@@ -39,27 +39,22 @@ fn bench_ycsb_refuses_an_unknown_workload_or_property_naming_it() {
 fn node_refuses_a_bad_config_file_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("node.toml");
-    std::fs::write(&config, "workers = 0\n").unwrap();
-    let out = rangekv(&[
-        "node",
-        "--data-dir",
-        dir.path().join("data").to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-    ]);
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("workers is 0"), "{stderr}");
-    std::fs::write(&config, "no_such_key = 1\n").unwrap();
-    let out = rangekv(&[
-        "node",
-        "--data-dir",
-        dir.path().join("data").to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-    ]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_key"));
+    for (text, named) in [
+        ("workers = 0\n", "workers is 0"),
+        ("no_such_key = 1\n", "no_such_key"),
+    ] {
+        std::fs::write(&config, text).unwrap();
+        let out = rangekv(&[
+            "node",
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(named), "{stderr}");
+    }
 }
 
 #[test]

@@ -48,6 +48,10 @@ macro_rules! reply {
 pub struct Config {
     /// Deadline of one client call, retries included.
     pub timeout: Duration,
+    /// Deadline of one attempt of a call that may be repeated (all but CAS): a store
+    /// that stops answering (a paused process, a half-open connection) costs this
+    /// much, then the next replica is tried. A CAS waits for its whole `timeout`.
+    pub attempt_timeout: Duration,
     /// Deadline of connecting to PD or a store.
     pub connect_timeout: Duration,
     /// First and largest backoff between retries (with jitter).
@@ -61,6 +65,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             timeout: Duration::from_secs(10),
+            attempt_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(2),
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_millis(500),
@@ -431,7 +436,10 @@ impl Client {
                 epoch: route.descriptor.epoch,
                 stale_read: false,
             };
-            let remaining = deadline.saturating_duration_since(Instant::now());
+            let mut remaining = deadline.saturating_duration_since(Instant::now());
+            if retry_unknown {
+                remaining = remaining.min(self.inner.config.attempt_timeout);
+            }
             let next = match self.store(store).await {
                 // Not connected: nothing was sent.
                 Err(error) => {
@@ -459,7 +467,8 @@ impl Client {
                     }
                     Ok(Err(status)) => Next::Fail(Error::OutcomeUnknown(status.to_string())),
                     Err(_) if retry_unknown => {
-                        last = "attempt timed out".into();
+                        last = format!("store {store} did not answer in {remaining:?}");
+                        tried += 1;
                         Next::Backoff
                     }
                     Err(_) => Next::Fail(Error::OutcomeUnknown(

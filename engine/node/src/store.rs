@@ -134,7 +134,7 @@ pub(crate) struct StoreShared {
     pub ranges: RwLock<HashMap<RangeId, Arc<RangeInfo>>>,
     pub transport: Arc<dyn Transport>,
     pub counters: StoreCounters,
-    /// Set when the log engine failed: the store has stopped and must not serve.
+    /// Set when the store stops: at shutdown, or when the log engine failed. It serves nothing after.
     pub stopped: AtomicBool,
     pub fatal: Box<dyn Fn(String) + Send + Sync>,
     /// When each other store's last tick batch arrived: the store-level liveness
@@ -170,6 +170,9 @@ impl StoreShared {
 pub struct Store {
     shared: Arc<StoreShared>,
     inboxes: Vec<Sender<Inbound>>,
+    /// The workers' ends of `inboxes`, kept to empty them at shutdown: a request left in
+    /// an inbox holds its caller's answer channel open, and the caller would wait forever.
+    drains: Vec<Receiver<Inbound>>,
     controls: Vec<Sender<Control>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -207,12 +210,14 @@ impl Store {
             last_heard: Mutex::new(HashMap::new()),
         });
         let mut inboxes = Vec::new();
+        let mut drains = Vec::new();
         let mut controls = Vec::new();
         let mut receivers: Vec<(Receiver<Inbound>, Receiver<Control>)> = Vec::new();
         for _ in 0..workers {
             let (inbox, inbox_rx) = crossbeam_channel::bounded(config.inbox_messages_max);
             let (control, control_rx) = crossbeam_channel::unbounded();
             inboxes.push(inbox);
+            drains.push(inbox_rx.clone());
             controls.push(control);
             receivers.push((inbox_rx, control_rx));
         }
@@ -257,6 +262,7 @@ impl Store {
         Ok(Arc::new(Store {
             shared,
             inboxes,
+            drains,
             controls,
             threads: Mutex::new(threads),
         }))
@@ -335,6 +341,12 @@ impl Store {
 
     fn send_inbound(&self, sender: &Sender<Inbound>, message: Inbound) -> Result<(), RouteError> {
         match sender.try_send(message) {
+            // Sent after shutdown emptied the inboxes: empty them again, so that nothing
+            // waits on a worker that is gone (the flag is set before shutdown empties).
+            Ok(()) if self.is_stopped() => {
+                self.drop_queued();
+                Err(RouteError::Stopped)
+            }
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => {
                 self.shared
@@ -444,12 +456,22 @@ impl Store {
 
     /// Stops the workers (pending requests are answered with an error) and waits.
     pub fn shutdown(&self) {
+        self.shared.stopped.store(true, Ordering::SeqCst);
         for control in &self.controls {
             let _ = control.send(Control::Shutdown);
         }
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         for thread in threads {
             let _ = thread.join();
+        }
+        self.drop_queued();
+    }
+
+    /// Drops every queued message: the callers of requests among them are answered
+    /// that the store stopped (their answer channels close).
+    fn drop_queued(&self) {
+        for drain in &self.drains {
+            while drain.try_recv().is_ok() {}
         }
     }
 }

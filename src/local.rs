@@ -250,6 +250,8 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<()> {
             target: None,
             pd: vec![pd_url.clone()],
             initial_ranges: 0,
+            store_workers: None,
+            log_io: rangekv_log::LogIo::Auto,
             json: None,
             quiet: false,
             compare: Vec::new(),

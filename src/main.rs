@@ -8,6 +8,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// jemalloc, as TiKV uses: glibc's malloc took ~12 % of the CPU of a YCSB load
+/// (bench/README.md, "Throughput levers"), mostly in its free-list upkeep.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "rangekv",

@@ -178,6 +178,13 @@ struct Inner {
     cache: Mutex<RangeCache>,
     /// Store id → (address, batch-commands stream), one per store.
     stores: Mutex<HashMap<u64, (String, Conn)>>,
+    /// The PD connection, shared by every call (HTTP/2 multiplexes them); dropped
+    /// when a call finds it unavailable, so the next one tries every endpoint again.
+    pd: Mutex<Option<Channel>>,
+    /// Held while opening a connection (to PD or a store), so that many tasks
+    /// missing it at once open one, not one each: hundreds of simultaneous connects
+    /// overflow the listener's backlog and cost a 1 s SYN retransmission.
+    connecting: tokio::sync::Mutex<()>,
 }
 
 /// A handle to a rangekv cluster; cheap to clone, safe to share between tasks.
@@ -278,13 +285,15 @@ impl Client {
                 config,
                 cache: Mutex::new(RangeCache::default()),
                 stores: Mutex::new(HashMap::new()),
+                pd: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
             }),
         };
         let mut pd = client.pd().await?;
         let status = pd
             .cluster_status(proto::ClusterStatusRequest {})
             .await
-            .map_err(pd_error)?
+            .map_err(|e| client.pd_failed(e))?
             .into_inner();
         if !status.bootstrapped {
             return Err(Error::Pd(format!(
@@ -296,17 +305,35 @@ impl Client {
     }
 
     async fn pd(&self) -> Result<PlacementClient<Channel>> {
+        if let Some(channel) = lock(&self.inner.pd).clone() {
+            return Ok(PlacementClient::new(channel));
+        }
+        let _one = self.inner.connecting.lock().await;
+        if let Some(channel) = lock(&self.inner.pd).clone() {
+            return Ok(PlacementClient::new(channel));
+        }
         let mut last = String::new();
         for endpoint in &self.inner.pd_endpoints {
             let connecting = tonic::transport::Endpoint::from_shared(endpoint.clone())
                 .map_err(|e| Error::InvalidArgument(format!("PD endpoint {endpoint}: {e}")))?
                 .connect_timeout(self.inner.config.connect_timeout);
             match connecting.connect().await {
-                Ok(channel) => return Ok(PlacementClient::new(channel)),
+                Ok(channel) => {
+                    *lock(&self.inner.pd) = Some(channel.clone());
+                    return Ok(PlacementClient::new(channel));
+                }
                 Err(error) => last = format!("{endpoint}: {error}"),
             }
         }
         Err(Error::Pd(format!("no PD endpoint reachable ({last})")))
+    }
+
+    /// The error of a failed PD call; an unreachable PD's connection is dropped.
+    fn pd_failed(&self, status: Status) -> Error {
+        if status.code() == Code::Unavailable {
+            *lock(&self.inner.pd) = None;
+        }
+        pd_error(status)
     }
 
     /// The cached route of `key`, or PD's.
@@ -320,7 +347,7 @@ impl Client {
                 key: key.to_vec().into(),
             })
             .await
-            .map_err(pd_error)?
+            .map_err(|e| self.pd_failed(e))?
             .into_inner()
             .route
             .and_then(|r| {
@@ -337,16 +364,22 @@ impl Client {
     /// The batch-commands stream to `store`, opened on first use (and again after
     /// it broke).
     async fn store(&self, store: u64) -> Result<Conn> {
-        if let Some((_, conn)) = lock(&self.inner.stores).get(&store) {
-            if !conn.is_broken() {
-                return Ok(conn.clone());
-            }
+        let open = || match lock(&self.inner.stores).get(&store) {
+            Some((_, conn)) if !conn.is_broken() => Some(conn.clone()),
+            _ => None,
+        };
+        if let Some(conn) = open() {
+            return Ok(conn);
         }
         let mut pd = self.pd().await?;
+        let _one = self.inner.connecting.lock().await;
+        if let Some(conn) = open() {
+            return Ok(conn);
+        }
         let address = pd
             .get_store(proto::GetStoreRequest { store_id: store })
             .await
-            .map_err(pd_error)?
+            .map_err(|e| self.pd_failed(e))?
             .into_inner()
             .store
             .ok_or_else(|| Error::Pd(format!("PD does not know store {store}")))?

@@ -60,6 +60,12 @@ pub struct YcsbArgs {
     /// Ranges of the embedded cluster.
     #[arg(long, default_value_t = 16)]
     pub initial_ranges: usize,
+    /// Worker threads per store of the embedded cluster (default: the store's own).
+    #[arg(long)]
+    pub store_workers: Option<usize>,
+    /// Raft log I/O of the embedded cluster: auto, uring or sync.
+    #[arg(long, default_value = "auto")]
+    pub log_io: rangekv_log::LogIo,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -490,9 +496,16 @@ pub fn run_bench(args: &YcsbArgs) -> anyhow::Result<Vec<PhaseResult>> {
     runtime.block_on(async {
         let mut cluster = None;
         let endpoints = if args.pd.is_empty() {
-            let started = rangekv_testkit::Cluster::start(
+            let (workers, io) = (args.store_workers, args.log_io);
+            let started = rangekv_testkit::Cluster::start_with(
                 3,
                 rangekv_placement::bootstrap::ycsb_split_keys(args.initial_ranges),
+                |config| {
+                    if let Some(workers) = workers {
+                        config.store.workers = workers;
+                    }
+                    config.log.io = io;
+                },
             )
             .await;
             let url = started.pd_url.clone();
@@ -586,6 +599,9 @@ mod tests {
             target: None,
             pd: Vec::new(),
             initial_ranges: 4,
+            // The embedded cluster's knobs reach its stores.
+            store_workers: Some(1),
+            log_io: rangekv_log::LogIo::Sync,
             json: Some(json.clone()),
             quiet: true,
             compare: Vec::new(),
@@ -621,6 +637,8 @@ mod tests {
             target: None,
             pd: Vec::new(),
             initial_ranges: 2,
+            store_workers: None,
+            log_io: rangekv_log::LogIo::Auto,
             json: None,
             quiet: true,
             compare: vec!["etcd".into()],

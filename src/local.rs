@@ -31,6 +31,10 @@ pub struct LocalArgs {
     /// Raft log I/O of every node: auto, uring or sync.
     #[arg(long)]
     pub log_io: Option<String>,
+    /// Worker threads per node (default: the cores divided among the nodes, at least
+    /// one; with `--node-config`, the file's).
+    #[arg(long)]
+    pub workers: Option<usize>,
     /// Node config file passed to every node (see deploy/node.toml).
     #[arg(long)]
     pub node_config: Option<PathBuf>,
@@ -187,6 +191,14 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<()> {
         ];
         if let Some(config) = &args.node_config {
             node_args.extend(["--config".to_string(), config.display().to_string()]);
+        }
+        let workers = match (args.workers, &args.node_config) {
+            (Some(workers), _) => Some(workers),
+            (None, None) => Some(rangekv_node::co_located_workers(args.nodes)),
+            (None, Some(_)) => None,
+        };
+        if let Some(workers) = workers {
+            node_args.extend(["--workers".to_string(), workers.to_string()]);
         }
         if let Some(io) = &args.log_io {
             node_args.extend(["--log-io".to_string(), io.clone()]);

@@ -60,7 +60,8 @@ pub struct YcsbArgs {
     /// Ranges of the embedded cluster.
     #[arg(long, default_value_t = 16)]
     pub initial_ranges: usize,
-    /// Worker threads per store of the embedded cluster (default: the store's own).
+    /// Worker threads per store of the embedded cluster (default: the cores divided
+    /// among its three stores, at least one).
     #[arg(long)]
     pub store_workers: Option<usize>,
     /// Raft log I/O of the embedded cluster: auto, uring or sync.
@@ -501,9 +502,8 @@ pub fn run_bench(args: &YcsbArgs) -> anyhow::Result<Vec<PhaseResult>> {
                 3,
                 rangekv_placement::bootstrap::ycsb_split_keys(args.initial_ranges),
                 |config| {
-                    if let Some(workers) = workers {
-                        config.store.workers = workers;
-                    }
+                    config.store.workers =
+                        workers.unwrap_or_else(|| rangekv_node::co_located_workers(3));
                     config.log.io = io;
                 },
             )

@@ -24,4 +24,4 @@ pub mod transport;
 mod worker;
 
 pub use node::{start, Node, NodeConfig};
-pub use store::{Store, StoreConfig};
+pub use store::{co_located_workers, Store, StoreConfig};

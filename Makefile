@@ -16,12 +16,13 @@ APT_PACKAGES := clang libclang-dev python3-seccomp protobuf-compiler etcd-server
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] && echo "" || (command -v sudo >/dev/null 2>&1 && echo sudo || echo MISSING))
 
-.PHONY: run test deps build release fmt clippy unit-test help bench-log
+.PHONY: run test deps build release fmt clippy unit-test help bench-log fuzz-smoke fuzz-tools
 
 help:
 	@echo "make run        build release and run a local cluster (PD + 3 nodes) until Ctrl-C"
 	@echo "make test       formatting, clippy and the whole test suite"
 	@echo "make bench-log  the raft log engine beside raft-engine and RocksDB"
+	@echo "make fuzz-smoke every fuzz target for FUZZ_SECONDS (fuzz/README.md)"
 
 deps:
 	@command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (https://rustup.rs) first"; exit 1; }
@@ -62,6 +63,21 @@ test: deps
 	cargo fmt --all -- --check
 	$(MAKE) --no-print-directory clippy
 	$(MAKE) --no-print-directory unit-test
+	$(MAKE) --no-print-directory fuzz-smoke FUZZ_SECONDS=$(TEST_FUZZ_SECONDS)
+
+# Fuzzing (cargo-fuzz, nightly toolchain; its own target directory, as its builds are
+# instrumented). `make test` runs each target for TEST_FUZZ_SECONDS.
+TEST_FUZZ_SECONDS ?= 8
+FUZZ_SECONDS ?= 25
+FUZZ_TARGET_DIR ?= $(HOME)/.cache/rangekv/fuzz-target
+
+fuzz-tools:
+	@if cargo +nightly --version >/dev/null 2>&1 && ! cargo +nightly fuzz --version >/dev/null 2>&1; then \
+	  echo "installing cargo-fuzz"; cargo install cargo-fuzz --locked; \
+	fi
+
+fuzz-smoke: fuzz-tools
+	CARGO_TARGET_DIR=$(FUZZ_TARGET_DIR) CARGO_BUILD_JOBS=$(CARGO_BUILD_JOBS) FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/smoke.sh
 
 # A local cluster: PD on 127.0.0.1:2379, nodes on 20160-20162, data under
 # ./rangekv-local (kept between runs); loads 100,000 YCSB records, runs 15 s of

@@ -476,6 +476,19 @@ fn replay(fs: &dyn FileSystem) -> Result<Recovered, LogError> {
         .filter_map(|name| parse_segment_name(&name).map(|seq| (seq, name)))
         .collect();
     sequences.sort();
+    if let Some((sequence, name)) = sequences.last() {
+        // The writer continues after it: refuse a number it cannot count past.
+        if *sequence > format::SEQUENCE_MAX {
+            return Err(LogError::Corrupt {
+                file: fs.describe(name),
+                offset: 0,
+                reason: format!(
+                    "segment number {sequence} is past the largest {}",
+                    format::SEQUENCE_MAX
+                ),
+            });
+        }
+    }
     let mut records: Vec<(u64, usize, Record)> = Vec::new();
     let mut segments = BTreeMap::new();
     let count = sequences.len();

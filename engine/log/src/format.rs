@@ -34,6 +34,9 @@ pub const ENTRY_HEADER_BYTES: usize = 17;
 /// The largest raft index the log accepts: far beyond any real log, and it keeps
 /// index arithmetic (`index + 1`, `first + count`) from overflowing.
 pub const INDEX_MAX: u64 = u64::MAX / 4;
+/// The largest segment sequence number the log opens: far beyond any real log, and it
+/// keeps the next segments' numbers (`sequence + 1`, ...) from overflowing.
+pub const SEQUENCE_MAX: u64 = u64::MAX / 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

@@ -681,6 +681,44 @@ fn a_segment_left_half_prepared_is_deleted_at_open() {
     assert_log(&engine, RangeId(1), 1, 2);
 }
 
+/// Found by the `log_replay` fuzz target (fuzz/regressions/log_replay/): a segment
+/// numbered u64::MAX made open overflow `sequence + 1` (a panic in debug builds, a
+/// wrapped segment 0 that replays before older ones in release).
+#[test]
+fn a_segment_number_past_the_largest_refuses_to_open() {
+    use crate::format::{encode_segment_header, SEQUENCE_MAX};
+    let mut valid = encode_segment_header(u64::MAX).to_vec();
+    valid.extend_from_slice(&[0xff; 103]);
+    for (name, bytes) in [
+        // The fuzzer's input: a valid header, then garbage (a torn tail).
+        ("ffffffffffffffff.rlog", valid),
+        // Garbage from the start: removed as half-created, yet counted past.
+        ("ffffffffffffffff.rlog", vec![0xff; 127]),
+        (
+            "4000000000000000.rlog",
+            encode_segment_header(SEQUENCE_MAX + 1).to_vec(),
+        ),
+    ] {
+        let fs = SimFileSystem::new();
+        fs.create(name, 0).unwrap().write_all_at(&bytes, 0).unwrap();
+        let error = LogEngine::open(Arc::new(fs), small_config(LogIo::Auto))
+            .err()
+            .expect("a segment number the writer cannot count past must stop the open");
+        assert!(matches!(error, LogError::Corrupt { .. }), "{error}");
+        assert!(error.to_string().contains(name), "{error}");
+    }
+    // The largest number accepted still opens, and the log goes on after it.
+    let fs = SimFileSystem::new();
+    let name = crate::engine::segment_name(SEQUENCE_MAX);
+    fs.create(&name, 0)
+        .unwrap()
+        .write_all_at(&encode_segment_header(SEQUENCE_MAX), 0)
+        .unwrap();
+    let engine = LogEngine::open(Arc::new(fs), small_config(LogIo::Auto)).unwrap();
+    append(&engine, RangeId(1), 1, 2);
+    assert_log(&engine, RangeId(1), 1, 2);
+}
+
 #[test]
 fn a_failed_sync_stops_the_engine_for_good() {
     let fs = SimFileSystem::new();

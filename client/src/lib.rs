@@ -11,7 +11,9 @@
 //! the connection broke after the request was sent) is retried only where applying it
 //! twice is harmless to its own result: `put`, `delete`, `batch_put` and
 //! `delete_range` are retried, so one call may apply twice (a concurrent writer's
-//! value written in between could be overwritten by the second application).
+//! value written in between could be overwritten by the second application; the
+//! nemesis test saw exactly that). `Config::retry_ambiguous_writes = false` turns
+//! those retries off: such writes then return [`Error::OutcomeUnknown`].
 //! `compare_and_swap` is never retried after an ambiguous failure: it returns
 //! [`Error::OutcomeUnknown`]. Errors that prove nothing was applied (`NotLeader`,
 //! `EpochNotMatch`, `ServerBusy`, ...) are always retried.
@@ -59,6 +61,13 @@ pub struct Config {
     pub backoff_max: Duration,
     /// Keys per scan page (one RPC).
     pub scan_page_keys: u32,
+    /// Whether `put`, `delete`, `batch_put` and `delete_range` are retried after a
+    /// failure that leaves their outcome unknown (default yes: a leader's death stays
+    /// invisible to the caller). A retried write may apply twice, and the second time
+    /// after another client's write to the same key, which it then overwrites: the
+    /// history is no longer linearizable. With `false` such a write returns
+    /// [`Error::OutcomeUnknown`] instead, as a CAS always does.
+    pub retry_ambiguous_writes: bool,
 }
 
 impl Default for Config {
@@ -70,6 +79,7 @@ impl Default for Config {
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_millis(500),
             scan_page_keys: 1000,
+            retry_ambiguous_writes: true,
         }
     }
 }
@@ -589,20 +599,24 @@ impl Client {
                     },
                 })
                 .collect();
-            self.on_range(&key, true, |conn, header| {
-                let mutations = group.clone();
-                async move {
-                    let r = reply!(
-                        conn,
-                        BatchPut,
-                        proto::BatchPutRequest {
-                            header: Some(header),
-                            mutations,
-                        }
-                    );
-                    Ok(((), r.error))
-                }
-            })
+            self.on_range(
+                &key,
+                self.inner.config.retry_ambiguous_writes,
+                |conn, header| {
+                    let mutations = group.clone();
+                    async move {
+                        let r = reply!(
+                            conn,
+                            BatchPut,
+                            proto::BatchPutRequest {
+                                header: Some(header),
+                                mutations,
+                            }
+                        );
+                        Ok(((), r.error))
+                    }
+                },
+            )
             .await?;
         }
         Ok(())
@@ -766,21 +780,25 @@ impl Client {
             let range = self.route(&from).await?;
             let range_end = range.descriptor.end_key.to_vec();
             let stop = span_end(end, &range_end);
-            self.on_range(&from.clone(), true, |conn, header| {
-                let (from, stop) = (from.clone(), stop.clone());
-                async move {
-                    let r = reply!(
-                        conn,
-                        DeleteRange,
-                        proto::DeleteRangeRequest {
-                            header: Some(header),
-                            start_key: from.into(),
-                            end_key: stop.into(),
-                        }
-                    );
-                    Ok(((), r.error))
-                }
-            })
+            self.on_range(
+                &from.clone(),
+                self.inner.config.retry_ambiguous_writes,
+                |conn, header| {
+                    let (from, stop) = (from.clone(), stop.clone());
+                    async move {
+                        let r = reply!(
+                            conn,
+                            DeleteRange,
+                            proto::DeleteRangeRequest {
+                                header: Some(header),
+                                start_key: from.into(),
+                                end_key: stop.into(),
+                            }
+                        );
+                        Ok(((), r.error))
+                    }
+                },
+            )
             .await?;
             if range_end.is_empty() {
                 break;

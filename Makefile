@@ -16,13 +16,14 @@ APT_PACKAGES := clang libclang-dev python3-seccomp protobuf-compiler etcd-server
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] && echo "" || (command -v sudo >/dev/null 2>&1 && echo sudo || echo MISSING))
 
-.PHONY: run test deps build release fmt clippy unit-test help bench-log fuzz-smoke fuzz-tools
+.PHONY: run test deps build release fmt clippy unit-test help bench-log fuzz-smoke fuzz-tools nemesis
 
 help:
 	@echo "make run        build release and run a local cluster (PD + 3 nodes) until Ctrl-C"
 	@echo "make test       formatting, clippy and the whole test suite"
 	@echo "make bench-log  the raft log engine beside raft-engine and RocksDB"
 	@echo "make fuzz-smoke every fuzz target for FUZZ_SECONDS (fuzz/README.md)"
+	@echo "make nemesis    the fault test for NEMESIS_SECS (default 1800), report in nemesis.json"
 
 deps:
 	@command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (https://rustup.rs) first"; exit 1; }
@@ -75,6 +76,12 @@ fuzz-tools:
 	@if cargo +nightly --version >/dev/null 2>&1 && ! cargo +nightly fuzz --version >/dev/null 2>&1; then \
 	  echo "installing cargo-fuzz"; cargo install cargo-fuzz --locked; \
 	fi
+
+# The nemesis test (tests/nemesis.rs) for longer than `make test` runs it; cargo test
+# rather than nextest, whose per-test timeout would stop it.
+NEMESIS_SECS ?= 1800
+nemesis: deps
+	NEMESIS_SECS=$(NEMESIS_SECS) NEMESIS_REPORT=$(CURDIR)/nemesis.json cargo test --test nemesis -- --nocapture
 
 fuzz-smoke: fuzz-tools
 	CARGO_TARGET_DIR=$(FUZZ_TARGET_DIR) CARGO_BUILD_JOBS=$(CARGO_BUILD_JOBS) FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/smoke.sh

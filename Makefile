@@ -16,7 +16,7 @@ APT_PACKAGES := clang libclang-dev python3-seccomp protobuf-compiler etcd-server
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] && echo "" || (command -v sudo >/dev/null 2>&1 && echo sudo || echo MISSING))
 
-.PHONY: run test deps build release fmt clippy unit-test help bench-log fuzz-smoke fuzz-tools nemesis
+.PHONY: run test deps build release fmt clippy unit-test help bench-log fuzz-smoke fuzz-tools nemesis sim
 
 help:
 	@echo "make run        build release and run a local cluster (PD + 3 nodes) until Ctrl-C"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench-log  the raft log engine beside raft-engine and RocksDB"
 	@echo "make fuzz-smoke every fuzz target for FUZZ_SECONDS (fuzz/README.md)"
 	@echo "make nemesis    the fault test for NEMESIS_SECS (default 1800), report in nemesis.json"
+	@echo "make sim        the seeded raft simulation (SEED=n replays one seed, SIM_SEEDS=k runs k)"
 
 deps:
 	@command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (https://rustup.rs) first"; exit 1; }
@@ -76,6 +77,11 @@ fuzz-tools:
 	@if cargo +nightly --version >/dev/null 2>&1 && ! cargo +nightly fuzz --version >/dev/null 2>&1; then \
 	  echo "installing cargo-fuzz"; cargo install cargo-fuzz --locked; \
 	fi
+
+# The seeded simulation (engine/raftstore/tests/sim.rs): 200 seeds run in `make test`;
+# `SEED=n make sim` replays seed n with its trace, `SIM_SEEDS=k make sim` runs k seeds.
+sim: deps
+	cargo test -p rangekv-raftstore --test sim -- --exact simulation --nocapture
 
 # The nemesis test (tests/nemesis.rs) for longer than `make test` runs it; cargo test
 # rather than nextest, whose per-test timeout would stop it.

@@ -52,6 +52,11 @@ pub struct Replica<S: Storage, P, R> {
     lease_until: Option<Instant>,
     lease_term: u64,
     lease_duration: Duration,
+    /// A term in which this replica, leading, began a leadership transfer: no lease
+    /// reads in it. The transferee campaigns with a forced vote that followers grant
+    /// even within the lease they gave this leader, and its MsgTimeoutNow may arrive
+    /// late — after the transfer seemed aborted — as long as the term has not moved on.
+    lease_void_term: u64,
     /// Index of the first entry of this leader's term: lease reads wait until it is
     /// applied (then every write acknowledged by an earlier leader is applied here).
     term_start_index: u64,
@@ -81,6 +86,7 @@ impl<S: Storage, P, R> Replica<S, P, R> {
             lease_until: None,
             lease_term: 0,
             lease_duration,
+            lease_void_term: 0,
             term_start_index: u64::MAX,
             applied,
             role,
@@ -231,14 +237,26 @@ impl<S: Storage, P, R> Replica<S, P, R> {
         }
     }
 
+    /// Hands leadership to `to` (raft-rs's `transfer_leader`). Use this, not
+    /// `raw.transfer_leader`: the lease is void for the rest of this term.
+    pub fn transfer_leader(&mut self, to: u64) {
+        if self.is_leader() {
+            self.lease_void_term = self.raw.raft.term;
+            self.lease_until = None;
+        }
+        self.raw.transfer_leader(to);
+    }
+
     /// Whether a read may be served from the local state machine now, without a
-    /// round trip: this replica leads, its lease holds, and it has applied an entry
-    /// of its own term.
+    /// round trip: this replica leads, its lease holds, it has applied an entry of
+    /// its own term, and it has not begun a leadership transfer in this term.
     pub fn lease_valid(&self, now: Instant) -> bool {
         self.is_leader()
             && self.lease_term == self.raw.raft.term
             && self.lease_until.is_some_and(|until| now < until)
             && self.applied >= self.term_start_index
+            && self.lease_void_term != self.raw.raft.term
+            && self.raw.raft.lead_transferee.is_none()
     }
 
     /// A linearizable read: served at once when the lease holds (returned as
@@ -538,6 +556,125 @@ mod tests {
         );
         assert_eq!(dropped, vec![0, 1, 2]);
         assert!(!nodes[0].has_pending_requests());
+    }
+
+    /// Handles `node`'s Ready like `pump` (persisted at once), returning its messages.
+    fn ready_messages(node: &mut Node) -> Vec<Message> {
+        let mut ready = node.raw.ready();
+        let mut messages = ready.take_messages();
+        node.raw.mut_store().wl().append(ready.entries()).unwrap();
+        if let Some(hs) = ready.hs() {
+            node.raw.mut_store().wl().set_hardstate(hs.clone());
+        }
+        messages.extend(ready.take_persisted_messages());
+        let mut light = node.raw.advance(ready);
+        messages.extend(light.take_messages());
+        messages
+    }
+
+    /// Found by the seeded simulation (tests/sim.rs: with batching on, 141 of the 200
+    /// default seeds fail, e.g. SEED=4): with raft-rs 0.7's `batch_append`, the entries a leader sends after a rejection are appended
+    /// to an empty MsgAppend already queued for that follower, whose index is not
+    /// lowered to match: "after index L come entries R..=L". A follower that holds L
+    /// acknowledges entries it does not have (or panics committing them), so the
+    /// leader may count it towards a commit. `ReplicaConfig` turns batching off.
+    #[test]
+    fn append_messages_stay_well_formed_when_a_rejection_meets_a_queued_empty_append() {
+        let mut nodes = vec![node(1), node(2), node(3)];
+        nodes[0].raw.campaign().unwrap();
+        pump(&mut nodes, true);
+        assert!(nodes[0].is_leader());
+        let term = nodes[0].term();
+        nodes[0].propose(Instant::now(), b"x".to_vec(), 0).unwrap();
+        let last = nodes[0].raw.raft.raft_log.last_index();
+        // The new entry reaches node 3 only; its acknowledgement commits it, and the
+        // leader queues an empty MsgAppend (new commit index) for node 2, which it
+        // optimistically thinks has the entry.
+        let appends = ready_messages(&mut nodes[0]);
+        let to_3 = appends.into_iter().find(|m| m.to == 3).unwrap();
+        nodes[2].step(to_3).unwrap();
+        for ack in ready_messages(&mut nodes[2]) {
+            nodes[0].step(ack).unwrap();
+        }
+        assert_eq!(nodes[0].commit_index(), last);
+        // A late rejection from node 2 (a duplicate, or an answer to an older append)
+        // makes the leader probe node 2 from `last` again, in the same Ready.
+        let rejection = Message {
+            msg_type: raft::eraftpb::MessageType::MsgAppendResponse,
+            from: 2,
+            to: 1,
+            term,
+            index: last,
+            reject: true,
+            reject_hint: last - 1,
+            log_term: term,
+            ..Default::default()
+        };
+        nodes[0].step(rejection).unwrap();
+        for message in ready_messages(&mut nodes[0]) {
+            if message.msg_type == raft::eraftpb::MessageType::MsgAppend {
+                if let Some(first) = message.entries.first() {
+                    assert_eq!(
+                        first.index,
+                        message.index + 1,
+                        "a MsgAppend to {} after index {} carries entries from {}",
+                        message.to,
+                        message.index,
+                        first.index
+                    );
+                }
+            }
+        }
+    }
+
+    /// Found by the seeded simulation (tests/sim.rs, SEED=111 without this fix):
+    /// leader n2 with a lease transferred leadership to n3 and was cut off right
+    /// after; n3's forced vote (MsgTimeoutNow) was granted by n1 inside n2's lease, n3
+    /// committed a delete, and n2 kept serving the deleted value from its lease.
+    #[test]
+    fn a_leadership_transfer_voids_the_lease_for_the_rest_of_the_term() {
+        let mut nodes = vec![node(1), node(2), node(3)];
+        nodes[0].raw.campaign().unwrap();
+        pump(&mut nodes, true);
+        let now = Instant::now();
+        nodes[0].propose(now, b"x".to_vec(), 0).unwrap();
+        pump(&mut nodes, true);
+        let mut dropped = Vec::new();
+        let last = nodes[0].raw.raft.raft_log.last_index();
+        let term = nodes[0].term();
+        assert_eq!(nodes[0].take_outcome(last, term, &mut dropped), Some(0));
+        assert!(
+            nodes[0].lease_valid(now),
+            "a committed proposal grants the lease"
+        );
+
+        nodes[0].transfer_leader(2);
+        assert!(nodes[0].is_leader(), "still leading until node 2 wins");
+        assert!(!nodes[0].lease_valid(now));
+        assert!(
+            matches!(nodes[0].read(now, 7), Ok(None)),
+            "reads go through ReadIndex"
+        );
+        // The MsgTimeoutNow is lost: the transfer is aborted after an election timeout,
+        // but it could still arrive; the lease stays void in this term, even when a
+        // later commit would extend it.
+        let lost = ready_messages(&mut nodes[0]);
+        assert!(lost
+            .iter()
+            .any(|m| m.msg_type == raft::eraftpb::MessageType::MsgTimeoutNow));
+        for _ in 0..ReplicaConfig::default().election_timeout_ticks {
+            nodes[0].tick();
+        }
+        assert!(
+            nodes[0].raw.raft.lead_transferee.is_none(),
+            "transfer aborted"
+        );
+        assert!(nodes[0].is_leader());
+        assert_eq!(nodes[0].term(), term);
+        nodes[0].propose(now, b"y".to_vec(), 1).unwrap();
+        let index = nodes[0].raw.raft.raft_log.last_index();
+        assert_eq!(nodes[0].take_outcome(index, term, &mut dropped), Some(1));
+        assert!(!nodes[0].lease_valid(now));
     }
 
     #[test]

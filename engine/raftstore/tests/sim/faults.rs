@@ -1,0 +1,356 @@
+//! The fault schedule, drawn from the seed as the run goes: partitions (one node
+//! isolated, a majority/minority split, a one-way cut), crashes and restarts, leader
+//! transfers, lossy and slow network windows.
+
+use super::world::{Event, Heal, Phase, World, MS, TICK};
+
+impl World {
+    fn leader(&self) -> Option<usize> {
+        // The leader of the highest term, if several think they lead.
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| {
+                let live = n.live.as_ref()?;
+                live.replica.is_leader().then(|| (live.replica.term(), i))
+            })
+            .max()
+            .map(|(_, i)| i)
+    }
+
+    /// A node to hit: the leader half of the time, else any.
+    fn victim(&mut self) -> usize {
+        match self.leader() {
+            Some(leader) if self.fault_rng.chance(500) => leader,
+            _ => self.fault_rng.below(self.nodes.len() as u64) as usize,
+        }
+    }
+
+    fn count(&mut self, what: &'static str) {
+        *self.summary.faults.entry(what).or_insert(0) += 1;
+        self.trace.u64(30).u64(what.len() as u64);
+    }
+
+    pub fn fault(&mut self) {
+        if self.phase != Phase::Chaos {
+            return;
+        }
+        let next = self.fault_rng.range(300 * MS, 2_500 * MS);
+        self.after(next, Event::Fault);
+        let n = self.nodes.len();
+        let roll = self.fault_rng.below(100);
+        let duration = self.fault_rng.range(300 * MS, 4_000 * MS);
+        if roll < 17 {
+            if !self.active_faults.insert("partition") {
+                return;
+            }
+            let victim = self.victim();
+            self.isolate(victim, duration);
+        } else if roll < 25 {
+            if !self.active_faults.insert("partition") {
+                return;
+            }
+            // A minority (with the leader half of the time) cut from a majority.
+            let minority = (n - 1) / 2;
+            let mut nodes: Vec<usize> = (0..n).collect();
+            for i in (1..n).rev() {
+                let j = self.fault_rng.below(i as u64 + 1) as usize;
+                nodes.swap(i, j);
+            }
+            if let Some(leader) = self.leader() {
+                if self.fault_rng.chance(500) {
+                    let at = nodes.iter().position(|&x| x == leader).expect("present");
+                    nodes.swap(0, at);
+                }
+            }
+            for (rank, &node) in nodes.iter().enumerate() {
+                self.net.group[node] = u8::from(rank < minority);
+            }
+            let cut: Vec<usize> = nodes[..minority].iter().map(|x| x + 1).collect();
+            self.count("split");
+            self.log(|| format!("FAULT split: minority {cut:?} for {}ms", duration / MS));
+            self.after(duration, Event::Heal(Heal::Partition));
+        } else if roll < 43 {
+            let down = self.nodes.iter().filter(|n| n.live.is_none()).count();
+            if down > n / 2 {
+                return;
+            }
+            let victim = self.victim();
+            if self.nodes[victim].live.is_none() {
+                return;
+            }
+            let downtime = if self.fault_rng.chance(300) {
+                self.fault_rng.range(0, 200 * MS)
+            } else {
+                self.fault_rng.range(200 * MS, 3_000 * MS)
+            };
+            self.count("crash");
+            self.log(|| format!("FAULT crash n{} for {}ms", victim + 1, downtime / MS));
+            self.crash(victim);
+            self.after(downtime, Event::Restart(victim));
+        } else if roll < 55 {
+            let Some(leader) = self.leader() else {
+                return;
+            };
+            let mut to = self.fault_rng.below(n as u64 - 1) as usize;
+            if to >= leader {
+                to += 1;
+            }
+            // Sometimes the old leader is cut off right after: it must not serve
+            // reads from a lease the transfer made void.
+            let isolate = self.fault_rng.chance(300) && !self.active_faults.contains("partition");
+            self.count("transfer");
+            self.log(|| {
+                format!(
+                    "FAULT transfer leadership n{} → n{}{}",
+                    leader + 1,
+                    to + 1,
+                    if isolate {
+                        ", then isolate the old leader"
+                    } else {
+                        ""
+                    }
+                )
+            });
+            if let Some(live) = self.nodes[leader].live.as_mut() {
+                live.replica.transfer_leader(to as u64 + 1);
+                live.touched = true;
+            }
+            self.wake_at(leader, self.now);
+            if isolate {
+                // Once the TimeoutNow is on its way.
+                self.active_faults.insert("partition");
+                let delay = self.fault_rng.range(MS, 30 * MS);
+                self.after(
+                    delay,
+                    Event::Isolate {
+                        node: leader,
+                        duration,
+                    },
+                );
+            }
+        } else if roll < 63 {
+            if !self.active_faults.insert("lossy") {
+                return;
+            }
+            self.net.drop_per_mille = self.fault_rng.range(100, 400);
+            self.net.dup_per_mille = self.fault_rng.range(20, 100);
+            let (drop, dup) = (self.net.drop_per_mille, self.net.dup_per_mille);
+            self.count("lossy");
+            self.log(|| {
+                format!(
+                    "FAULT lossy network: drop {drop}‰ dup {dup}‰ for {}ms",
+                    duration / MS
+                )
+            });
+            self.after(duration, Event::Heal(Heal::Lossy));
+        } else if roll < 71 {
+            if !self.active_faults.insert("slow") {
+                return;
+            }
+            self.net.slow = true;
+            self.count("slow");
+            self.log(|| {
+                format!(
+                    "FAULT slow network (1–300 ms per message) for {}ms",
+                    duration / MS
+                )
+            });
+            self.after(duration, Event::Heal(Heal::Slow));
+        } else if roll < 81 {
+            // A link cut both ways: connectivity stops being transitive.
+            let a = self.victim();
+            let b = self.other(a);
+            if !self.cut(a, b) {
+                return;
+            }
+            self.count("cut");
+            self.log(|| {
+                format!(
+                    "FAULT cut link n{} ↔ n{} for {}ms",
+                    a + 1,
+                    b + 1,
+                    duration / MS
+                )
+            });
+            self.after(duration, Event::Heal(Heal::Cut(a, b)));
+        } else if roll < 93 {
+            // Writes pause first, so that the follower cut off stays up to date (reads go
+            // on, renewing the leader's lease through ReadIndex).
+            if self.leader().is_none() || self.nodes.len() != 3 || !self.net.oneway.is_empty() {
+                return;
+            }
+            let settle = self.fault_rng.range(100 * MS, 300 * MS);
+            self.writes_paused_until = self.now + settle;
+            self.log(|| format!("FAULT writes pause for {}ms", settle / MS));
+            self.after(settle, Event::LeaseSteal { duration });
+        } else {
+            let from = self.fault_rng.below(n as u64) as usize;
+            let mut to = self.fault_rng.below(n as u64 - 1) as usize;
+            if to >= from {
+                to += 1;
+            }
+            if !self.net.oneway.insert((from, to)) {
+                return;
+            }
+            self.count("one-way");
+            self.log(|| {
+                format!(
+                    "FAULT one-way cut n{} → n{} for {}ms",
+                    from + 1,
+                    to + 1,
+                    duration / MS
+                )
+            });
+            self.after(duration, Event::Heal(Heal::OneWay(from, to)));
+        }
+    }
+
+    /// Any node but `not`.
+    fn other(&mut self, not: usize) -> usize {
+        let n = self.nodes.len() as u64;
+        (not + 1 + self.fault_rng.below(n - 1) as usize) % n as usize
+    }
+
+    /// Cuts the link between `a` and `b` both ways (false if either way already is).
+    fn cut(&mut self, a: usize, b: usize) -> bool {
+        if self.net.oneway.contains(&(a, b)) || self.net.oneway.contains(&(b, a)) {
+            return false;
+        }
+        self.net.oneway.insert((a, b));
+        self.net.oneway.insert((b, a));
+        true
+    }
+
+    /// Targets the reopened-replica rule (`votes_refused_until` in worker.rs): the
+    /// leader L is cut from follower A; just before A's election timer fires, the
+    /// other follower B (whose acknowledgements keep L's lease) crashes and restarts
+    /// at once, and L is cut from B too. B forgot it heard from L: were it to grant
+    /// A's vote, A would lead while L still serves reads from its lease.
+    pub fn lease_steal(&mut self, duration: u64) {
+        if self.phase != Phase::Chaos {
+            return;
+        }
+        let Some(leader) = self.leader() else {
+            return;
+        };
+        if self.nodes.len() != 3 || !self.net.oneway.is_empty() {
+            return;
+        }
+        let a = self.other(leader);
+        let b = (0..3)
+            .find(|&x| x != leader && x != a)
+            .expect("three nodes");
+        let Some(live) = self.nodes[a].live.as_ref() else {
+            return;
+        };
+        if self.nodes[b].live.is_none() {
+            return;
+        }
+        // Only when both followers hold the leader's whole log (else B would refuse A
+        // for being behind, whatever it remembers).
+        let last = |w: &World, i: usize| {
+            w.nodes[i]
+                .live
+                .as_ref()
+                .map(|l| l.replica.raw.raft.raft_log.last_index())
+        };
+        let leader_last = last(self, leader);
+        if last(self, a) != leader_last || last(self, b) != leader_last {
+            return;
+        }
+        let raft = &live.replica.raw.raft;
+        let ticks_left = raft
+            .randomized_election_timeout()
+            .saturating_sub(raft.election_elapsed + 1) as u64;
+        let fires_at = live.next_tick_at + ticks_left * TICK;
+        let lead = self.fault_rng.range(MS, 40 * MS);
+        let at = fires_at.saturating_sub(lead).max(self.now);
+        let downtime = self.fault_rng.range(0, 10 * MS);
+        self.cut(leader, a);
+        // Writes come back just after the election.
+        self.writes_paused_until = fires_at + self.fault_rng.range(5 * MS, 50 * MS);
+        self.count("lease-steal");
+        self.log(|| {
+            format!(
+                "FAULT cut n{} ↔ n{}; at {:.1}ms (n{} campaigns at {:.1}ms) crash n{} for {}ms and cut it from n{}",
+                leader + 1,
+                a + 1,
+                at as f64 / 1e6,
+                a + 1,
+                fires_at as f64 / 1e6,
+                b + 1,
+                downtime / MS,
+                leader + 1
+            )
+        });
+        let until = at.max(self.now + duration);
+        self.schedule(until, Event::Heal(Heal::Cut(leader, a)));
+        self.schedule(
+            at,
+            Event::Bounce {
+                node: b,
+                downtime,
+                cut_from: Some(leader),
+                until,
+            },
+        );
+    }
+
+    /// Crashes `node` now and restarts it after `downtime`.
+    pub fn bounce(&mut self, node: usize, downtime: u64, cut_from: Option<usize>, until: u64) {
+        if self.phase != Phase::Chaos || self.nodes[node].live.is_none() {
+            return;
+        }
+        if let Some(other) = cut_from {
+            if self.cut(node, other) {
+                self.schedule(until.max(self.now), Event::Heal(Heal::Cut(node, other)));
+            }
+        }
+        self.log(|| format!("FAULT crash n{} for {}ms", node + 1, downtime / MS));
+        self.crash(node);
+        self.after(downtime, Event::Restart(node));
+    }
+
+    pub fn isolate(&mut self, node: usize, duration: u64) {
+        if self.phase != Phase::Chaos {
+            return;
+        }
+        for (i, group) in self.net.group.iter_mut().enumerate() {
+            *group = u8::from(i == node);
+        }
+        self.count("isolate");
+        self.log(|| format!("FAULT isolate n{} for {}ms", node + 1, duration / MS));
+        self.after(duration, Event::Heal(Heal::Partition));
+    }
+
+    pub fn heal(&mut self, what: Heal) {
+        self.trace.u64(31);
+        if self.phase != Phase::Chaos {
+            return;
+        }
+        self.log(|| format!("HEAL {what:?}"));
+        match what {
+            Heal::Partition => {
+                self.net.group.iter_mut().for_each(|g| *g = 0);
+                self.active_faults.remove("partition");
+            }
+            Heal::OneWay(from, to) => {
+                self.net.oneway.remove(&(from, to));
+            }
+            Heal::Cut(a, b) => {
+                self.net.oneway.remove(&(a, b));
+                self.net.oneway.remove(&(b, a));
+            }
+            Heal::Lossy => {
+                self.net.drop_per_mille = 10;
+                self.net.dup_per_mille = 10;
+                self.active_faults.remove("lossy");
+            }
+            Heal::Slow => {
+                self.net.slow = false;
+                self.active_faults.remove("slow");
+            }
+        }
+    }
+}

@@ -44,13 +44,18 @@ pub struct LogBenchArgs {
     /// Stop each writer after this many appends instead (for smoke tests).
     #[arg(long)]
     pub operations: Option<u64>,
-    /// Engines to run beside rangekv: raft-engine, rocksdb, and rangekv-sync (rangekv
-    /// with its pwrite + fdatasync writer), comma-separated.
+    /// Engines to run beside rangekv: raft-engine, rocksdb, rangekv-sync (rangekv with
+    /// its pwrite + fdatasync writer) and rangekv-async (rangekv driven by callbacks from
+    /// `--async-threads` threads, as the node drives it), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "")]
     pub compare: Vec<String>,
     /// rangekv's writer: auto, uring or sync.
     #[arg(long, default_value = "auto")]
     pub io: String,
+    /// Threads driving `rangekv-async`'s writers (as the node's raft workers drive the
+    /// log: every append in flight at once, durability learnt from a callback).
+    #[arg(long, default_value_t = 2)]
+    pub async_threads: u64,
     /// Groups in flight at once in rangekv's writer.
     #[arg(long, default_value_t = 2)]
     pub pipeline_depth: usize,
@@ -100,9 +105,30 @@ trait RaftLog: Sync {
     fn sync_counts(&self) -> Option<(u64, u64)> {
         None
     }
+    /// The rangekv engine under test, for the callback-driven run.
+    fn as_rangekv(&self) -> Option<&LogEngine> {
+        None
+    }
 }
 
 struct Rangekv(LogEngine);
+
+/// One raft Ready's worth for rangekv: the entry, the hard state, maybe a compaction.
+fn rangekv_batch(
+    range: u64,
+    entry: Entry,
+    hard_state: &HardState,
+    compact_to: Option<u64>,
+) -> LogBatch {
+    let mut batch = LogBatch::new();
+    let term = entry.term;
+    batch.append(RangeId(range), vec![entry]);
+    batch.set_hard_state(RangeId(range), hard_state.clone());
+    if let Some(index) = compact_to {
+        batch.compact_to(RangeId(range), index, term);
+    }
+    batch
+}
 
 impl RaftLog for Rangekv {
     fn append(
@@ -112,14 +138,13 @@ impl RaftLog for Rangekv {
         hard_state: &HardState,
         compact_to: Option<u64>,
     ) -> anyhow::Result<()> {
-        let mut batch = LogBatch::new();
-        let term = entry.term;
-        batch.append(RangeId(range), vec![entry]);
-        batch.set_hard_state(RangeId(range), hard_state.clone());
-        if let Some(index) = compact_to {
-            batch.compact_to(RangeId(range), index, term);
-        }
-        Ok(self.0.write_sync(batch)?)
+        Ok(self
+            .0
+            .write_sync(rangekv_batch(range, entry, hard_state, compact_to))?)
+    }
+
+    fn as_rangekv(&self) -> Option<&LogEngine> {
+        Some(&self.0)
     }
 
     fn sync_counts(&self) -> Option<(u64, u64)> {
@@ -198,7 +223,7 @@ impl RaftLog for Rocks {
 fn open_engine(name: &str, dir: &Path, args: &LogBenchArgs) -> anyhow::Result<Box<dyn RaftLog>> {
     std::fs::create_dir_all(dir)?;
     Ok(match name {
-        "rangekv" | "rangekv-sync" => {
+        "rangekv" | "rangekv-sync" | "rangekv-async" => {
             let io: LogIo = if name == "rangekv-sync" {
                 LogIo::Sync
             } else {
@@ -253,6 +278,159 @@ fn entry_for(index: u64, payload: &bytes::Bytes) -> Entry {
     }
 }
 
+/// What a writer (or a driver thread) measured: its latencies and its appends.
+type WriterOutcome = anyhow::Result<(Histogram<u64>, u64)>;
+
+/// One writer's share of the workload: its ranges, in turn, each with its next index.
+struct WriterLoad {
+    owned: Vec<u64>,
+    next_index: Vec<u64>,
+    done: u64,
+}
+
+impl WriterLoad {
+    fn new(writer: u64, args: &LogBenchArgs) -> WriterLoad {
+        let owned: Vec<u64> = (1..=args.ranges)
+            .filter(|r| r % args.writers == writer % args.writers)
+            .collect();
+        WriterLoad {
+            next_index: vec![1; owned.len()],
+            owned,
+            done: 0,
+        }
+    }
+
+    /// Whether this writer appends again.
+    fn wants_more(&self, args: &LogBenchArgs, stop: &AtomicBool) -> bool {
+        !self.owned.is_empty()
+            && match args.operations {
+                Some(limit) => self.done < limit,
+                None => !stop.load(Ordering::Relaxed),
+            }
+    }
+
+    /// The next append: (range, entry, hard state, compaction point).
+    fn next(&mut self, payload: &bytes::Bytes) -> (u64, Entry, HardState, Option<u64>) {
+        let slot = (self.done as usize) % self.owned.len();
+        let index = self.next_index[slot];
+        self.next_index[slot] += 1;
+        let hard_state = HardState {
+            term: 1,
+            commit: index,
+            ..Default::default()
+        };
+        let compact = (index % COMPACT_EVERY_ENTRIES == 0).then(|| index - KEEP_ENTRIES);
+        (
+            self.owned[slot],
+            entry_for(index, payload),
+            hard_state,
+            compact,
+        )
+    }
+}
+
+/// Each writer on its own thread, blocked on each append.
+fn drive_with_threads(
+    engine: &dyn RaftLog,
+    args: &LogBenchArgs,
+    payload: &bytes::Bytes,
+    stop: &AtomicBool,
+    scope_until_deadline: impl Fn(&dyn Fn() -> bool),
+) -> Vec<WriterOutcome> {
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..args.writers)
+            .map(|writer| {
+                scope.spawn(move || -> WriterOutcome {
+                    let mut load = WriterLoad::new(writer, args);
+                    let mut histogram = latency_histogram();
+                    while load.wants_more(args, stop) {
+                        let (range, entry, hard_state, compact) = load.next(payload);
+                        let begin = Instant::now();
+                        engine.append(range, entry, &hard_state, compact)?;
+                        histogram.record(begin.elapsed().as_micros().max(1) as u64)?;
+                        load.done += 1;
+                    }
+                    Ok((histogram, load.done))
+                })
+            })
+            .collect();
+        scope_until_deadline(&|| workers.iter().all(|w| w.is_finished()));
+        join_all(workers)
+    })
+}
+
+/// rangekv driven as the node drives it: a few threads (the raft workers) keep every
+/// writer's append in flight with `LogEngine::write`, and learn of durability from a
+/// callback through a channel (the worker's inbox). No thread blocks per append.
+fn drive_with_callbacks(
+    log: &LogEngine,
+    args: &LogBenchArgs,
+    payload: &bytes::Bytes,
+    stop: &AtomicBool,
+    scope_until_deadline: impl Fn(&dyn Fn() -> bool),
+) -> Vec<WriterOutcome> {
+    let threads = args.async_threads.max(1);
+    std::thread::scope(|scope| {
+        let drivers: Vec<_> = (0..threads)
+            .map(|thread| {
+                scope.spawn(move || -> WriterOutcome {
+                    type Done = (usize, Instant, Result<(), rangekv_log::LogError>);
+                    let (sender, receiver) = std::sync::mpsc::channel::<Done>();
+                    let mut loads: Vec<WriterLoad> = (0..args.writers)
+                        .filter(|w| w % threads == thread)
+                        .map(|w| WriterLoad::new(w, args))
+                        .collect();
+                    let submit = |i: usize, load: &mut WriterLoad| {
+                        let (range, entry, hard_state, compact) = load.next(payload);
+                        let sender = sender.clone();
+                        let begin = Instant::now();
+                        log.write(
+                            rangekv_batch(range, entry, &hard_state, compact),
+                            move |result| {
+                                let _ = sender.send((i, begin, result));
+                            },
+                        );
+                    };
+                    let mut histogram = latency_histogram();
+                    let mut in_flight = 0;
+                    for (i, load) in loads.iter_mut().enumerate() {
+                        if load.wants_more(args, stop) {
+                            submit(i, load);
+                            in_flight += 1;
+                        }
+                    }
+                    while in_flight > 0 {
+                        let (i, begin, result) =
+                            receiver.recv().context("the log dropped a completion")?;
+                        in_flight -= 1;
+                        result?;
+                        histogram.record(begin.elapsed().as_micros().max(1) as u64)?;
+                        let load = &mut loads[i];
+                        load.done += 1;
+                        if load.wants_more(args, stop) {
+                            submit(i, load);
+                            in_flight += 1;
+                        }
+                    }
+                    Ok((histogram, loads.iter().map(|l| l.done).sum()))
+                })
+            })
+            .collect();
+        scope_until_deadline(&|| drivers.iter().all(|d| d.is_finished()));
+        join_all(drivers)
+    })
+}
+
+fn join_all(handles: Vec<std::thread::ScopedJoinHandle<'_, WriterOutcome>>) -> Vec<WriterOutcome> {
+    handles
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("writer panicked")))
+        })
+        .collect()
+}
+
 fn run_engine(
     engine: &dyn RaftLog,
     name: &str,
@@ -263,66 +441,22 @@ fn run_engine(
     let deadline = Duration::from_secs_f64(args.seconds);
     let before = engine.sync_counts();
     let started = Instant::now();
-    let histograms: Vec<anyhow::Result<(Histogram<u64>, u64)>> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..args.writers)
-            .map(|writer| {
-                let (payload, stop) = (&payload, &stop);
-                scope.spawn(move || -> anyhow::Result<(Histogram<u64>, u64)> {
-                    let owned: Vec<u64> = (1..=args.ranges)
-                        .filter(|r| r % args.writers == writer % args.writers)
-                        .collect();
-                    let mut histogram = latency_histogram();
-                    let mut next_index = vec![1u64; owned.len()];
-                    let mut done = 0u64;
-                    if owned.is_empty() {
-                        return Ok((histogram, 0));
-                    }
-                    loop {
-                        if let Some(limit) = args.operations {
-                            if done >= limit {
-                                break;
-                            }
-                        } else if stop.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        let slot = (done as usize) % owned.len();
-                        let index = next_index[slot];
-                        next_index[slot] += 1;
-                        let hard_state = HardState {
-                            term: 1,
-                            commit: index,
-                            ..Default::default()
-                        };
-                        let compact =
-                            (index % COMPACT_EVERY_ENTRIES == 0).then(|| index - KEEP_ENTRIES);
-                        let begin = Instant::now();
-                        engine.append(
-                            owned[slot],
-                            entry_for(index, payload),
-                            &hard_state,
-                            compact,
-                        )?;
-                        histogram.record(begin.elapsed().as_micros().max(1) as u64)?;
-                        done += 1;
-                    }
-                    Ok((histogram, done))
-                })
-            })
-            .collect();
+    // Runs in the scope's own thread: with a time limit, waits for it (or for every
+    // writer to finish) and then tells the writers to stop.
+    let until_deadline = |finished: &dyn Fn() -> bool| {
         if args.operations.is_none() {
-            while started.elapsed() < deadline && !workers.iter().all(|w| w.is_finished()) {
+            while started.elapsed() < deadline && !finished() {
                 std::thread::sleep(Duration::from_millis(20));
             }
             stop.store(true, Ordering::Relaxed);
         }
-        workers
-            .into_iter()
-            .map(|w| {
-                w.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("writer panicked")))
-            })
-            .collect()
-    });
+    };
+    let histograms = match engine.as_rangekv() {
+        Some(log) if name == "rangekv-async" => {
+            drive_with_callbacks(log, args, &payload, &stop, until_deadline)
+        }
+        _ => drive_with_threads(engine, args, &payload, &stop, until_deadline),
+    };
     let seconds = started.elapsed().as_secs_f64();
     let mut total = latency_histogram();
     let mut operations = 0;
@@ -371,8 +505,8 @@ pub fn run(args: &LogBenchArgs) -> anyhow::Result<LogBenchReport> {
     names.extend(args.compare.iter().filter(|n| !n.is_empty()).cloned());
     for name in &names[1..] {
         anyhow::ensure!(
-            ["raft-engine", "rocksdb", "rangekv-sync"].contains(&name.as_str()),
-            "unknown engine {name:?}: --compare takes raft-engine, rocksdb, rangekv-sync"
+            ["raft-engine", "rocksdb", "rangekv-sync", "rangekv-async"].contains(&name.as_str()),
+            "unknown engine {name:?}: --compare takes raft-engine, rocksdb, rangekv-sync, rangekv-async"
         );
     }
     let mut results = Vec::new();
@@ -442,15 +576,23 @@ mod tests {
             entry_bytes: 64,
             seconds: 0.0,
             operations: Some(1100),
-            compare: vec!["raft-engine".into(), "rocksdb".into()],
+            compare: vec![
+                "raft-engine".into(),
+                "rocksdb".into(),
+                "rangekv-async".into(),
+            ],
             io: "auto".into(),
+            async_threads: 2,
             pipeline_depth: 1,
             dir: Some(dir.path().to_path_buf()),
             json: Some(json.clone()),
         };
         let report = run(&args).unwrap();
         let engines: Vec<_> = report.results.iter().map(|r| r.engine.as_str()).collect();
-        assert_eq!(engines, ["rangekv", "raft-engine", "rocksdb"]);
+        assert_eq!(
+            engines,
+            ["rangekv", "raft-engine", "rocksdb", "rangekv-async"]
+        );
         for result in &report.results {
             assert_eq!(result.operations, 2200, "{}", result.engine);
             assert!(

@@ -2,8 +2,10 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{
+    Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard,
+};
 use std::thread::JoinHandle;
 
 use raft::eraftpb::{Entry, HardState};
@@ -234,9 +236,21 @@ impl LogBatch {
 /// Called once when a batch is durable (or failed).
 pub type Completion = Box<dyn FnOnce(Result<(), LogError>) + Send>;
 
+/// Who learns that a request is durable.
+pub(crate) enum Done {
+    /// A callback, run in submission order (see `LogEngine::write`).
+    Call(Completion),
+    /// A thread blocked in `write_sync`. It learns success from the durable watermark
+    /// (`Shared::durable_seq`) and an error from its slot, so a group's waiters are all
+    /// woken by one broadcast instead of one wake-up each.
+    Wait(Arc<OnceLock<LogError>>),
+}
+
 pub(crate) struct Request {
     pub batch: LogBatch,
-    pub done: Completion,
+    pub done: Done,
+    /// Queue order, from 1; 0 for the writer's own requests (cold-range rewrites).
+    pub seq: u64,
 }
 
 #[derive(Default)]
@@ -244,6 +258,8 @@ pub(crate) struct Queue {
     pub requests: VecDeque<Request>,
     pub bytes: usize,
     pub shutdown: bool,
+    /// The last sequence number given to a request.
+    pub last_seq: u64,
 }
 
 /// Counters since open, for benchmarks and metrics.
@@ -282,6 +298,14 @@ pub(crate) struct Shared {
     pub wake_at_queued: std::sync::atomic::AtomicUsize,
     /// Notices sent to the completion thread and not yet delivered.
     pub notices_pending: std::sync::atomic::AtomicUsize,
+    /// Every request with a sequence number up to this one is durable or has failed
+    /// (a failed request's waiter finds the error in its slot first).
+    pub durable_seq: AtomicU64,
+    /// Bumped after `durable_seq` moves or a waiter's slot is filled; `write_sync`
+    /// waiters sleep on it (a futex).
+    pub durable_epoch: AtomicU32,
+    /// Threads inside `write_sync`'s wait: the broadcast is skipped when there are none.
+    pub sync_waiters: std::sync::atomic::AtomicUsize,
     /// The threads that run completions: the completion thread and the writer.
     pub completion_thread: std::sync::OnceLock<std::thread::ThreadId>,
     pub writer_thread: std::sync::OnceLock<std::thread::ThreadId>,
@@ -678,6 +702,9 @@ impl LogEngine {
             completion_thread: std::sync::OnceLock::new(),
             writer_thread: std::sync::OnceLock::new(),
             notices_pending: std::sync::atomic::AtomicUsize::new(0),
+            durable_seq: AtomicU64::new(0),
+            durable_epoch: AtomicU32::new(0),
+            sync_waiters: std::sync::atomic::AtomicUsize::new(0),
             wake_at_queued: std::sync::atomic::AtomicUsize::new(1),
         });
         let writer = writer::Writer::start(shared.clone(), backend, recovered.next_sequence)?;
@@ -708,14 +735,19 @@ impl LogEngine {
     /// Completions run in submission order; they must be quick and must not wait for
     /// the engine (hand the result to another thread).
     pub fn write(&self, batch: LogBatch, done: impl FnOnce(Result<(), LogError>) + Send + 'static) {
+        if let Err((Done::Call(done), error)) = self.enqueue(batch, Done::Call(Box::new(done))) {
+            done(Err(error));
+        }
+    }
+
+    /// Queues `request`, giving it the next sequence number; or hands it back with
+    /// the reason it cannot be queued.
+    fn enqueue(&self, batch: LogBatch, done: Done) -> Result<u64, (Done, LogError)> {
         let shared = self.shared();
         let limit = shared.config.batch_bytes_max();
         if batch.bytes() > limit {
-            done(Err(LogError::TooLarge {
-                bytes: batch.bytes(),
-                limit,
-            }));
-            return;
+            let bytes = batch.bytes();
+            return Err((done, LogError::TooLarge { bytes, limit }));
         }
         // An empty batch is queued too: its completion must not overtake earlier ones
         // (raft-rs counts every Ready up to the one it is told is persisted).
@@ -734,14 +766,12 @@ impl LogEngine {
         }
         if queue.shutdown || shared.failed.load(Ordering::SeqCst) {
             drop(queue);
-            done(Err(shared.failure()));
-            return;
+            return Err((done, shared.failure()));
         }
         queue.bytes += batch.bytes();
-        queue.requests.push_back(Request {
-            batch,
-            done: Box::new(done),
-        });
+        queue.last_seq += 1;
+        let seq = queue.last_seq;
+        queue.requests.push_back(Request { batch, done, seq });
         let queued = queue.requests.len();
         drop(queue);
         // While the writer holds a group back it wants waking only once enough
@@ -749,25 +779,53 @@ impl LogEngine {
         if queued >= shared.wake_at_queued.load(Ordering::SeqCst) {
             shared.waker.wake_if_sleeping();
         }
+        Ok(seq)
     }
 
     /// Writes `batch` and waits until it is durable.
+    ///
+    /// The waiters of a group are woken together, by one futex broadcast when the group
+    /// is durable, rather than one by one: with 64 threads each waiting on its own
+    /// append, waking them one at a time cost as long as the group's fdatasync.
+    /// Callbacks of earlier `write`s may still be running when this returns.
     ///
     /// # Panics
     /// When called from a completion (on the completion thread), which would wait for
     /// itself.
     pub fn write_sync(&self, batch: LogBatch) -> Result<(), LogError> {
+        let shared = self.shared();
         assert!(
-            !self.shared().on_completion_thread(),
+            !shared.on_completion_thread(),
             "write_sync is never called from a log completion: it would wait for itself"
         );
-        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
-        self.write(batch, move |result| {
-            let _ = sender.send(result);
-        });
-        receiver
-            .recv()
-            .unwrap_or_else(|_| Err(self.shared().failure()))
+        let slot = Arc::new(OnceLock::new());
+        let seq = self
+            .enqueue(batch, Done::Wait(slot.clone()))
+            .map_err(|(_, error)| error)?;
+        shared.sync_waiters.fetch_add(1, Ordering::SeqCst);
+        let result = loop {
+            let epoch = shared.durable_epoch.load(Ordering::SeqCst);
+            let durable = shared.durable_seq.load(Ordering::SeqCst);
+            // The slot before the watermark: a refused request's error is set before
+            // the watermark passes it.
+            if let Some(error) = slot.get() {
+                break Err(error.clone());
+            }
+            if durable >= seq {
+                // The writer counted this waiter as one still being woken (see
+                // `Writer::hold`).
+                if shared.notices_pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    shared.waker.wake_if_sleeping();
+                }
+                break Ok(());
+            }
+            if shared.failed.load(Ordering::SeqCst) {
+                break Err(shared.failure());
+            }
+            atomic_wait::wait(&shared.durable_epoch, epoch);
+        };
+        shared.sync_waiters.fetch_sub(1, Ordering::SeqCst);
+        result
     }
 
     /// Drops `range`'s entries before `first_index` (they are applied and no longer

@@ -12,8 +12,8 @@ use std::sync::{mpsc, Arc};
 use rangekv_types::RangeId;
 
 use crate::engine::{
-    lock, read, segment_name, write, Completion, LogBatch, LogConfig, LogError, LogIo, Request,
-    Shared, Update,
+    lock, read, segment_name, write, Completion, Done, LogBatch, LogConfig, LogError, LogIo,
+    Request, Shared, Update,
 };
 use crate::file::{FileSystem, SegmentFile};
 use crate::format;
@@ -224,8 +224,11 @@ pub(crate) struct Writer {
     last_group_requests: usize,
 }
 
-/// Completions to run, in order, with their results.
+/// Callbacks to run, in order, with their results.
 type Notice = Vec<(Completion, Result<(), LogError>)>;
+
+/// Requests that are done, in order, with their results.
+type Finished = Vec<(Done, Result<(), LogError>)>;
 
 fn spawn_completion_thread(
     shared: &Arc<Shared>,
@@ -292,10 +295,40 @@ impl Writer {
         })
     }
 
-    /// Runs completions in order: a few inline when nothing is pending on the completion
+    /// Tells requests that are done: fills the slots of failed `write_sync` waiters
+    /// and wakes them (one broadcast), and runs callbacks in order (see `run_callbacks`).
+    fn notify(&self, finished: Finished) {
+        let mut callbacks = Vec::with_capacity(finished.len());
+        let mut failed_waiters = false;
+        for (done, result) in finished {
+            match done {
+                Done::Call(callback) => callbacks.push((callback, result)),
+                Done::Wait(slot) => {
+                    if let Err(error) = result {
+                        let _ = slot.set(error);
+                        failed_waiters = true;
+                    }
+                }
+            }
+        }
+        if failed_waiters {
+            self.wake_waiters();
+        }
+        self.run_callbacks(callbacks);
+    }
+
+    /// Wakes every thread in `write_sync` to look at its slot and the watermark again.
+    fn wake_waiters(&self) {
+        self.shared.durable_epoch.fetch_add(1, Ordering::SeqCst);
+        if self.shared.sync_waiters.load(Ordering::SeqCst) > 0 {
+            atomic_wait::wake_all(&self.shared.durable_epoch);
+        }
+    }
+
+    /// Runs callbacks in order: a few inline when nothing is pending on the completion
     /// thread (one thread hop less for a lone waiter), else on the completion thread, so
     /// the writer goes on to the next group while many waiters are woken.
-    fn notify(&self, notice: Notice) {
+    fn run_callbacks(&self, notice: Notice) {
         if notice.is_empty() {
             return;
         }
@@ -612,16 +645,36 @@ impl Writer {
         }
         if !completed.is_empty() {
             let mut wants_gc = false;
+            let mut durable_seq = 0;
+            let mut waiters = 0;
             for group in &completed {
                 wants_gc |= self.apply(group);
             }
             self.evict_cache();
-            let notice = completed
+            let finished: Finished = completed
                 .into_iter()
                 .flat_map(|group| group.requests)
-                .map(|placed| (placed.request.done, Ok(())))
+                .map(|placed| (placed.request.done, placed.request.seq))
+                .map(|(done, seq)| {
+                    durable_seq = durable_seq.max(seq);
+                    waiters += usize::from(matches!(done, Done::Wait(_)));
+                    (done, Ok(()))
+                })
                 .collect();
-            self.notify(notice);
+            if durable_seq > 0 {
+                // Counted before the watermark moves: each waiter counts itself off
+                // once it sees the watermark, and `hold` waits for that.
+                self.shared
+                    .notices_pending
+                    .fetch_add(waiters, Ordering::SeqCst);
+                self.shared
+                    .durable_seq
+                    .fetch_max(durable_seq, Ordering::SeqCst);
+                if waiters > 0 {
+                    self.wake_waiters();
+                }
+            }
+            self.notify(finished);
             if wants_gc {
                 self.shared.collect_garbage();
             }
@@ -794,7 +847,8 @@ impl Writer {
             room -= batch.bytes() as u64;
             requests.push(Request {
                 batch,
-                done: Box::new(|_| {}),
+                done: Done::Call(Box::new(|_| {})),
+                seq: 0,
             });
         }
         if requests.is_empty() {
@@ -813,7 +867,7 @@ impl Writer {
         tracing::error!(%error, "raft log engine stopped");
         *lock(&self.shared.failure) = Some(error.clone());
         self.shared.failed.store(true, Ordering::SeqCst);
-        let mut notice: Notice = self
+        let mut notice: Finished = self
             .inflight
             .drain(..)
             .flat_map(|group| group.requests)

@@ -12,7 +12,8 @@ export CARGO_TARGET_DIR CARGO_BUILD_JOBS
 #   protobuf-compiler    protoc on PATH for the etcd-client crate's build (bench only;
 #                        our own protos use the vendored protoc)
 #   etcd-server          etcd 3.4, the YCSB bench's yardstick (--compare etcd)
-APT_PACKAGES := clang libclang-dev python3-seccomp protobuf-compiler etcd-server
+#   iproute2, iptables   the fault test's network namespaces and partitions (as root)
+APT_PACKAGES := clang libclang-dev python3-seccomp protobuf-compiler etcd-server iproute2 iptables
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] && echo "" || (command -v sudo >/dev/null 2>&1 && echo sudo || echo MISSING))
 

@@ -168,6 +168,11 @@ pub fn terminated() -> impl std::future::Future<Output = ()> {
 
 pub async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     let config = args.into_config()?;
+    if let Ok(spec) = std::env::var("RANGEKV_FAILPOINTS") {
+        rangekv_log::configure_failpoints(&spec)
+            .map_err(|error| anyhow::anyhow!("RANGEKV_FAILPOINTS: {error}"))?;
+        tracing::warn!(%spec, "failpoints armed (fault injection for tests)");
+    }
     let stop = terminated();
     let node = rangekv_node::start(config).await?;
     tracing::info!(addr = %node.addr(), store = %node.store().store_id(), "node serving");

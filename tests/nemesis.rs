@@ -1,40 +1,60 @@
-//! Real processes under faults: PD and three nodes as child processes of this test,
-//! clients recording a history of get / put / CAS on a few keys, and a seeded nemesis
-//! that kills nodes with SIGKILL (then restarts them on the same data) and pauses them
-//! with SIGSTOP for longer than the leader lease. Afterwards every fault is healed, the
-//! time until each key answers again is measured, and the history must be
-//! linearizable. A report is printed and written as JSON.
+//! Real processes under faults. PD and three nodes run as child processes of this
+//! test, each in its own network namespace on one bridge (the clients stay in the
+//! test's own namespace, on the bridge too). Two workloads run while a seeded nemesis
+//! injects one fault at a time:
 //!
-//! `NEMESIS_SECS` (default 20) lengthens the run, `SEED` picks the nemesis schedule,
-//! `NEMESIS_REPORT` names the JSON file (default: in the test's temporary directory).
-//! Network partitions (namespaces) and a failing fsync are not covered yet.
+//! - **register**: get / put / CAS on 16 keys over 4 ranges, recorded as a history and
+//!   checked for linearizability;
+//! - **set**: unique inserts; afterwards a scan must find every acknowledged insert
+//!   and nothing that was never attempted.
+//!
+//! Faults: kill -9 and restart; SIGSTOP / SIGCONT of a range leader for longer than
+//! the lease; a partition of one node from the other nodes and PD; the isolation of a
+//! range leader; a ring where one link is cut (each node still sees a majority); and a
+//! failpoint that makes a node's raft-log fsync fail, after which that node must stop
+//! by itself (exit status 1) while the cluster keeps serving.
+//!
+//! Each kind of fault comes once, in a seeded order, before any repeats. The report
+//! (printed and written as JSON) gives ok / failed / unknown operations, acknowledged
+//! writes lost, values never written, the linearizability verdict, and for each fault
+//! window the operations per second per range and the time from heal to the first
+//! successful operation per range.
+//!
+//! `NEMESIS_SECS` (default 40; every kind of fault runs however short) lengthens the
+//! run, `SEED` replays a schedule, `NEMESIS_REPORT` names the JSON file (default: in
+//! the test's temporary directory).
+//! Needs root: `ip netns`, veth, a bridge and iptables (`make deps` installs
+//! iproute2 and iptables).
 
 #![allow(clippy::unwrap_used)] // test code: a surprise should fail the test loudly
 
-use std::net::TcpListener;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rangekv_check::{Budget, History, Op, OpResult, Verdict};
+use rangekv_check::{Budget, History, Op, OpResult, Outcome, Verdict};
 use rangekv_client::{Client, Config, Error};
+use rangekv_rpc::proto::placement_client::PlacementClient;
+use rangekv_rpc::proto::{ListStoresRequest, ScanRangesRequest};
 
-const KEYS: usize = 8;
+const RANGES: usize = 4;
+const KEYS_PER_RANGE: usize = 4;
+const KEYS: usize = RANGES * KEYS_PER_RANGE;
 /// Clients move to a fresh set of keys every this many seconds. Each key is its own
 /// register, so the checker handles each key's (short) history alone; one key per
 /// 30 minutes made a history the search could not finish in its budget.
 const KEY_EPOCH_SECS: u64 = 30;
 const CLIENTS: u64 = 5;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+const PD_PORT: u16 = 2379;
+const NODE_PORT: u16 = 20160;
+/// Host 0 of the network is PD; nodes are hosts 1..=3.
+const PD_HOST: usize = 0;
+const NODES: usize = 3;
+/// How long a stopped node may take to exit by itself once its fsync fails.
+const FSYNC_FAILURE_EXIT_SECS: u64 = 30;
 
 /// splitmix64: the nemesis schedule from the seed.
 struct Rng(u64);
@@ -52,32 +72,177 @@ impl Rng {
     }
 }
 
-/// A child process we can kill and start again with the same arguments.
+/// Runs a command to set up or change the network; panics with its output on failure.
+fn run(program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} {args:?}: {e} (make deps installs it)"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One network namespace per host, all on one bridge in the test's namespace, which
+/// has an address on it too (the clients). Partitions are iptables rules inside the
+/// namespaces of the hosts they cut; healing flushes them.
+struct Net {
+    tag: String,
+    prefix: String,
+    hosts: usize,
+}
+
+impl Net {
+    fn create(hosts: usize) -> Net {
+        let pid = std::process::id();
+        let net = Net {
+            tag: format!("rkv{}", pid % 1_000_000),
+            prefix: format!("10.{}.{}", 100 + pid % 100, (pid / 100) % 250),
+            hosts,
+        };
+        let bridge = net.bridge();
+        run("ip", &["link", "add", &bridge, "type", "bridge"]);
+        run(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{}.254/24", net.prefix),
+                "dev",
+                &bridge,
+            ],
+        );
+        run("ip", &["link", "set", &bridge, "up"]);
+        for host in 0..hosts {
+            let ns = net.namespace(host);
+            let veth = format!("{}v{host}", net.tag);
+            run("ip", &["netns", "add", &ns]);
+            run("ip", &["-n", &ns, "link", "set", "lo", "up"]);
+            run(
+                "ip",
+                &[
+                    "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+                ],
+            );
+            run("ip", &["link", "set", &veth, "master", &bridge]);
+            run("ip", &["link", "set", &veth, "up"]);
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &ns,
+                    "addr",
+                    "add",
+                    &format!("{}/24", net.ip(host)),
+                    "dev",
+                    "eth0",
+                ],
+            );
+            run("ip", &["-n", &ns, "link", "set", "eth0", "up"]);
+        }
+        net
+    }
+
+    fn bridge(&self) -> String {
+        format!("{}b", self.tag)
+    }
+
+    fn namespace(&self, host: usize) -> String {
+        format!("{}n{host}", self.tag)
+    }
+
+    fn ip(&self, host: usize) -> String {
+        format!("{}.{}", self.prefix, host + 1)
+    }
+
+    fn host_of_ip(&self, ip: &str) -> Option<usize> {
+        (0..self.hosts).find(|&h| self.ip(h) == ip)
+    }
+
+    /// A command that runs `program` inside `host`'s namespace.
+    fn command(&self, host: usize, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &self.namespace(host)])
+            .arg(program);
+        command
+    }
+
+    fn iptables(&self, host: usize, args: &[&str]) {
+        let ns = self.namespace(host);
+        let mut all = vec!["netns", "exec", ns.as_str(), "iptables"];
+        all.extend_from_slice(args);
+        run("ip", &all);
+    }
+
+    /// Drops every packet between hosts `a` and `b`, both ways.
+    fn cut(&self, a: usize, b: usize) {
+        for (here, there) in [(a, b), (b, a)] {
+            let there = self.ip(there);
+            self.iptables(here, &["-A", "INPUT", "-s", &there, "-j", "DROP"]);
+            self.iptables(here, &["-A", "OUTPUT", "-d", &there, "-j", "DROP"]);
+        }
+    }
+
+    fn heal(&self) {
+        for host in 0..self.hosts {
+            self.iptables(host, &["-F", "INPUT"]);
+            self.iptables(host, &["-F", "OUTPUT"]);
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for host in 0..self.hosts {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.namespace(host)])
+                .status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge()])
+            .status();
+    }
+}
+
+/// A child process in its namespace that we can kill and start again with the same
+/// arguments (and, for one start, extra environment).
 struct Proc {
+    net: Arc<Net>,
+    host: usize,
     args: Vec<String>,
     log: PathBuf,
     child: Option<Child>,
 }
 
 impl Proc {
-    fn start(name: &str, args: Vec<String>, dir: &Path) -> Proc {
+    fn start(net: &Arc<Net>, host: usize, name: &str, args: Vec<String>, dir: &Path) -> Proc {
         let mut proc = Proc {
+            net: net.clone(),
+            host,
             args,
             log: dir.join(format!("{name}.log")),
             child: None,
         };
-        proc.spawn();
+        proc.spawn(&[]);
         proc
     }
 
-    fn spawn(&mut self) {
+    fn spawn(&mut self, env: &[(&str, &str)]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_rangekv"))
+        // `ip netns exec` execs the program, so the child's pid is the program's.
+        let child = self
+            .net
+            .command(self.host, env!("CARGO_BIN_EXE_rangekv"))
             .args(&self.args)
+            .envs(env.iter().copied())
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
@@ -85,13 +250,11 @@ impl Proc {
         self.child = Some(child);
     }
 
-    fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
-    }
-
     fn signal(&self, signal: i32) {
-        // SAFETY: sending a signal to our own child process.
-        unsafe { libc::kill(self.pid(), signal) };
+        if let Some(child) = &self.child {
+            // SAFETY: sending a signal to our own child process.
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
     }
 
     fn kill9(&mut self) {
@@ -100,47 +263,131 @@ impl Proc {
             let _ = child.wait();
         }
     }
+
+    /// Waits up to `within` for the process to exit by itself.
+    async fn exit_status(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            let status = self.child.as_mut()?.try_wait().unwrap();
+            if let Some(status) = status {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        if self.child.is_some() {
-            self.signal(libc::SIGCONT);
-        }
+        self.signal(libc::SIGCONT);
         self.kill9();
     }
 }
+
+/// The kinds of fault, in the order the report names them.
+const KINDS: [&str; 6] = [
+    "kill -9, restart",
+    "SIGSTOP a range leader, SIGCONT",
+    "partition one node",
+    "isolate a range leader",
+    "ring: one link cut",
+    "fsync fails on one node",
+];
 
 /// What the nemesis did, for the report.
 #[derive(Debug, Clone, serde::Serialize)]
 struct Fault {
     kind: &'static str,
-    node: usize,
-    /// Milliseconds since the start of the workload.
+    nodes: Vec<usize>,
+    /// Milliseconds since the start of the workload: the fault's start and its heal.
     from_ms: u64,
     to_ms: u64,
-    /// Operations that succeeded while the fault lasted, per second.
-    ok_per_sec: f64,
+    /// Register operations that succeeded during the fault, per second, per range.
+    ok_per_sec_by_range: Vec<f64>,
+    /// From the heal to the first successful register operation on each range.
+    heal_to_first_ok_ms_by_range: Vec<Option<u64>>,
+    /// For the fsync failure: how the node ended.
+    exit: Option<String>,
 }
 
 fn nanos(start: Instant) -> u64 {
     start.elapsed().as_nanos() as u64
 }
 
+/// Key `i` of the register workload in `epoch`; it lies in range `i / KEYS_PER_RANGE`.
 fn key(epoch: u64, i: usize) -> Vec<u8> {
-    format!("nemesis-key-{epoch}-{i}").into_bytes()
+    format!("r{}-k{i:02}-e{epoch}", i / KEYS_PER_RANGE).into_bytes()
+}
+
+/// The range (0..RANGES) a workload key lies in: its first two bytes are "r<digit>".
+fn range_of(key: &[u8]) -> usize {
+    usize::from(key[1] - b'0')
+}
+
+fn set_key(n: u64) -> Vec<u8> {
+    format!("r{}-set-{n:08}", n % RANGES as u64).into_bytes()
 }
 
 fn epoch(start: Instant) -> u64 {
     start.elapsed().as_secs() / KEY_EPOCH_SECS
 }
 
+/// Which node (1..=NODES) leads each range, as PD last heard; ranges without a
+/// reported leader are left out.
+async fn leaders(net: &Net, pd_url: &str) -> Vec<usize> {
+    let Ok(mut pd) = PlacementClient::connect(pd_url.to_string()).await else {
+        return Vec::new();
+    };
+    let Ok(stores) = pd.list_stores(ListStoresRequest {}).await else {
+        return Vec::new();
+    };
+    let host_of_store: HashMap<u64, usize> = stores
+        .into_inner()
+        .stores
+        .iter()
+        .filter_map(|s| {
+            let ip = s.address.rsplit_once(':')?.0;
+            Some((s.store_id, net.host_of_ip(ip)?))
+        })
+        .collect();
+    let Ok(routes) = pd
+        .scan_ranges(ScanRangesRequest {
+            start_key: Default::default(),
+            end_key: Default::default(),
+            limit: 0,
+        })
+        .await
+    else {
+        return Vec::new();
+    };
+    routes
+        .into_inner()
+        .routes
+        .iter()
+        .filter_map(|r| host_of_store.get(&r.leader.as_ref()?.store_id).copied())
+        .collect()
+}
+
+/// A leader node to act on (any node if PD knows of none yet).
+async fn some_leader(net: &Net, pd_url: &str, rng: &mut Rng) -> usize {
+    let known = leaders(net, pd_url).await;
+    if known.is_empty() {
+        1 + rng.below(NODES as u64) as usize
+    } else {
+        known[rng.below(known.len() as u64) as usize]
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn register_workload_under_kills_and_pauses_stays_linearizable() {
+async fn register_and_set_workloads_under_process_and_network_faults() {
     let seconds: u64 = std::env::var("NEMESIS_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
+        .unwrap_or(40);
     let seed: u64 = std::env::var("SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -152,34 +399,38 @@ async fn register_workload_under_kills_and_pauses_stays_linearizable() {
         });
     println!("nemesis: seed {seed}, {seconds} s (replay: SEED={seed} cargo test --test nemesis)");
     let dir = tempfile::tempdir().unwrap();
-    let pd_port = free_port();
-    let pd_url = format!("http://127.0.0.1:{pd_port}");
+    let net = Arc::new(Net::create(1 + NODES));
+    let pd_url = format!("http://{}:{PD_PORT}", net.ip(PD_HOST));
+    let split_keys: Vec<String> = (1..RANGES).map(|r| format!("r{r}")).collect();
     let _pd = Proc::start(
+        &net,
+        PD_HOST,
         "pd",
         [
             "pd",
             "--data-dir",
             dir.path().join("pd").to_str().unwrap(),
             "--listen",
-            &format!("127.0.0.1:{pd_port}"),
-            "--initial-ranges",
-            "4",
+            &format!("0.0.0.0:{PD_PORT}"),
+            "--split-keys",
+            &split_keys.join(","),
         ]
         .map(String::from)
         .to_vec(),
         dir.path(),
     );
-    let mut nodes: Vec<Proc> = (0..3)
-        .map(|i| {
-            let port = free_port();
+    let mut nodes: Vec<Proc> = (1..=NODES)
+        .map(|host| {
             Proc::start(
-                &format!("node{i}"),
+                &net,
+                host,
+                &format!("node{host}"),
                 [
                     "node",
                     "--data-dir",
-                    dir.path().join(format!("node{i}")).to_str().unwrap(),
+                    dir.path().join(format!("node{host}")).to_str().unwrap(),
                     "--listen",
-                    &format!("127.0.0.1:{port}"),
+                    &format!("{}:{NODE_PORT}", net.ip(host)),
                     "--pd",
                     &pd_url,
                     "--workers",
@@ -321,81 +572,256 @@ async fn register_workload_under_kills_and_pauses_stays_linearizable() {
             }
         }));
     }
+    // The set workload: unique inserts, each acknowledged or of unknown outcome.
+    let set_writer = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut acked, mut unknown) = (BTreeSet::new(), BTreeSet::new());
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                n += 1;
+                let k = set_key(n);
+                match client.put(&k, &k).await {
+                    Ok(()) => acked.insert(k),
+                    Err(Error::InvalidArgument(message)) => panic!("{message}"),
+                    Err(_) => unknown.insert(k),
+                };
+            }
+            (acked, unknown)
+        })
+    };
 
-    // The nemesis: one fault at a time, then a quiet spell.
+    // The nemesis: one fault at a time, then a quiet spell. Every kind once, in a
+    // seeded order, then at random.
     let mut rng = Rng(seed);
+    let mut schedule: Vec<usize> = (0..KINDS.len()).collect();
+    for i in (1..schedule.len()).rev() {
+        schedule.swap(i, rng.below(i as u64 + 1) as usize);
+    }
     let mut faults = Vec::new();
     let end = start + Duration::from_secs(seconds);
-    while Instant::now() + Duration::from_secs(4) < end {
+    let mut round = 0;
+    // Every kind runs at least once, however short the run.
+    while round < KINDS.len() || Instant::now() + Duration::from_secs(4) < end {
         tokio::time::sleep(Duration::from_millis(1000 + rng.below(1500))).await;
-        let node = rng.below(nodes.len() as u64) as usize;
-        let before = ok_ops.load(Ordering::Relaxed);
+        let kind = match schedule.get(round) {
+            Some(&kind) => kind,
+            None => rng.below(KINDS.len() as u64) as usize,
+        };
+        round += 1;
         let from = start.elapsed();
-        let kind = if rng.below(2) == 0 {
-            nodes[node].kill9();
-            tokio::time::sleep(Duration::from_millis(500 + rng.below(1500))).await;
-            nodes[node].spawn();
-            "kill -9, restart"
-        } else {
-            // Longer than the lease (0.8 s) and than an election timeout (1–2 s).
-            nodes[node].signal(libc::SIGSTOP);
-            tokio::time::sleep(Duration::from_millis(2500 + rng.below(1000))).await;
-            nodes[node].signal(libc::SIGCONT);
-            "SIGSTOP, SIGCONT"
+        // Longer than the lease (0.8 s) and than an election timeout (1–2 s).
+        let hold = Duration::from_millis(2500 + rng.below(2500));
+        let mut exit = None;
+        let affected: Vec<usize> = match kind {
+            0 => {
+                let node = 1 + rng.below(NODES as u64) as usize;
+                nodes[node - 1].kill9();
+                tokio::time::sleep(Duration::from_millis(500 + rng.below(1500))).await;
+                nodes[node - 1].spawn(&[]);
+                vec![node]
+            }
+            1 => {
+                let node = some_leader(&net, &pd_url, &mut rng).await;
+                nodes[node - 1].signal(libc::SIGSTOP);
+                tokio::time::sleep(hold).await;
+                nodes[node - 1].signal(libc::SIGCONT);
+                vec![node]
+            }
+            2 | 3 => {
+                let node = if kind == 2 {
+                    1 + rng.below(NODES as u64) as usize
+                } else {
+                    some_leader(&net, &pd_url, &mut rng).await
+                };
+                // Cut from the other nodes and from PD; the clients still reach it.
+                for other in (0..=NODES).filter(|&h| h != node) {
+                    net.cut(node, other);
+                }
+                tokio::time::sleep(hold).await;
+                net.heal();
+                vec![node]
+            }
+            4 => {
+                let a = 1 + rng.below(NODES as u64) as usize;
+                let b = 1 + (a + rng.below(NODES as u64 - 1) as usize) % NODES;
+                net.cut(a, b);
+                tokio::time::sleep(hold).await;
+                net.heal();
+                vec![a, b]
+            }
+            _ => {
+                // Restarted with a failpoint: some group syncs succeed, then one
+                // fails. The node must stop by itself, and the rest keep serving.
+                let node = 1 + rng.below(NODES as u64) as usize;
+                let syncs = 5 + rng.below(40);
+                let failpoint = format!("log::sync={syncs}");
+                nodes[node - 1].kill9();
+                nodes[node - 1].spawn(&[("RANGEKV_FAILPOINTS", &failpoint)]);
+                let status = nodes[node - 1]
+                    .exit_status(Duration::from_secs(FSYNC_FAILURE_EXIT_SECS))
+                    .await;
+                let Some(status) = status else {
+                    panic!(
+                        "node{node} still runs {FSYNC_FAILURE_EXIT_SECS} s after its fsync \
+                         failpoint ({failpoint}); log in {}",
+                        nodes[node - 1].log.display()
+                    );
+                };
+                assert_eq!(
+                    status.code(),
+                    Some(1),
+                    "node{node} must stop with status 1 when fsync fails, not {status}"
+                );
+                exit = Some(format!("{status} after {syncs} good group syncs"));
+                nodes[node - 1].spawn(&[]);
+                vec![node]
+            }
         };
         let to = start.elapsed();
-        let ok = ok_ops.load(Ordering::Relaxed) - before;
+        println!(
+            "nemesis: {} {affected:?} {from:?}..{to:?}, {} ops ok so far",
+            KINDS[kind],
+            ok_ops.load(Ordering::Relaxed)
+        );
         faults.push(Fault {
-            kind,
-            node,
+            kind: KINDS[kind],
+            nodes: affected,
             from_ms: from.as_millis() as u64,
             to_ms: to.as_millis() as u64,
-            ok_per_sec: ok as f64 / (to - from).as_secs_f64(),
+            ok_per_sec_by_range: Vec::new(),
+            heal_to_first_ok_ms_by_range: Vec::new(),
+            exit,
         });
-        println!(
-            "nemesis: {kind} node{node} {:?}..{:?}, {ok} ops ok",
-            from, to
-        );
     }
     tokio::time::sleep(end.saturating_duration_since(Instant::now())).await;
 
-    // Healed: how long until each key answers a read again.
+    // Healed: every range answers again.
     let healed = Instant::now();
-    let mut heal_ms = Vec::new();
     let last = epoch(start);
-    for i in 0..KEYS {
+    for i in (0..KEYS).step_by(KEYS_PER_RANGE) {
         let deadline = healed + Duration::from_secs(30);
-        loop {
-            if client.get(&key(last, i)).await.is_ok() {
-                heal_ms.push(healed.elapsed().as_millis() as u64);
-                break;
-            }
+        while client.get(&key(last, i)).await.is_err() {
             assert!(
                 Instant::now() < deadline,
-                "key {i} unreadable 30 s after healing"
+                "range of key {i} unreadable 30 s after healing"
             );
         }
     }
+    let final_heal_ms = healed.elapsed().as_millis() as u64;
     stop.store(true, Ordering::SeqCst);
     for c in clients {
         c.await.unwrap();
     }
+    let (acked, attempted_unknown) = set_writer.await.unwrap();
+
+    // The set: every acknowledged insert present, nothing never attempted.
+    let mut found = HashSet::new();
+    for r in 0..RANGES {
+        let prefix = format!("r{r}-set-");
+        let end = format!("r{r}-set.");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let pairs = loop {
+            match client
+                .scan(prefix.as_bytes(), end.as_bytes(), usize::MAX)
+                .await
+            {
+                Ok(pairs) => break pairs,
+                Err(error) if Instant::now() < deadline => {
+                    println!("nemesis: final scan of range {r}: {error}; again");
+                }
+                Err(error) => panic!("final scan of range {r}: {error}"),
+            }
+        };
+        for (k, v) in pairs {
+            assert_eq!(k, v, "set element's value is its key");
+            found.insert(k);
+        }
+    }
+    let lost: Vec<String> = acked
+        .iter()
+        .filter(|k| !found.contains(*k))
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    let invented: Vec<String> = found
+        .iter()
+        .filter(|k| !acked.contains(*k) && !attempted_unknown.contains(*k))
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
 
     let history = Arc::try_unwrap(history).unwrap().into_inner().unwrap();
     let (mut ok, mut failed, mut unknown) = (0, 0, 0);
+    let mut written: HashSet<(&[u8], &[u8])> = HashSet::new();
     for op in history.ops() {
         match op.outcome {
-            rangekv_check::Outcome::Ok { .. } => ok += 1,
-            rangekv_check::Outcome::Failed => failed += 1,
-            rangekv_check::Outcome::Unknown => unknown += 1,
+            Outcome::Ok { .. } => ok += 1,
+            Outcome::Failed => failed += 1,
+            Outcome::Unknown => unknown += 1,
+        }
+        match &op.op {
+            Op::Put(value) => {
+                written.insert((&op.key, value));
+            }
+            Op::Cas {
+                new: Some(value), ..
+            } => {
+                written.insert((&op.key, value));
+            }
+            _ => {}
         }
     }
+    // Reads of a value no client ever wrote to that key (the checker fails them too;
+    // counted here for the report).
+    let never_written = history
+        .ops()
+        .iter()
+        .filter(|op| match &op.outcome {
+            Outcome::Ok {
+                result: OpResult::Read(Some(value)),
+                ..
+            } => !written.contains(&(op.key.as_slice(), value.as_slice())),
+            _ => false,
+        })
+        .count();
+
+    // Per fault window and range: ok operations per second, and heal to first ok.
+    for fault in &mut faults {
+        let (from, to) = (fault.from_ms * 1_000_000, fault.to_ms * 1_000_000);
+        let mut in_window = [0u64; RANGES];
+        let mut first_after = [None::<u64>; RANGES];
+        for op in history.ops() {
+            if let Outcome::Ok { returned_at, .. } = op.outcome {
+                let range = range_of(&op.key);
+                if (from..to).contains(&returned_at) {
+                    in_window[range] += 1;
+                }
+                if returned_at >= to {
+                    let first = &mut first_after[range];
+                    *first = Some(first.map_or(returned_at, |f| f.min(returned_at)));
+                }
+            }
+        }
+        let window = (to - from).max(1) as f64 / 1e9;
+        fault.ok_per_sec_by_range = in_window.iter().map(|&n| n as f64 / window).collect();
+        fault.heal_to_first_ok_ms_by_range = first_after
+            .iter()
+            .map(|f| f.map(|at| (at - to) / 1_000_000))
+            .collect();
+    }
+
     let checked = Instant::now();
     let verdict = rangekv_check::check(&history, Budget::time(Duration::from_secs(60)));
     let report = serde_json::json!({
         "seed": seed,
         "seconds": seconds,
         "operations": {"ok": ok, "failed": failed, "unknown": unknown},
+        "set": {
+            "acknowledged": acked.len(),
+            "unknown_outcome": attempted_unknown.len(),
+            "found": found.len(),
+        },
+        "acknowledged_writes_lost": lost.len(),
+        "values_never_written": never_written + invented.len(),
         "linearizability": match &verdict {
             Verdict::Linearizable => "linearizable".to_string(),
             Verdict::NotLinearizable { key, .. } =>
@@ -404,7 +830,7 @@ async fn register_workload_under_kills_and_pauses_stays_linearizable() {
         },
         "check_ms": checked.elapsed().as_millis() as u64,
         "faults": faults,
-        "heal_to_first_read_ms_per_key": heal_ms,
+        "final_heal_to_every_range_readable_ms": final_heal_ms,
     });
     let text = serde_json::to_string_pretty(&report).unwrap();
     println!("{text}");
@@ -412,21 +838,33 @@ async fn register_workload_under_kills_and_pauses_stays_linearizable() {
         .map(PathBuf::from)
         .unwrap_or_else(|_| dir.path().join("nemesis.json"));
     std::fs::write(&file, &text).unwrap();
-    match verdict {
-        Verdict::Linearizable => {}
-        other => {
-            let history_file = dir.path().join("history.json");
-            std::fs::write(&history_file, serde_json::to_vec(&history).unwrap()).unwrap();
-            // Keep the logs and the history for a look.
-            let kept = dir.keep();
-            panic!(
-                "seed {seed}: {other:?}\nhistory and node logs kept in {}",
-                kept.display()
-            );
-        }
+    let failure = if !lost.is_empty() || !invented.is_empty() {
+        Some(format!(
+            "set: {} acknowledged inserts lost (first: {:?}), {} never attempted found \
+             (first: {:?})",
+            lost.len(),
+            lost.first(),
+            invented.len(),
+            invented.first()
+        ))
+    } else if !matches!(verdict, Verdict::Linearizable) {
+        Some(format!("{verdict:?}"))
+    } else {
+        None
+    };
+    if let Some(failure) = failure {
+        let history_file = dir.path().join("history.json");
+        std::fs::write(&history_file, serde_json::to_vec(&history).unwrap()).unwrap();
+        // Keep the logs and the history for a look.
+        let kept = dir.keep();
+        panic!(
+            "seed {seed}: {failure}\nhistory and node logs kept in {}",
+            kept.display()
+        );
     }
     assert!(ok > 100, "the clients made progress ({ok} operations ok)");
-    assert!(!faults.is_empty() || seconds < 8, "the nemesis acted");
+    assert!(!acked.is_empty(), "the set workload made progress");
+    assert!(faults.len() >= KINDS.len(), "every kind of fault ran");
     for node in &mut nodes {
         node.kill9();
     }

@@ -29,5 +29,30 @@ mod writer;
 pub use engine::{LogBatch, LogConfig, LogEngine, LogError, LogIo, LogStats, ReadError};
 pub use storage::RangeStorage;
 
+use std::sync::atomic::Ordering::Relaxed;
+
+/// Arms failpoints, fault injection for tests run against a real process, from a
+/// spec `name=value;…`. The log has one: `log::sync=N` lets N group syncs through,
+/// then makes every later one report EIO (`log::sync=off` disarms it). A failpoint
+/// with an unknown name or value is refused, so a typo cannot pass silently.
+pub fn configure_failpoints(spec: &str) -> Result<(), String> {
+    for item in spec.split(';').filter(|item| !item.trim().is_empty()) {
+        let (name, value) = item
+            .split_once('=')
+            .ok_or_else(|| format!("failpoint {item:?} is not name=value"))?;
+        match (name.trim(), value.trim()) {
+            ("log::sync", "off") => writer::SYNCS_BEFORE_FAILURE.store(u64::MAX, Relaxed),
+            ("log::sync", count) => {
+                let count: u64 = count.parse().map_err(|_| {
+                    format!("failpoint log::sync={count}: the value is a count of syncs or off")
+                })?;
+                writer::SYNCS_BEFORE_FAILURE.store(count.min(u64::MAX - 1), Relaxed);
+            }
+            (other, _) => return Err(format!("no failpoint {other:?} (there is log::sync)")),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests;

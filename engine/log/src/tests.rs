@@ -517,6 +517,76 @@ os.execv(sys.argv[1], sys.argv[1:])
     );
 }
 
+/// The `log::sync` failpoint (what the process nemesis uses to make a node's fsync
+/// fail) fails a group's sync with EIO and stops the engine, on both writers. Armed
+/// in a child process: failpoints are global to a process.
+#[test]
+fn the_sync_failpoint_stops_the_engine() {
+    for io in ["uring", "sync"] {
+        let exe = std::env::current_exe().unwrap();
+        let out = Command::new(&exe)
+            .args(["tests::sync_failpoint_probe", "--exact", "--nocapture"])
+            .env("RANGEKV_FAILPOINT_PROBE", io)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{io}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Helper of `the_sync_failpoint_stops_the_engine`.
+#[test]
+fn sync_failpoint_probe() {
+    let Ok(io) = std::env::var("RANGEKV_FAILPOINT_PROBE") else {
+        return;
+    };
+    let io: LogIo = io.parse().unwrap();
+    crate::configure_failpoints("log::sync=2").unwrap();
+    assert!(crate::configure_failpoints("log::fsync=2").is_err());
+    assert!(crate::configure_failpoints("log::sync=many").is_err());
+    let dir = tempfile::tempdir().unwrap();
+    let fs = || -> Arc<dyn FileSystem> { Arc::new(DiskFileSystem::open(dir.path()).unwrap()) };
+    let config = LogConfig {
+        pipeline_depth: 1,
+        ..small_config(io)
+    };
+    {
+        let engine = LogEngine::open(fs(), config.clone()).unwrap();
+        let range = RangeId(1);
+        append(&engine, range, 1, 1);
+        append(&engine, range, 2, 2);
+        let mut batch = LogBatch::new();
+        batch.append(range, entries(range, 3, 3));
+        let failed = engine.write_sync(batch);
+        assert!(
+            matches!(&failed, Err(LogError::Io { .. })),
+            "the third sync fails: {failed:?}"
+        );
+        let mut batch = LogBatch::new();
+        batch.append(range, entries(range, 3, 3));
+        let after = engine.write_sync(batch);
+        assert!(
+            matches!(&after, Err(LogError::Stopped(_))),
+            "and the engine has stopped: {after:?}"
+        );
+        assert!(engine.failure().is_some());
+    }
+    crate::configure_failpoints("log::sync=off").unwrap();
+    let engine = LogEngine::open(fs(), config).unwrap();
+    assert!(
+        engine.last_index(RangeId(1)) >= 2,
+        "acknowledged appends survive"
+    );
+    assert_eq!(
+        engine.entries(RangeId(1), 1, 3, None).unwrap(),
+        entries(RangeId(1), 1, 2)
+    );
+}
+
 /// Helper of the seccomp test: inside the filter, `log.io = uring` must be refused.
 #[test]
 fn uring_is_denied_probe() {

@@ -6,7 +6,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 
 use rangekv_types::RangeId;
@@ -623,7 +623,16 @@ impl Writer {
     /// Collects completions and completes every durable group at the front, in order.
     fn reap(&mut self, wait: Wait) -> Result<(), LogError> {
         let mut done = std::mem::take(&mut self.done);
-        let reaped = self.backend.reap(wait, &self.shared.waker, &mut done);
+        let mut reaped = self.backend.reap(wait, &self.shared.waker, &mut done);
+        if let (Ok(()), Some(&token)) = (&reaped, done.first()) {
+            if injected_sync_failure() {
+                reaped = Err(IoFailure {
+                    token,
+                    offset: 0,
+                    error: io::Error::from_raw_os_error(libc::EIO),
+                });
+            }
+        }
         if let Err(failure) = reaped {
             return Err(self.io_error(failure));
         }
@@ -883,6 +892,21 @@ impl Writer {
         }
         self.notify(notice);
         self.shared.queue_not_full.notify_all();
+    }
+}
+
+/// Group syncs left before the `log::sync` failpoint fails one; `u64::MAX` = unarmed.
+pub(crate) static SYNCS_BEFORE_FAILURE: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Fault injection: whether the `log::sync` failpoint fails this group's fsync.
+fn injected_sync_failure() -> bool {
+    match SYNCS_BEFORE_FAILURE.load(Ordering::Relaxed) {
+        u64::MAX => false,
+        0 => true,
+        left => {
+            SYNCS_BEFORE_FAILURE.store(left - 1, Ordering::Relaxed);
+            false
+        }
     }
 }
 

@@ -150,7 +150,8 @@ impl KvService {
         match tokio::time::timeout(REQUEST_TIMEOUT, answer).await {
             Ok(Ok(result)) => Ok(result),
             Ok(Err(_)) => Err(Refusal::Status(Status::unavailable(
-                "the store stopped before the write was known to apply: outcome unknown",
+                "the store stopped, or its replica lost the leadership, before the write \
+                 was known to apply: outcome unknown",
             ))),
             Err(_) => Err(Refusal::Status(Status::deadline_exceeded(
                 "the write was not applied in time: outcome unknown",

@@ -619,6 +619,9 @@ impl Worker {
         };
         let mut committed = Vec::new();
         let mut not_served = Vec::new();
+        // Proposals of leaders that lost their quorum: dropping their answer channels
+        // tells each client "outcome unknown" now (see `Replica::on_role`).
+        let mut abandoned: Vec<Proposal> = Vec::new();
         for range in &touched {
             if batch.bytes() >= loop_bytes_target(&self.shared) {
                 self.submit(std::mem::take(&mut batch), record);
@@ -636,7 +639,8 @@ impl Worker {
             }
             let mut ready = peer.replica.raw.ready();
             if let Some(soft) = ready.ss() {
-                peer.replica.on_role(soft.raft_state, &mut not_served);
+                peer.replica
+                    .on_role(soft.raft_state, &mut not_served, &mut abandoned);
                 let leader = if soft.leader_id == raft::INVALID_ID {
                     0
                 } else {
@@ -692,6 +696,7 @@ impl Worker {
                 kind: Some(proto::error::Kind::NotLeader(proto::NotLeader::default())),
             }));
         }
+        drop(abandoned);
         self.submit(batch, record);
         self.shared.transport.flush();
         if !committed.is_empty() {

@@ -60,6 +60,8 @@ pub struct Replica<S: Storage, P, R> {
     /// Index of the first entry of this leader's term: lease reads wait until it is
     /// applied (then every write acknowledged by an earlier leader is applied here).
     term_start_index: u64,
+    /// The term this replica last led in.
+    led_term: u64,
     applied: u64,
     role: StateRole,
     /// Seeded source of randomized election timeouts (raft-rs would use its thread
@@ -88,6 +90,7 @@ impl<S: Storage, P, R> Replica<S, P, R> {
             lease_duration,
             lease_void_term: 0,
             term_start_index: u64::MAX,
+            led_term: 0,
             applied,
             role,
             rng: seed,
@@ -346,9 +349,16 @@ impl<S: Storage, P, R> Replica<S, P, R> {
         self.release_reads(ready_reads);
     }
 
-    /// Notes a role change seen in a `Ready`'s soft state. Returns the reads that
-    /// can no longer be answered here (this replica stopped leading).
-    pub fn on_role(&mut self, role: StateRole, not_served: &mut Vec<R>) {
+    /// Notes a role change seen in a `Ready`'s soft state. `not_served` gets the reads
+    /// that can no longer be answered here (this replica stopped leading).
+    ///
+    /// `abandoned` gets the proposals of a leader that stepped down in its own term:
+    /// it lost touch with a quorum (check_quorum), so nothing settles their entries
+    /// until it hears from a leader again, however long the partition lasts. Their
+    /// outcome is unknown (the next leader may still commit them), and the caller says
+    /// so at once instead of leaving the clients waiting. A leader deposed by a higher
+    /// term keeps its proposals: the new leader's log settles them shortly.
+    pub fn on_role(&mut self, role: StateRole, not_served: &mut Vec<R>, abandoned: &mut Vec<P>) {
         if role == self.role {
             return;
         }
@@ -357,12 +367,16 @@ impl<S: Storage, P, R> Replica<S, P, R> {
         if role == StateRole::Leader {
             // raft-rs appended this term's empty entry on becoming leader.
             self.term_start_index = self.raw.raft.raft_log.last_index();
+            self.led_term = self.raw.raft.term;
         } else if was_leader {
             self.lease_until = None;
             self.term_start_index = u64::MAX;
             not_served.append(&mut self.reads_gathering);
             for batch in self.reads_waiting_index.drain(..) {
                 not_served.extend(batch.reads);
+            }
+            if self.raw.raft.term == self.led_term {
+                abandoned.extend(self.proposals.drain(..).map(|p| p.callback));
             }
         }
     }
@@ -440,8 +454,7 @@ mod tests {
                 }
                 let mut ready = node.raw.ready();
                 if let Some(soft) = ready.ss() {
-                    let mut lost = Vec::new();
-                    node.on_role(soft.raft_state, &mut lost);
+                    node.on_role(soft.raft_state, &mut Vec::new(), &mut Vec::new());
                 }
                 messages.extend(ready.take_messages());
                 node.raw.mut_store().wl().append(ready.entries()).unwrap();
@@ -487,7 +500,7 @@ mod tests {
                 }
                 let mut ready = node.raw.ready();
                 if let Some(soft) = ready.ss() {
-                    node.on_role(soft.raft_state, &mut Vec::new());
+                    node.on_role(soft.raft_state, &mut Vec::new(), &mut Vec::new());
                 }
                 node.raw.mut_store().wl().append(ready.entries()).unwrap();
                 if let Some(hs) = ready.hs() {
@@ -560,7 +573,15 @@ mod tests {
 
     /// Handles `node`'s Ready like `pump` (persisted at once), returning its messages.
     fn ready_messages(node: &mut Node) -> Vec<Message> {
+        ready_messages_and_abandoned(node, &mut Vec::new())
+    }
+
+    /// Like `ready_messages`, noting a role change (its abandoned proposals).
+    fn ready_messages_and_abandoned(node: &mut Node, abandoned: &mut Vec<u32>) -> Vec<Message> {
         let mut ready = node.raw.ready();
+        if let Some(soft) = ready.ss() {
+            node.on_role(soft.raft_state, &mut Vec::new(), abandoned);
+        }
         let mut messages = ready.take_messages();
         node.raw.mut_store().wl().append(ready.entries()).unwrap();
         if let Some(hs) = ready.hs() {
@@ -570,6 +591,50 @@ mod tests {
         let mut light = node.raw.advance(ready);
         messages.extend(light.take_messages());
         messages
+    }
+
+    /// A leader cut off from its quorum steps down in its own term (check_quorum) and
+    /// hands back its pending proposals as abandoned (outcome unknown) at once; a
+    /// leader deposed by a higher term keeps them for the new leader's log to settle.
+    #[test]
+    fn a_leader_that_loses_its_quorum_abandons_its_proposals_a_deposed_one_keeps_them() {
+        let mut nodes = vec![node(1), node(2), node(3)];
+        nodes[0].raw.campaign().unwrap();
+        pump(&mut nodes, true);
+        assert!(nodes[0].is_leader());
+        let term = nodes[0].term();
+        nodes[0].propose(Instant::now(), b"x".to_vec(), 7).unwrap();
+        let mut abandoned = Vec::new();
+        // Node 1 is isolated: nothing it sends arrives, nothing comes back.
+        for _ in 0..2 * ReplicaConfig::default().election_timeout_ticks {
+            nodes[0].tick();
+            ready_messages_and_abandoned(&mut nodes[0], &mut abandoned);
+        }
+        assert!(!nodes[0].is_leader(), "check_quorum stepped it down");
+        assert_eq!(nodes[0].term(), term, "in its own term");
+        assert_eq!(abandoned, vec![7]);
+
+        // In a fresh cluster, leader 1 has a proposal pending when a message of a
+        // higher term deposes it.
+        let mut nodes = vec![node(1), node(2), node(3)];
+        nodes[0].raw.campaign().unwrap();
+        pump(&mut nodes, true);
+        assert!(nodes[0].is_leader());
+        nodes[0].propose(Instant::now(), b"y".to_vec(), 8).unwrap();
+        let mut deposed = Vec::new();
+        ready_messages_and_abandoned(&mut nodes[0], &mut deposed);
+        let higher = Message {
+            msg_type: raft::eraftpb::MessageType::MsgHeartbeat,
+            from: 3,
+            to: 1,
+            term: nodes[0].term() + 1,
+            ..Default::default()
+        };
+        nodes[0].step(higher).unwrap();
+        ready_messages_and_abandoned(&mut nodes[0], &mut deposed);
+        assert!(!nodes[0].is_leader());
+        assert!(deposed.is_empty(), "a deposed leader keeps its proposals");
+        assert!(nodes[0].has_pending_requests());
     }
 
     /// Found by the seeded simulation (tests/sim.rs: with batching on, 141 of the 200

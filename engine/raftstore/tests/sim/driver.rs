@@ -234,11 +234,12 @@ impl World {
         };
         let mut committed = Vec::new();
         let mut not_served = Vec::new();
+        let mut abandoned = Vec::new();
         if live.replica.raw.has_ready() {
             let mut ready = live.replica.raw.ready();
             if let Some(soft) = ready.ss() {
                 let role = soft.raft_state;
-                live.replica.on_role(role, &mut not_served);
+                live.replica.on_role(role, &mut not_served, &mut abandoned);
                 let term = live.replica.term();
                 if self.logging() {
                     let nodes = self.describe_nodes();
@@ -287,6 +288,13 @@ impl World {
         }
         for req in not_served {
             self.answer(node, req, Reply::NotLeader(None));
+        }
+        // A leader that lost its quorum: its proposals' outcome is unknown.
+        for reqs in abandoned {
+            for req in reqs {
+                self.log(|| format!("n{} proposal r{req} abandoned: lost its quorum", node + 1));
+                self.answer(node, req, Reply::Lost);
+            }
         }
         self.submit(node, write, record);
         if !committed.is_empty() {

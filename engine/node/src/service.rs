@@ -5,7 +5,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rangekv_rpc::proto::{self, command::Op, kv_server::Kv, raft_server::Raft};
 use rangekv_rpc::validate::{self, Invalid};
@@ -166,8 +166,14 @@ impl KvService {
         header: Option<&proto::RequestHeader>,
     ) -> Result<RangeDescriptor, Refusal> {
         let store = self.store().map_err(Refusal::Status)?;
-        let (range, _info, descriptor) = locate(&store, header)?;
+        let (range, info, descriptor) = locate(&store, header)?;
         if header.is_some_and(|h| h.stale_read) {
+            return Ok(descriptor);
+        }
+        // Within the lease the worker published, serve here: no trip through the
+        // worker's loop (which may be busy applying a large batch).
+        if info.lease_holds(Instant::now()) {
+            info.local_reads.fetch_add(1, Ordering::Relaxed);
             return Ok(descriptor);
         }
         let (respond, answer) = oneshot::channel();

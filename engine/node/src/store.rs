@@ -82,6 +82,23 @@ pub struct RangeInfo {
     pub local_peer: u64,
     /// Whether the replica was quiesced at its worker's last tick.
     pub quiesced: AtomicBool,
+    /// Until when the replica's lease lets a read be served on the caller's thread,
+    /// without a trip through the worker (TiKV's local reader): nanoseconds after
+    /// `clock_base()`, 0 = no lease. The worker publishes it after every loop that
+    /// touched the range (`Replica::lease_valid_until`); it only ever lags the
+    /// replica's own view by part of a loop, within a lease that is valid by time —
+    /// and a valid lease means no other replica can have been elected. A leadership
+    /// transfer voids the lease: whoever adds transfers must publish before sending
+    /// `MsgTimeoutNow`.
+    pub lease_until: AtomicU64,
+    /// Reads served from the published lease, for tests and metrics.
+    pub local_reads: AtomicU64,
+}
+
+/// The origin of the nanosecond instants `RangeInfo::lease_until` holds.
+pub fn clock_base() -> Instant {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *BASE.get_or_init(Instant::now)
 }
 
 impl RangeInfo {
@@ -94,6 +111,25 @@ impl RangeInfo {
 
     pub fn is_leader(&self) -> bool {
         self.leader_peer.load(Ordering::Relaxed) == self.local_peer
+    }
+
+    /// Publishes the replica's lease (see `lease_until`).
+    pub(crate) fn publish_lease(&self, until: Option<Instant>) {
+        let nanos = until.map_or(0, |until| {
+            until
+                .saturating_duration_since(clock_base())
+                .as_nanos()
+                .clamp(1, u128::from(u64::MAX)) as u64
+        });
+        self.lease_until.store(nanos, Ordering::SeqCst);
+    }
+
+    /// Whether a linearizable read may be served here and now from the published lease.
+    pub fn lease_holds(&self, now: Instant) -> bool {
+        let until = self.lease_until.load(Ordering::SeqCst);
+        until != 0
+            && self.is_leader()
+            && now.saturating_duration_since(clock_base()).as_nanos() < u128::from(until)
     }
 
     /// The leader as a `Peer` of the descriptor, when known.

@@ -232,6 +232,8 @@ impl Worker {
             applied: apply_state.applied_index.into(),
             local_peer: local,
             quiesced: Default::default(),
+            lease_until: Default::default(),
+            local_reads: Default::default(),
         });
         let store_of = descriptor
             .replicas
@@ -701,6 +703,12 @@ impl Worker {
         self.shared.transport.flush();
         if !committed.is_empty() {
             self.apply(committed);
+        }
+        // Role changes, applies and lease renewals of this loop, for local reads.
+        for range in &touched {
+            if let Some(peer) = self.peers.get(range) {
+                peer.info.publish_lease(peer.replica.lease_valid_until());
+            }
         }
     }
 

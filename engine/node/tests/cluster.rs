@@ -99,6 +99,48 @@ async fn reads_after_a_leader_change_see_the_latest_write() {
     cluster.shutdown().await;
 }
 
+/// Reads within the leader's lease are served on the gRPC thread, from the lease its
+/// worker published; after the leader dies, the new leader's reads (local ones too)
+/// still return the last acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_within_the_lease_are_served_locally_and_never_stale() {
+    let mut cluster = Cluster::start(3, splits()).await;
+    let range = RangeId(cluster.range_of(&key(7)).await.range_id);
+    let local_reads = |cluster: &Cluster| -> u64 {
+        cluster
+            .running()
+            .filter_map(|(_, node)| node.store().range(range))
+            .map(|info| info.local_reads.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    };
+    for round in 0..3 {
+        let before = local_reads(&cluster);
+        let mut value = String::new();
+        // A write renews the lease; the reads right after it are local. Up to 50
+        // tries, in case this machine stalls for longer than a lease in between.
+        for attempt in 0..50 {
+            value = format!("round{round}-{attempt}");
+            cluster.put(&key(7), value.as_bytes()).await;
+            assert_eq!(cluster.get(&key(7)).await, Some(value.clone().into_bytes()));
+            if local_reads(&cluster) > before {
+                break;
+            }
+        }
+        assert!(
+            local_reads(&cluster) > before,
+            "round {round}: no read was served from the lease"
+        );
+        let leader = cluster.leader_of(range).unwrap();
+        cluster.kill(leader).await;
+        cluster.wait_for_leaders().await;
+        for _ in 0..10 {
+            assert_eq!(cluster.get(&key(7)).await, Some(value.clone().into_bytes()));
+        }
+        cluster.restart(leader).await;
+    }
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cas_batch_scan_and_delete_range() {
     let cluster = Cluster::start(3, splits()).await;

@@ -254,12 +254,20 @@ impl<S: Storage, P, R> Replica<S, P, R> {
     /// round trip: this replica leads, its lease holds, it has applied an entry of
     /// its own term, and it has not begun a leadership transfer in this term.
     pub fn lease_valid(&self, now: Instant) -> bool {
-        self.is_leader()
+        self.lease_valid_until().is_some_and(|until| now < until)
+    }
+
+    /// Until when this replica may serve reads from its lease, as things stand; None
+    /// when it may not at all. A caller that publishes this for other threads (the
+    /// node's local reads) must publish again after anything that can shorten it:
+    /// a role change, `transfer_leader`, an apply.
+    pub fn lease_valid_until(&self) -> Option<Instant> {
+        let usable = self.is_leader()
             && self.lease_term == self.raw.raft.term
-            && self.lease_until.is_some_and(|until| now < until)
             && self.applied >= self.term_start_index
             && self.lease_void_term != self.raw.raft.term
-            && self.raw.raft.lead_transferee.is_none()
+            && self.raw.raft.lead_transferee.is_none();
+        self.lease_until.filter(|_| usable)
     }
 
     /// A linearizable read: served at once when the lease holds (returned as

@@ -50,6 +50,28 @@ fn append(engine: &LogEngine, range: RangeId, from: u64, to: u64) {
     engine.write_sync(batch).unwrap();
 }
 
+/// Appends entries 1..=appends to `range` one `write` each, without waiting in
+/// between; checks that every completion reports success, in submission order.
+fn append_with_callbacks(engine: &LogEngine, range: RangeId, appends: u64) {
+    let (sender, receiver) = mpsc::channel();
+    for index in 1..=appends {
+        let mut batch = LogBatch::new();
+        batch.append(range, vec![entry(range, index)]);
+        let sender = sender.clone();
+        engine.write(batch, move |result| {
+            sender.send((index, result.is_ok())).unwrap();
+        });
+    }
+    let done: Vec<_> = receiver.iter().take(appends as usize).collect();
+    assert!(done.iter().all(|(_, ok)| *ok), "every append succeeds");
+    let order: Vec<u64> = done.iter().map(|(i, _)| *i).collect();
+    assert_eq!(
+        order,
+        (1..=appends).collect::<Vec<_>>(),
+        "completions in order"
+    );
+}
+
 fn assert_log(engine: &LogEngine, range: RangeId, first: u64, last: u64) {
     assert_eq!(engine.first_index(range), first, "{range} first index");
     assert_eq!(engine.last_index(range), last, "{range} last index");
@@ -153,22 +175,7 @@ mod conformance {
                     });
                 }
                 let engine = engine.clone();
-                scope.spawn(move || {
-                    let range = RangeId(300);
-                    let (sender, receiver) = mpsc::channel();
-                    for index in 1..=appends {
-                        let mut batch = LogBatch::new();
-                        batch.append(range, vec![entry(range, index)]);
-                        let sender = sender.clone();
-                        engine.write(batch, move |result| {
-                            sender.send((index, result.is_ok())).unwrap();
-                        });
-                    }
-                    let done: Vec<_> = receiver.iter().take(appends as usize).collect();
-                    assert!(done.iter().all(|(_, ok)| *ok));
-                    let order: Vec<u64> = done.iter().map(|(i, _)| *i).collect();
-                    assert_eq!(order, (1..=appends).collect::<Vec<_>>());
-                });
+                scope.spawn(move || append_with_callbacks(&engine, RangeId(300), appends));
             });
         }
         let engine = open(&store, small_config(io));
@@ -189,25 +196,7 @@ mod conformance {
                 for w in 0..writers {
                     let engine = engine.clone();
                     scope.spawn(move || {
-                        let range = RangeId(100 + w);
-                        let appends = appends_of(w);
-                        let (sender, receiver) = mpsc::channel();
-                        for index in 1..=appends {
-                            let mut batch = LogBatch::new();
-                            batch.append(range, vec![entry(range, index)]);
-                            let sender = sender.clone();
-                            engine.write(batch, move |result| {
-                                sender.send((index, result.is_ok())).unwrap();
-                            });
-                        }
-                        let done: Vec<_> = receiver.iter().take(appends as usize).collect();
-                        let order: Vec<u64> = done.iter().map(|(i, _)| *i).collect();
-                        assert!(done.iter().all(|(_, ok)| *ok), "every append succeeds");
-                        assert_eq!(
-                            order,
-                            (1..=appends).collect::<Vec<_>>(),
-                            "completions in order"
-                        );
+                        append_with_callbacks(&engine, RangeId(100 + w), appends_of(w))
                     });
                 }
             });

@@ -557,10 +557,7 @@ mod tests {
 
     #[test]
     fn proposals_of_an_older_term_are_dropped_once_a_newer_entry_applies() {
-        let mut nodes = vec![node(1), node(2), node(3)];
-        nodes[0].raw.campaign().unwrap();
-        pump(&mut nodes, true);
-        assert!(nodes[0].is_leader());
+        let mut nodes = cluster_led_by_node_1();
         let term = nodes[0].term();
         let last = nodes[0].raw.raft.raft_log.last_index();
         for callback in 0..3 {
@@ -580,6 +577,15 @@ mod tests {
     }
 
     /// Handles `node`'s Ready like `pump` (persisted at once), returning its messages.
+    /// Three replicas, node 1 elected and its first entry committed everywhere.
+    fn cluster_led_by_node_1() -> Vec<Node> {
+        let mut nodes = vec![node(1), node(2), node(3)];
+        nodes[0].raw.campaign().unwrap();
+        pump(&mut nodes, true);
+        assert!(nodes[0].is_leader());
+        nodes
+    }
+
     fn ready_messages(node: &mut Node) -> Vec<Message> {
         ready_messages_and_abandoned(node, &mut Vec::new())
     }
@@ -606,10 +612,7 @@ mod tests {
     /// leader deposed by a higher term keeps them for the new leader's log to settle.
     #[test]
     fn a_leader_that_loses_its_quorum_abandons_its_proposals_a_deposed_one_keeps_them() {
-        let mut nodes = vec![node(1), node(2), node(3)];
-        nodes[0].raw.campaign().unwrap();
-        pump(&mut nodes, true);
-        assert!(nodes[0].is_leader());
+        let mut nodes = cluster_led_by_node_1();
         let term = nodes[0].term();
         nodes[0].propose(Instant::now(), b"x".to_vec(), 7).unwrap();
         let mut abandoned = Vec::new();
@@ -624,10 +627,7 @@ mod tests {
 
         // In a fresh cluster, leader 1 has a proposal pending when a message of a
         // higher term deposes it.
-        let mut nodes = vec![node(1), node(2), node(3)];
-        nodes[0].raw.campaign().unwrap();
-        pump(&mut nodes, true);
-        assert!(nodes[0].is_leader());
+        let mut nodes = cluster_led_by_node_1();
         nodes[0].propose(Instant::now(), b"y".to_vec(), 8).unwrap();
         let mut deposed = Vec::new();
         ready_messages_and_abandoned(&mut nodes[0], &mut deposed);
@@ -653,10 +653,7 @@ mod tests {
     /// leader may count it towards a commit. `ReplicaConfig` turns batching off.
     #[test]
     fn append_messages_stay_well_formed_when_a_rejection_meets_a_queued_empty_append() {
-        let mut nodes = vec![node(1), node(2), node(3)];
-        nodes[0].raw.campaign().unwrap();
-        pump(&mut nodes, true);
-        assert!(nodes[0].is_leader());
+        let mut nodes = cluster_led_by_node_1();
         let term = nodes[0].term();
         nodes[0].propose(Instant::now(), b"x".to_vec(), 0).unwrap();
         let last = nodes[0].raw.raft.raft_log.last_index();
@@ -706,9 +703,7 @@ mod tests {
     /// committed a delete, and n2 kept serving the deleted value from its lease.
     #[test]
     fn a_leadership_transfer_voids_the_lease_for_the_rest_of_the_term() {
-        let mut nodes = vec![node(1), node(2), node(3)];
-        nodes[0].raw.campaign().unwrap();
-        pump(&mut nodes, true);
+        let mut nodes = cluster_led_by_node_1();
         let now = Instant::now();
         nodes[0].propose(now, b"x".to_vec(), 0).unwrap();
         pump(&mut nodes, true);

@@ -275,6 +275,26 @@ pub fn check_report(history: &History, budget: Budget) -> Report {
                 continue;
             }
         };
+        // First without the unknown-outcome writes nobody observed: each of them may
+        // simply never have taken effect, so if the rest is linearizable, so is all of
+        // it. Each one left in keeps the search's choices open to the end of the
+        // history; a key with 22 of them among 1,041 operations exhausted 60 s.
+        let unobserved = unobserved_unknown_writes(history, indices);
+        if !unobserved.is_empty() {
+            let kept: Vec<usize> = indices
+                .iter()
+                .copied()
+                .filter(|i| !unobserved.contains(i))
+                .collect();
+            if let Ok(pruned) = Partition::build(history, &kept) {
+                if let Search::Linearizable = search(&pruned.entries, &mut meter) {
+                    report.steps = meter.steps;
+                    report.keys_checked += 1;
+                    report.ops_checked += indices.len();
+                    continue;
+                }
+            }
+        }
         let outcome = search(&partition.entries, &mut meter);
         report.steps = meter.steps;
         let verdict = match outcome {
@@ -303,6 +323,41 @@ pub fn check_report(history: &History, budget: Budget) -> Report {
         report.verdict = verdict;
     }
     report
+}
+
+/// Of one key's operations (`indices`), the writes whose outcome is unknown and whose
+/// value no operation observed: no read returned it and no CAS expected it.
+fn unobserved_unknown_writes(history: &History, indices: &[usize]) -> HashSet<usize> {
+    let ops = &history.ops;
+    let mut observed: HashSet<&[u8]> = HashSet::new();
+    for &i in indices {
+        if let Outcome::Ok {
+            result: OpResult::Read(Some(value)),
+            ..
+        } = &ops[i].outcome
+        {
+            observed.insert(value);
+        }
+        if let Op::Cas {
+            expected: Some(value),
+            ..
+        } = &ops[i].op
+        {
+            observed.insert(value);
+        }
+    }
+    indices
+        .iter()
+        .copied()
+        .filter(|&i| ops[i].outcome == Outcome::Unknown)
+        .filter(|&i| match &ops[i].op {
+            Op::Put(value)
+            | Op::Cas {
+                new: Some(value), ..
+            } => !observed.contains(&value[..]),
+            _ => false,
+        })
+        .collect()
 }
 
 /// Indices of the operations of each key, failed ones left out, sorted by (number of

@@ -811,7 +811,9 @@ impl LogEngine {
             if let Some(error) = slot.get() {
                 break Err(error.clone());
             }
-            if durable >= seq {
+            // A request made durable just before a later failure still succeeded.
+            let failed = shared.failed.load(Ordering::SeqCst);
+            if durable >= seq || shared.durable_seq.load(Ordering::SeqCst) >= seq {
                 // The writer counted this waiter as one still being woken (see
                 // `Writer::hold`).
                 if shared.notices_pending.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -819,7 +821,7 @@ impl LogEngine {
                 }
                 break Ok(());
             }
-            if shared.failed.load(Ordering::SeqCst) {
+            if failed {
                 break Err(shared.failure());
             }
             atomic_wait::wait(&shared.durable_epoch, epoch);

@@ -876,6 +876,9 @@ impl Writer {
         tracing::error!(%error, "raft log engine stopped");
         *lock(&self.shared.failure) = Some(error.clone());
         self.shared.failed.store(true, Ordering::SeqCst);
+        // Every `write_sync` waiter looks again, whether or not its request is among
+        // those failed below (after a panic, some may be in neither list).
+        self.wake_waiters();
         let mut notice: Finished = self
             .inflight
             .drain(..)

@@ -172,7 +172,7 @@ impl KvService {
         }
         // Within the lease the worker published, serve here: no trip through the
         // worker's loop (which may be busy applying a large batch).
-        if info.lease_holds(Instant::now()) {
+        if !store.is_stopped() && info.lease_holds(Instant::now()) {
             info.local_reads.fetch_add(1, Ordering::Relaxed);
             return Ok(descriptor);
         }

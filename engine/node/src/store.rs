@@ -95,6 +95,17 @@ pub struct RangeInfo {
     pub local_reads: AtomicU64,
 }
 
+/// Raft message types a node makes for itself and never sends. From a peer they are
+/// refused: a `MsgTransferLeader` stepped into a leader would start a leadership
+/// transfer that bypasses `Replica::transfer_leader`, which voids the lease.
+fn is_local_only(kind: raft::eraftpb::MessageType) -> bool {
+    use raft::eraftpb::MessageType::*;
+    matches!(
+        kind,
+        MsgHup | MsgBeat | MsgUnreachable | MsgSnapStatus | MsgCheckQuorum | MsgTransferLeader
+    )
+}
+
 /// The origin of the nanosecond instants `RangeInfo::lease_until` holds.
 pub fn clock_base() -> Instant {
     static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -115,11 +126,12 @@ impl RangeInfo {
 
     /// Publishes the replica's lease (see `lease_until`).
     pub(crate) fn publish_lease(&self, until: Option<Instant>) {
+        // A lease that ends at or before the base is no lease (0).
         let nanos = until.map_or(0, |until| {
             until
                 .saturating_duration_since(clock_base())
                 .as_nanos()
-                .clamp(1, u128::from(u64::MAX)) as u64
+                .min(u128::from(u64::MAX)) as u64
         });
         self.lease_until.store(nanos, Ordering::SeqCst);
     }
@@ -233,6 +245,8 @@ impl Store {
         fatal: Box<dyn Fn(String) + Send + Sync>,
     ) -> anyhow::Result<Arc<Store>> {
         let workers = config.workers.max(1);
+        // Fix the origin of published leases before any worker publishes one.
+        let _ = clock_base();
         let shared = Arc::new(StoreShared {
             store_id,
             config: config.clone(),
@@ -448,6 +462,10 @@ impl Store {
                     continue;
                 }
             };
+            if is_local_only(message.get_msg_type()) {
+                tracing::warn!(%from, %range, kind = ?message.get_msg_type(), "dropping a raft message that never crosses the network");
+                continue;
+            }
             self.shared
                 .counters
                 .raft_messages_in
@@ -542,6 +560,34 @@ pub fn worker_of(range: RangeId, workers: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A leadership transfer request from the network would bypass
+    /// `Replica::transfer_leader` (which voids the lease); messages raft makes only
+    /// for itself are refused, the ones peers exchange pass.
+    #[test]
+    fn raft_messages_a_node_only_makes_for_itself_are_refused_from_peers() {
+        use raft::eraftpb::MessageType::*;
+        for kind in [
+            MsgTransferLeader,
+            MsgHup,
+            MsgBeat,
+            MsgCheckQuorum,
+            MsgUnreachable,
+        ] {
+            assert!(is_local_only(kind), "{kind:?}");
+        }
+        for kind in [
+            MsgAppend,
+            MsgAppendResponse,
+            MsgRequestVote,
+            MsgRequestPreVote,
+            MsgHeartbeat,
+            MsgReadIndex,
+            MsgTimeoutNow,
+        ] {
+            assert!(!is_local_only(kind), "{kind:?}");
+        }
+    }
 
     /// PD numbers a range and then its three peers from one counter: range ids step
     /// by 4. Before the hash, all of them landed on one of two workers.

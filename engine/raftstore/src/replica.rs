@@ -263,6 +263,7 @@ impl<S: Storage, P, R> Replica<S, P, R> {
     /// a role change, `transfer_leader`, an apply.
     pub fn lease_valid_until(&self) -> Option<Instant> {
         let usable = self.is_leader()
+            && self.led_term == self.raw.raft.term
             && self.lease_term == self.raw.raft.term
             && self.applied >= self.term_start_index
             && self.lease_void_term != self.raw.raft.term
@@ -384,7 +385,11 @@ impl<S: Storage, P, R> Replica<S, P, R> {
                 not_served.extend(batch.reads);
             }
             if self.raw.raft.term == self.led_term {
-                abandoned.extend(self.proposals.drain(..).map(|p| p.callback));
+                // Entries already committed apply here whatever the role, and their
+                // proposals get a definite answer then; only the rest are abandoned.
+                let committed = self.raw.raft.raft_log.committed;
+                let keep = self.proposals.partition_point(|p| p.index <= committed);
+                abandoned.extend(self.proposals.drain(keep..).map(|p| p.callback));
             }
         }
     }
@@ -608,12 +613,16 @@ mod tests {
     }
 
     /// A leader cut off from its quorum steps down in its own term (check_quorum) and
-    /// hands back its pending proposals as abandoned (outcome unknown) at once; a
-    /// leader deposed by a higher term keeps them for the new leader's log to settle.
+    /// hands back its pending uncommitted proposals as abandoned (outcome unknown) at
+    /// once; committed ones wait for their apply, and a leader deposed by a higher term
+    /// keeps them all for the new leader's log to settle.
     #[test]
     fn a_leader_that_loses_its_quorum_abandons_its_proposals_a_deposed_one_keeps_them() {
         let mut nodes = cluster_led_by_node_1();
         let term = nodes[0].term();
+        // Proposal 6 commits (its answer is still pending); proposal 7 does not.
+        nodes[0].propose(Instant::now(), b"w".to_vec(), 6).unwrap();
+        pump(&mut nodes, true);
         nodes[0].propose(Instant::now(), b"x".to_vec(), 7).unwrap();
         let mut abandoned = Vec::new();
         // Node 1 is isolated: nothing it sends arrives, nothing comes back.
@@ -623,7 +632,14 @@ mod tests {
         }
         assert!(!nodes[0].is_leader(), "check_quorum stepped it down");
         assert_eq!(nodes[0].term(), term, "in its own term");
-        assert_eq!(abandoned, vec![7]);
+        assert_eq!(abandoned, vec![7], "only the uncommitted proposal");
+        let committed = nodes[0].raw.raft.raft_log.committed;
+        let mut dropped = Vec::new();
+        assert_eq!(
+            nodes[0].take_outcome(committed, term, &mut dropped),
+            Some(6),
+            "the committed one is answered when it applies"
+        );
 
         // In a fresh cluster, leader 1 has a proposal pending when a message of a
         // higher term deposes it.

@@ -876,9 +876,6 @@ impl Writer {
         tracing::error!(%error, "raft log engine stopped");
         *lock(&self.shared.failure) = Some(error.clone());
         self.shared.failed.store(true, Ordering::SeqCst);
-        // Every `write_sync` waiter looks again, whether or not its request is among
-        // those failed below (after a panic, some may be in neither list).
-        self.wake_waiters();
         let mut notice: Finished = self
             .inflight
             .drain(..)
@@ -894,6 +891,10 @@ impl Writer {
             notice.push((request.done, Err(LogError::Stopped(error.to_string()))));
         }
         self.notify(notice);
+        // Every `write_sync` waiter looks again, whether or not its request was among
+        // those failed above (after a panic, some may be in neither list); after the
+        // slots are filled, so each finds its own error.
+        self.wake_waiters();
         self.shared.queue_not_full.notify_all();
     }
 }

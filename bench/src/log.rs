@@ -45,15 +45,19 @@ pub struct LogBenchArgs {
     #[arg(long)]
     pub operations: Option<u64>,
     /// Engines to run beside rangekv: raft-engine, rocksdb, rangekv-sync (rangekv with
-    /// its pwrite + fdatasync writer) and rangekv-async (rangekv driven by callbacks from
-    /// `--async-threads` threads, as the node drives it), comma-separated.
+    /// its pwrite + fdatasync writer), rangekv-async (rangekv driven by callbacks from
+    /// `--async-threads` threads, as the node drives it) and raft-engine-batched
+    /// (raft-engine driven by `--async-threads` threads, each writing all its writers'
+    /// appends as one batch per sync, as TiKV drives it), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "")]
     pub compare: Vec<String>,
     /// rangekv's writer: auto, uring or sync.
     #[arg(long, default_value = "auto")]
     pub io: String,
-    /// Threads driving `rangekv-async`'s writers (as the node's raft workers drive the
-    /// log: every append in flight at once, durability learnt from a callback).
+    /// Threads driving `rangekv-async`'s and `raft-engine-batched`'s writers (as the
+    /// node's raft workers drive the log: every append in flight at once, durability
+    /// learnt from a callback; as TiKV's store writers drive raft-engine: one batch of
+    /// every pending append per blocking write).
     #[arg(long, default_value_t = 2)]
     pub async_threads: u64,
     /// Groups in flight at once in rangekv's writer.
@@ -107,6 +111,10 @@ trait RaftLog: Sync {
     }
     /// The rangekv engine under test, for the callback-driven run.
     fn as_rangekv(&self) -> Option<&LogEngine> {
+        None
+    }
+    /// The raft-engine under test, for the batched run.
+    fn as_raft_engine(&self) -> Option<&raft_engine::Engine> {
         None
     }
 }
@@ -176,14 +184,30 @@ impl RaftLog for RaftEngine {
         compact_to: Option<u64>,
     ) -> anyhow::Result<()> {
         let mut batch = raft_engine::LogBatch::default();
-        batch.add_entries::<EntryExt>(range, &[entry])?;
-        batch.put_message(range, HARD_STATE_KEY.to_vec(), hard_state)?;
-        if let Some(index) = compact_to {
-            batch.add_command(range, raft_engine::Command::Compact { index: index + 1 });
-        }
+        raft_engine_add(&mut batch, range, entry, hard_state, compact_to)?;
         self.0.write(&mut batch, true)?;
         Ok(())
     }
+
+    fn as_raft_engine(&self) -> Option<&raft_engine::Engine> {
+        Some(&self.0)
+    }
+}
+
+/// One raft Ready's worth for raft-engine, added to `batch`.
+fn raft_engine_add(
+    batch: &mut raft_engine::LogBatch,
+    range: u64,
+    entry: Entry,
+    hard_state: &HardState,
+    compact_to: Option<u64>,
+) -> anyhow::Result<()> {
+    batch.add_entries::<EntryExt>(range, &[entry])?;
+    batch.put_message(range, HARD_STATE_KEY.to_vec(), hard_state)?;
+    if let Some(index) = compact_to {
+        batch.add_command(range, raft_engine::Command::Compact { index: index + 1 });
+    }
+    Ok(())
 }
 
 struct Rocks(rocksdb::DB);
@@ -223,7 +247,7 @@ impl RaftLog for Rocks {
 fn open_engine(name: &str, dir: &Path, args: &LogBenchArgs) -> anyhow::Result<Box<dyn RaftLog>> {
     std::fs::create_dir_all(dir)?;
     Ok(match name {
-        "rangekv" | "rangekv-sync" | "rangekv-async" => {
+        "rangekv" | "rangekv-sync" | "rangekv-async" | "rangekv-batched" => {
             let io: LogIo = if name == "rangekv-sync" {
                 LogIo::Sync
             } else {
@@ -238,7 +262,7 @@ fn open_engine(name: &str, dir: &Path, args: &LogBenchArgs) -> anyhow::Result<Bo
             eprintln!("rangekv log writer: {}", engine.io_backend());
             Box::new(Rangekv(engine))
         }
-        "raft-engine" => {
+        "raft-engine" | "raft-engine-batched" => {
             let config = raft_engine::Config {
                 dir: dir.to_string_lossy().into_owned(),
                 ..Default::default()
@@ -421,6 +445,106 @@ fn drive_with_callbacks(
     })
 }
 
+/// An engine written one batch of many ranges' appends at a time.
+trait BatchedLog: Sync {
+    type Batch: Default;
+    fn add(
+        batch: &mut Self::Batch,
+        range: u64,
+        entry: Entry,
+        hard_state: &HardState,
+        compact_to: Option<u64>,
+    ) -> anyhow::Result<()>;
+    /// Writes `batch` durably, blocking until it is.
+    fn write(&self, batch: Self::Batch) -> anyhow::Result<()>;
+}
+
+impl BatchedLog for raft_engine::Engine {
+    type Batch = raft_engine::LogBatch;
+    fn add(
+        batch: &mut Self::Batch,
+        range: u64,
+        entry: Entry,
+        hard_state: &HardState,
+        compact_to: Option<u64>,
+    ) -> anyhow::Result<()> {
+        raft_engine_add(batch, range, entry, hard_state, compact_to)
+    }
+    fn write(&self, mut batch: Self::Batch) -> anyhow::Result<()> {
+        raft_engine::Engine::write(self, &mut batch, true)?;
+        Ok(())
+    }
+}
+
+impl BatchedLog for LogEngine {
+    type Batch = LogBatch;
+    fn add(
+        batch: &mut Self::Batch,
+        range: u64,
+        entry: Entry,
+        hard_state: &HardState,
+        compact_to: Option<u64>,
+    ) -> anyhow::Result<()> {
+        let term = entry.term;
+        batch.append(RangeId(range), vec![entry]);
+        batch.set_hard_state(RangeId(range), hard_state.clone());
+        if let Some(index) = compact_to {
+            batch.compact_to(RangeId(range), index, term);
+        }
+        Ok(())
+    }
+    fn write(&self, batch: Self::Batch) -> anyhow::Result<()> {
+        Ok(self.write_sync(batch)?)
+    }
+}
+
+/// An engine as a raft store's writer threads drive it (TiKV's store writers with
+/// raft-engine, rangekv's raft workers with its log): each of a few threads gathers the
+/// next append of every writer it serves into one batch and writes it with one
+/// blocking, synced write; an append's latency runs from the start of its batch.
+fn drive_batched<L: BatchedLog>(
+    engine: &L,
+    args: &LogBenchArgs,
+    payload: &bytes::Bytes,
+    stop: &AtomicBool,
+    scope_until_deadline: impl Fn(&dyn Fn() -> bool),
+) -> Vec<WriterOutcome> {
+    let threads = args.async_threads.max(1);
+    std::thread::scope(|scope| {
+        let drivers: Vec<_> = (0..threads)
+            .map(|thread| {
+                scope.spawn(move || -> WriterOutcome {
+                    let mut loads: Vec<WriterLoad> = (0..args.writers)
+                        .filter(|w| w % threads == thread)
+                        .map(|w| WriterLoad::new(w, args))
+                        .collect();
+                    let mut histogram = latency_histogram();
+                    loop {
+                        let begin = Instant::now();
+                        let mut batch = L::Batch::default();
+                        let mut appends = 0;
+                        for load in loads.iter_mut().filter(|l| l.wants_more(args, stop)) {
+                            let (range, entry, hard_state, compact) = load.next(payload);
+                            L::add(&mut batch, range, entry, &hard_state, compact)?;
+                            load.done += 1;
+                            appends += 1;
+                        }
+                        if appends == 0 {
+                            break;
+                        }
+                        engine.write(batch)?;
+                        let micros = begin.elapsed().as_micros().max(1) as u64;
+                        histogram.record_n(micros, appends)?;
+                    }
+                    Ok((histogram, loads.iter().map(|l| l.done).sum()))
+                })
+            })
+            .collect();
+        scope_until_deadline(&|| drivers.iter().all(|d| d.is_finished()));
+        join_all(drivers)
+    })
+}
+
 fn join_all(handles: Vec<std::thread::ScopedJoinHandle<'_, WriterOutcome>>) -> Vec<WriterOutcome> {
     handles
         .into_iter()
@@ -451,9 +575,15 @@ fn run_engine(
             stop.store(true, Ordering::Relaxed);
         }
     };
-    let histograms = match engine.as_rangekv() {
-        Some(log) if name == "rangekv-async" => {
+    let histograms = match (engine.as_rangekv(), engine.as_raft_engine()) {
+        (Some(log), _) if name == "rangekv-async" => {
             drive_with_callbacks(log, args, &payload, &stop, until_deadline)
+        }
+        (Some(log), _) if name == "rangekv-batched" => {
+            drive_batched(log, args, &payload, &stop, until_deadline)
+        }
+        (_, Some(raft_engine)) if name == "raft-engine-batched" => {
+            drive_batched(raft_engine, args, &payload, &stop, until_deadline)
         }
         _ => drive_with_threads(engine, args, &payload, &stop, until_deadline),
     };
@@ -491,6 +621,16 @@ fn run_engine(
     })
 }
 
+/// What `--compare` takes.
+const ENGINES: [&str; 6] = [
+    "raft-engine",
+    "rangekv-batched",
+    "raft-engine-batched",
+    "rocksdb",
+    "rangekv-sync",
+    "rangekv-async",
+];
+
 /// Runs the benchmark; prints the table and, if asked, writes the JSON report.
 pub fn run(args: &LogBenchArgs) -> anyhow::Result<LogBenchReport> {
     anyhow::ensure!(
@@ -505,8 +645,9 @@ pub fn run(args: &LogBenchArgs) -> anyhow::Result<LogBenchReport> {
     names.extend(args.compare.iter().filter(|n| !n.is_empty()).cloned());
     for name in &names[1..] {
         anyhow::ensure!(
-            ["raft-engine", "rocksdb", "rangekv-sync", "rangekv-async"].contains(&name.as_str()),
-            "unknown engine {name:?}: --compare takes raft-engine, rocksdb, rangekv-sync, rangekv-async"
+            ENGINES.contains(&name.as_str()),
+            "unknown engine {name:?}: --compare takes {}",
+            ENGINES.join(", ")
         );
     }
     let mut results = Vec::new();
@@ -537,14 +678,14 @@ fn print_table(report: &LogBenchReport) {
         config.ranges, config.writers, config.entry_bytes, report.commit
     );
     println!(
-        "{:<12} {:>10} {:>8} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8}",
+        "{:<19} {:>10} {:>8} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8}",
         "engine", "ops/s", "MB/s", "syncs/s", "group", "p50_us", "p99_us", "p999_us", "vs_this"
     );
     let ours = report.results.first().map_or(0.0, |r| r.ops_per_sec);
     for r in &report.results {
         let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
         println!(
-            "{:<12} {:>10.0} {:>8.1} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8.2}",
+            "{:<19} {:>10.0} {:>8.1} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8.2}",
             r.engine,
             r.ops_per_sec,
             r.mb_per_sec,
@@ -580,6 +721,7 @@ mod tests {
                 "raft-engine".into(),
                 "rocksdb".into(),
                 "rangekv-async".into(),
+                "raft-engine-batched".into(),
             ],
             io: "auto".into(),
             async_threads: 2,
@@ -591,7 +733,13 @@ mod tests {
         let engines: Vec<_> = report.results.iter().map(|r| r.engine.as_str()).collect();
         assert_eq!(
             engines,
-            ["rangekv", "raft-engine", "rocksdb", "rangekv-async"]
+            [
+                "rangekv",
+                "raft-engine",
+                "rocksdb",
+                "rangekv-async",
+                "raft-engine-batched"
+            ]
         );
         for result in &report.results {
             assert_eq!(result.operations, 2200, "{}", result.engine);

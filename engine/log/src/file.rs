@@ -60,12 +60,8 @@ pub trait SegmentFile: Send + Sync {
 /// A directory of segment files.
 pub trait FileSystem: Send + Sync {
     /// Creates `name` with `bytes` preallocated (reading as zeros), durably: the file's
-    /// allocation and its directory entry are synced before this returns.
-    ///
-    /// Not zero-filled: an fdatasync into an unwritten extent also commits the extent
-    /// conversion (160 µs against 105 µs for a lone 4 KiB write here), but over whole
-    /// groups that cost vanishes, while writing 128 MiB of zeros next to the log
-    /// raised the log benchmark's p999 from ~3 ms to 12–40 ms (bench/README.md).
+    /// allocation and its directory entry are synced before this returns. The writer
+    /// fills the segments it prepares ahead of time (`writer::prepare_segment`).
     fn create(&self, name: &str, bytes: u64) -> io::Result<Arc<dyn SegmentFile>>;
     /// Renames `from` to `to` durably (the directory is synced).
     fn rename(&self, from: &str, to: &str) -> io::Result<()>;

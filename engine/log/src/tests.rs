@@ -788,6 +788,50 @@ fn torn_tail_of_the_last_segment_is_cut_not_fatal() {
     assert_log(&engine, RangeId(1), 1, 3);
 }
 
+/// Past `prepare_after` bytes the next segment is filled in the background, and the
+/// writer leaves the unfilled first segment for it as soon as it is ready, long before
+/// the first one is full; everything stays readable across the move and a reopen.
+#[test]
+fn a_busy_log_moves_to_a_filled_segment_before_the_first_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        segment_bytes: 64 << 20,
+        ..LogConfig::default()
+    };
+    let fs = || -> Arc<dyn FileSystem> { Arc::new(DiskFileSystem::open(dir.path()).unwrap()) };
+    let segments = || {
+        let mut names: Vec<String> = fs()
+            .list()
+            .unwrap()
+            .into_iter()
+            .filter(|n| n.ends_with(".rlog"))
+            .collect();
+        names.sort();
+        names
+    };
+    let engine = LogEngine::open(fs(), config.clone()).unwrap();
+    assert_eq!(segments().len(), 1);
+    let range = RangeId(1);
+    let (mut last, mut written) = (0, 0u64);
+    while segments().len() == 1 {
+        assert!(
+            written < config.segment_bytes,
+            "still in the first segment after {written} bytes"
+        );
+        let batch = entries(range, last + 1, last + 2000);
+        written += batch.iter().map(|e| e.data.len() as u64 + 17).sum::<u64>();
+        append(&engine, range, last + 1, last + 2000);
+        last += 2000;
+    }
+    assert!(
+        written >= 8 << 20,
+        "moved before the threshold: {written} bytes"
+    );
+    drop(engine);
+    let engine = LogEngine::open(fs(), config).unwrap();
+    assert_log(&engine, range, 1, last);
+}
+
 #[test]
 fn a_segment_left_half_prepared_is_deleted_at_open() {
     let fs = SimFileSystem::new();

@@ -216,6 +216,9 @@ pub(crate) struct Writer {
     done: Vec<u64>,
     /// The next segment, being prepared in the background.
     prepared: Option<Prepared>,
+    /// Whether the segment being written was filled with zeros when prepared (the
+    /// first one after open is not: it is created at once, unfilled).
+    filled: bool,
     /// Completions go to one completion thread, in order, so the writer can submit the
     /// next group while the waiters of the last one are being woken.
     completions: Option<mpsc::Sender<Notice>>,
@@ -272,12 +275,12 @@ impl Writer {
             })
             .collect();
         let bytes = shared.config.segment_bytes;
-        let file = prepare_segment(shared.fs.as_ref(), first_segment, bytes)?;
+        let file = prepare_segment(shared.fs.as_ref(), first_segment, bytes, None)?;
         let file = install_segment(&shared, first_segment, file)?;
-        let prepared = prepare_in_background(&shared, first_segment + 1);
         let (completions, completion_thread) = spawn_completion_thread(&shared)?;
         Ok(Writer {
-            prepared,
+            prepared: None,
+            filled: false,
             completions: Some(completions),
             completion_thread: Some(completion_thread),
             last_group_requests: 0,
@@ -358,9 +361,11 @@ impl Writer {
     pub fn run(mut self) {
         let _ = self.shared.writer_thread.set(std::thread::current().id());
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
-        // Let the segment being prepared finish, so no thread outlives the engine.
+        // Stop the segment being prepared, so no thread outlives the engine (its
+        // temporary file is deleted at the next open).
         if let Some(prepared) = self.prepared.take() {
-            let _ = prepared.join();
+            prepared.cancel.store(true, Ordering::Relaxed);
+            let _ = prepared.thread.join();
         }
         match outcome {
             Ok(Ok(())) => {}
@@ -556,7 +561,13 @@ impl Writer {
             return Ok(());
         }
         let bytes: usize = admitted.iter().map(|r| r.batch.bytes()).sum();
-        if self.offset + bytes as u64 > self.shared.config.segment_bytes {
+        // Leave an unfilled segment as soon as a filled one is ready.
+        let filled_ready = !self.filled
+            && self
+                .prepared
+                .as_ref()
+                .is_some_and(|p| p.thread.is_finished());
+        if filled_ready || self.offset + bytes as u64 > self.shared.config.segment_bytes {
             if let Err(error) = self.rotate(bytes as u64) {
                 let notice = admitted
                     .into_iter()
@@ -597,6 +608,9 @@ impl Writer {
         }
         let offset = self.offset;
         self.offset += bytes as u64;
+        if self.prepared.is_none() && self.offset >= prepare_after(&self.shared.config) {
+            self.prepared = prepare_in_background(&self.shared, self.segment + 1);
+        }
         self.backend
             .submit(GroupWrite {
                 token,
@@ -777,17 +791,22 @@ impl Writer {
             self.reap(Wait::ForCompletion)?;
         }
         let next = self.segment + 1;
-        let file = match self.prepared.take().map(|p| p.join()) {
-            Some(Ok(prepared)) => prepared?,
-            // No helper thread (spawn failed) or it panicked: prepare it here.
-            Some(Err(_)) | None => prepare_segment(
-                self.shared.fs.as_ref(),
-                next,
-                self.shared.config.segment_bytes,
-            )?,
+        let (file, filled) = match self.prepared.take().map(|p| p.thread.join()) {
+            Some(Ok(prepared)) => (prepared?, true),
+            // Not started (no helper thread, or the segment filled up before the
+            // threshold), or the helper panicked: prepare it here, unfilled.
+            Some(Err(_)) | None => (
+                prepare_segment(
+                    self.shared.fs.as_ref(),
+                    next,
+                    self.shared.config.segment_bytes,
+                    None,
+                )?,
+                false,
+            ),
         };
+        self.filled = filled;
         self.file = install_segment(&self.shared, next, file)?;
-        self.prepared = prepare_in_background(&self.shared, next + 1);
         self.segment = next;
         self.offset = format::SEGMENT_HEADER_BYTES;
         self.shared.collect_garbage();
@@ -918,19 +937,52 @@ fn temporary_name(sequence: u64) -> String {
     format!("{}.tmp", segment_name(sequence))
 }
 
+/// The next segment starts being prepared (filled) once this many bytes of the one
+/// being written are used: a quarter of it, at most 8 MiB. Early enough to be ready
+/// long before the current one is full; late enough that a log that writes little
+/// (an idle store, most tests) never spends a segment's worth of zeros.
+fn prepare_after(config: &LogConfig) -> u64 {
+    (config.segment_bytes / 4).min(8 << 20)
+}
+
+/// Zeros written per call while filling a segment.
+const FILL_CHUNK: usize = 1 << 20;
+
 /// Creates segment `sequence` under a temporary name, preallocated, with its header,
 /// synced. Replay ignores (and open deletes) temporary files, so a prepared segment
 /// never appears in the log before the writer installs it.
+///
+/// With `fill` the whole file is also written with zeros before the sync, unless
+/// `fill` turns true meanwhile (then the preparation fails). A preallocated extent is
+/// "unwritten" until data lands in it, and the first fdatasync after a write into it
+/// must also commit that conversion through the filesystem's journal; a filled
+/// segment's syncs flush data only. Measured on this VM: 89 against 145 µs for a lone
+/// 16 KiB write + fdatasync, 186 against 285 µs with three files syncing at once
+/// (ARCHITECTURE.md "Raft log engine").
 fn prepare_segment(
     fs: &dyn FileSystem,
     sequence: u64,
     bytes: u64,
+    fill: Option<&AtomicBool>,
 ) -> Result<Arc<dyn SegmentFile>, LogError> {
     let name = temporary_name(sequence);
     let describe = || fs.describe(&name);
     let file = fs
         .create(&name, bytes)
         .map_err(|e| LogError::io(describe(), 0, e))?;
+    if let Some(cancel) = fill {
+        let zeros = vec![0u8; FILL_CHUNK];
+        let mut at = 0;
+        while at < bytes {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(LogError::Stopped("segment preparation cancelled".into()));
+            }
+            let len = (bytes - at).min(FILL_CHUNK as u64) as usize;
+            file.write_all_at(&zeros[..len], at)
+                .map_err(|e| LogError::io(describe(), at, e))?;
+            at += len as u64;
+        }
+    }
     let header = format::encode_segment_header(sequence);
     file.write_all_at(&header, 0)
         .and_then(|()| file.sync_data())
@@ -954,9 +1006,13 @@ fn install_segment(
     Ok(file)
 }
 
-type Prepared = std::thread::JoinHandle<Result<Arc<dyn SegmentFile>, LogError>>;
+/// The next segment, being prepared (filled) on a helper thread.
+struct Prepared {
+    thread: std::thread::JoinHandle<Result<Arc<dyn SegmentFile>, LogError>>,
+    cancel: Arc<AtomicBool>,
+}
 
-/// Prepares the next segment on a helper thread while the writer fills this one.
+/// Prepares the next segment, filled, on a helper thread while the writer fills this one.
 fn prepare_in_background(shared: &Arc<Shared>, sequence: u64) -> Option<Prepared> {
     if !shared.fs.has_raw_fds() {
         // Preparing inline keeps a seeded crash test's order of operations
@@ -965,10 +1021,13 @@ fn prepare_in_background(shared: &Arc<Shared>, sequence: u64) -> Option<Prepared
     }
     let shared = shared.clone();
     let bytes = shared.config.segment_bytes;
-    std::thread::Builder::new()
+    let cancel = Arc::new(AtomicBool::new(false));
+    let cancelled = cancel.clone();
+    let thread = std::thread::Builder::new()
         .name("rangekv-log-prepare".into())
-        .spawn(move || prepare_segment(shared.fs.as_ref(), sequence, bytes))
-        .ok()
+        .spawn(move || prepare_segment(shared.fs.as_ref(), sequence, bytes, Some(&cancelled)))
+        .ok()?;
+    Some(Prepared { thread, cancel })
 }
 
 /// Deletes temporary segments a crash left behind.
@@ -990,5 +1049,30 @@ impl Shared {
 impl Waker {
     fn set_sleeping(&self, sleeping: bool) {
         self.sleeping.store(sleeping, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::file::DiskFileSystem;
+
+    #[test]
+    fn a_filled_segment_holds_its_header_then_zeros_and_a_cancelled_one_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = DiskFileSystem::open(dir.path()).unwrap();
+        let bytes = 3 * FILL_CHUNK as u64 + 512;
+        let not_cancelled = AtomicBool::new(false);
+        let file = prepare_segment(&fs, 7, bytes, Some(&not_cancelled)).unwrap();
+        let mut content = vec![0xAAu8; bytes as usize];
+        file.read_exact_at(&mut content, 0).unwrap();
+        assert_eq!(format::decode_segment_header(&content), Ok(7));
+        let body = &content[format::SEGMENT_HEADER_BYTES as usize..];
+        assert!(body.iter().all(|&b| b == 0));
+        assert_eq!(file.len().unwrap(), bytes);
+
+        let cancelled = AtomicBool::new(true);
+        let refused = prepare_segment(&fs, 8, bytes, Some(&cancelled));
+        assert!(matches!(refused, Err(LogError::Stopped(_))));
     }
 }

@@ -35,6 +35,10 @@ pub struct StoreConfig {
     /// A leader proposes log compaction once at least this many applied entries, held
     /// by every follower, can be dropped.
     pub log_gc_entries: u64,
+    /// A log compaction waiting for the state machine's flush (applies skip RocksDB's
+    /// WAL, so the log keeps what is not flushed) asks RocksDB for a flush after this
+    /// long. A busy store flushes by itself far sooner; an idle one would never.
+    pub log_gc_flush_after: Duration,
     /// Seeds every replica's randomized election timeouts (mixed with its peer id).
     pub election_seed: u64,
 }
@@ -49,6 +53,7 @@ impl Default for StoreConfig {
             quiesce: true,
             quiesce_after_ticks: 20,
             log_gc_entries: 4096,
+            log_gc_flush_after: Duration::from_secs(10),
             election_seed: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)

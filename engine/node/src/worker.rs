@@ -123,6 +123,9 @@ pub(crate) struct Worker {
     /// Ranges not quiesced: the ones ticked.
     awake: HashSet<RangeId>,
     persisting: VecDeque<Persisting>,
+    /// Applied log compactions waiting for the state machine's flush, per range:
+    /// (index, term, deferred since, flush asked).
+    deferred_compactions: HashMap<RangeId, (u64, u64, Instant, bool)>,
     next_seq: u64,
     next_tick: Instant,
     shutdown: bool,
@@ -170,6 +173,7 @@ impl Worker {
             touched: HashSet::new(),
             awake: HashSet::new(),
             persisting: VecDeque::new(),
+            deferred_compactions: HashMap::new(),
             next_seq: 1,
             next_tick,
             shutdown: false,
@@ -503,6 +507,7 @@ impl Worker {
     /// Ticks every awake range. Quiesced ranges cost nothing here unless a store
     /// went silent, when its followers are found and woken.
     fn tick_all(&mut self) {
+        self.retry_compactions(Instant::now());
         let election_timeout = self.shared.config.election_timeout();
         let quiesce_after = self.shared.config.quiesce_after_ticks;
         let silent = self.shared.silent_stores(election_timeout, self.started);
@@ -852,18 +857,68 @@ impl Worker {
         }
     }
 
-    /// Drops raft log entries up to each applied compaction point, once the state
-    /// machine that holds them is durable.
+    /// Drops raft log entries up to each applied compaction point once the state
+    /// machine has *flushed* that far: applies skip RocksDB's WAL, so what a crash would
+    /// lose of the state machine must stay in the log to be replayed. A point beyond
+    /// the flushed applied index waits in `deferred_compactions` (see
+    /// `retry_compactions`).
     fn compact_logs(&mut self, compactions: Vec<(RangeId, u64, u64)>) {
-        if let Err(error) = self.shared.state.sync() {
-            self.shared.stopped.store(true, Ordering::SeqCst);
-            (self.shared.fatal)(format!("state machine sync failed: {error}"));
-            self.shutdown = true;
+        let now = Instant::now();
+        for (range, index, term) in compactions {
+            let since = match self.deferred_compactions.get(&range) {
+                Some(&(deferred, ..)) if deferred >= index => continue,
+                Some(&(_, _, since, _)) => since,
+                None => now,
+            };
+            self.deferred_compactions
+                .insert(range, (index, term, since, false));
+        }
+        self.retry_compactions(now);
+    }
+
+    /// Writes every deferred compaction whose point the state machine has flushed; for
+    /// one that has waited `log_gc_flush_after`, asks RocksDB to flush (once).
+    fn retry_compactions(&mut self, now: Instant) {
+        if self.deferred_compactions.is_empty() {
             return;
         }
         let mut batch = LogBatch::new();
-        for (range, index, term) in compactions {
-            batch.compact_to(range, index, term);
+        let mut flush = false;
+        let mut failed = None;
+        self.deferred_compactions
+            .retain(|range, (index, term, since, flush_asked)| {
+                match self.shared.state.durable_apply_state(*range) {
+                    Ok(durable) if durable.applied_index >= *index => {
+                        batch.compact_to(*range, *index, *term);
+                        false
+                    }
+                    Ok(_) => {
+                        if !*flush_asked
+                            && now.duration_since(*since) >= self.shared.config.log_gc_flush_after
+                        {
+                            *flush_asked = true;
+                            flush = true;
+                        }
+                        true
+                    }
+                    Err(error) => {
+                        failed = Some(error);
+                        true
+                    }
+                }
+            });
+        let failed = match failed {
+            None if flush => self.shared.state.flush(false).err(),
+            other => other,
+        };
+        if let Some(error) = failed {
+            self.shared.stopped.store(true, Ordering::SeqCst);
+            (self.shared.fatal)(format!("state machine failed: {error}"));
+            self.shutdown = true;
+            return;
+        }
+        if batch.is_empty() {
+            return;
         }
         let control = self.control_sender.clone();
         self.shared.log.write(batch, move |result| {

@@ -587,8 +587,11 @@ async fn applied_log_is_compacted_on_every_replica_and_restart_still_has_everyth
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_range_going_idle_drops_its_applied_log() {
+    // Applies skip RocksDB's WAL: the log keeps what the state machine has not flushed,
+    // and an idle store asks for the flush after `log_gc_flush_after`.
     let cluster = Cluster::start_with(3, splits(), |config| {
         config.store.quiesce_after_ticks = 5;
+        config.store.log_gc_flush_after = std::time::Duration::from_millis(300);
     })
     .await;
     let range = RangeId(cluster.range_of(&key(1)).await.range_id);
@@ -606,6 +609,17 @@ async fn a_range_going_idle_drops_its_applied_log() {
             },
         )
         .await;
+    // Nothing a crash would take from the state machine is gone from the log.
+    for (_, node) in cluster.running() {
+        let store = node.store();
+        let flushed = store.state().durable_apply_state(range).unwrap();
+        assert!(
+            store.log().first_index(range) <= flushed.applied_index + 1,
+            "log starts at {} but only {} is flushed",
+            store.log().first_index(range),
+            flushed.applied_index
+        );
+    }
     assert_eq!(cluster.get(&key(1)).await, Some(b"v19".to_vec()));
     cluster.shutdown().await;
 }

@@ -6,6 +6,12 @@
 //!
 //! Invariant: an apply batch writes user data **and** the range's new applied index in
 //! one `WriteBatch`, so replaying the raft log after a crash is idempotent.
+//!
+//! Apply batches skip RocksDB's WAL: the raft log is the durable record. After a crash
+//! the state machine is what its last memtable flush left, data and applied indexes of
+//! both column families flushed together (`atomic_flush`), and the log replays the
+//! rest. So the log may only drop entries below what is *flushed*:
+//! [`StateMachine::durable_apply_state`] reads that from the persisted tier.
 //! Boundary: knows RocksDB and range ids; knows nothing of raft's log, gRPC or tokio.
 
 use std::path::Path;
@@ -14,7 +20,7 @@ use rangekv_types::RangeId;
 use std::collections::HashMap;
 
 use rocksdb::{
-    ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteBatch,
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, ReadTier, WriteBatch,
     WriteOptions, DB,
 };
 
@@ -98,6 +104,9 @@ impl StateMachine {
         let mut options = Options::default();
         options.create_if_missing(true);
         options.create_missing_column_families(true);
+        // Applies skip the WAL: both families must flush together, or a crash could
+        // keep an applied index whose data was never flushed.
+        options.set_atomic_flush(true);
         let families = [CF_DATA, CF_META]
             .into_iter()
             .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
@@ -135,12 +144,27 @@ impl StateMachine {
             }
         }
         batch.put_cf(self.cf(CF_META), apply_state_key(range), state.encode());
-        self.db.write(batch)?;
+        self.db.write_opt(batch, &without_wal())?;
         Ok(())
     }
 
     pub fn apply_state(&self, range: RangeId) -> Result<ApplyState, StateError> {
         match self.db.get_cf(self.cf(CF_META), apply_state_key(range))? {
+            Some(raw) => ApplyState::decode(range, &raw),
+            None => Ok(ApplyState::default()),
+        }
+    }
+
+    /// `range`'s apply state as a crash would leave it: as of the last memtable flush
+    /// (RocksDB's persisted tier skips memtables once a write has skipped the WAL).
+    /// The raft log may drop entries up to this applied index, not beyond.
+    pub fn durable_apply_state(&self, range: RangeId) -> Result<ApplyState, StateError> {
+        let mut options = ReadOptions::default();
+        options.set_read_tier(ReadTier::Persisted);
+        match self
+            .db
+            .get_cf_opt(self.cf(CF_META), apply_state_key(range), &options)?
+        {
             Some(raw) => ApplyState::decode(range, &raw),
             None => Ok(ApplyState::default()),
         }
@@ -197,10 +221,13 @@ impl StateMachine {
         }
     }
 
-    /// Makes every write so far durable (syncs RocksDB's WAL): the raft log may then
-    /// drop entries up to the applied indexes recorded.
-    pub fn sync(&self) -> Result<(), StateError> {
-        self.db.flush_wal(true)?;
+    /// Flushes the memtables of both families: every apply so far becomes durable.
+    /// With `wait`, returns once it is; otherwise only schedules the flush.
+    pub fn flush(&self, wait: bool) -> Result<(), StateError> {
+        let mut options = rocksdb::FlushOptions::default();
+        options.set_wait(wait);
+        self.db
+            .flush_cfs_opt(&[self.cf(CF_DATA), self.cf(CF_META)], &options)?;
         Ok(())
     }
 
@@ -320,14 +347,21 @@ impl ApplyBatch<'_> {
         );
     }
 
-    /// Writes the batch atomically. Not synced: the raft log is the durable record,
-    /// and replaying it from the recorded applied index is idempotent.
+    /// Writes the batch atomically, without the WAL: the raft log is the durable
+    /// record, and replaying it from the flushed applied index is idempotent.
     pub fn commit(self) -> Result<(), StateError> {
         if !self.batch.is_empty() {
-            self.state.db.write(self.batch)?;
+            self.state.db.write_opt(self.batch, &without_wal())?;
         }
         Ok(())
     }
+}
+
+/// Apply writes: no WAL (see the module documentation).
+fn without_wal() -> WriteOptions {
+    let mut options = WriteOptions::default();
+    options.disable_wal(true);
+    options
 }
 
 #[cfg(test)]
@@ -368,6 +402,37 @@ mod tests {
         assert_eq!(state.get(b"k2").unwrap().as_deref(), Some(&b"v2"[..]));
         assert_eq!(state.apply_state(range).unwrap().applied_index, 10);
         assert_eq!(state.apply_state(RangeId(5)).unwrap().applied_index, 0);
+    }
+
+    #[test]
+    fn applies_become_durable_with_the_flush_not_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateMachine::open(dir.path()).unwrap();
+        let range = RangeId(3);
+        let at = |index| ApplyState {
+            applied_index: index,
+            applied_term: 1,
+        };
+        let mut batch = state.batch();
+        batch.put(b"k", b"v1");
+        batch.set_apply_state(range, at(5));
+        batch.commit().unwrap();
+        assert_eq!(state.apply_state(range).unwrap(), at(5));
+        assert_eq!(
+            state.durable_apply_state(range).unwrap(),
+            ApplyState::default()
+        );
+        state.flush(true).unwrap();
+        assert_eq!(state.durable_apply_state(range).unwrap(), at(5));
+        // A later apply is visible at once and durable only after the next flush.
+        let mut batch = state.batch();
+        batch.put(b"k", b"v2");
+        batch.set_apply_state(range, at(9));
+        batch.commit().unwrap();
+        assert_eq!(state.get(b"k").unwrap().as_deref(), Some(&b"v2"[..]));
+        assert_eq!(state.durable_apply_state(range).unwrap(), at(5));
+        state.flush(true).unwrap();
+        assert_eq!(state.durable_apply_state(range).unwrap(), at(9));
     }
 
     #[test]

@@ -263,6 +263,7 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<()> {
             pd: vec![pd_url.clone()],
             initial_ranges: 0,
             store_workers: None,
+            runtime_threads: None,
             log_io: rangekv_log::LogIo::Auto,
             json: None,
             quiet: false,

@@ -64,6 +64,14 @@ pub struct YcsbArgs {
     /// among its three stores, at least one).
     #[arg(long)]
     pub store_workers: Option<usize>,
+    /// Threads of the bench's async runtime, which runs the clients (of every system
+    /// compared) and the embedded cluster's gRPC services. Default: three per core.
+    /// Under CPU contention the OS shares the cores per thread, and the embedded
+    /// cluster also runs each store's raft workers and log writer on threads of their
+    /// own: with one runtime thread per core, the clients and services starve behind
+    /// them (bench/README.md, "Runtime threads").
+    #[arg(long)]
+    pub runtime_threads: Option<usize>,
     /// Raft log I/O of the embedded cluster: auto, uring or sync.
     #[arg(long, default_value = "auto")]
     pub log_io: rangekv_log::LogIo,
@@ -491,7 +499,9 @@ pub fn run_bench(args: &YcsbArgs) -> anyhow::Result<Vec<PhaseResult>> {
         workloads.push(Arc::new(w));
     }
     anyhow::ensure!(!workloads.is_empty(), "no workload given");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.runtime_threads.unwrap_or(3 * cores).max(1))
         .enable_all()
         .build()?;
     runtime.block_on(async {
@@ -601,6 +611,7 @@ mod tests {
             initial_ranges: 4,
             // The embedded cluster's knobs reach its stores.
             store_workers: Some(1),
+            runtime_threads: None,
             log_io: rangekv_log::LogIo::Sync,
             json: Some(json.clone()),
             quiet: true,
@@ -638,6 +649,7 @@ mod tests {
             pd: Vec::new(),
             initial_ranges: 2,
             store_workers: None,
+            runtime_threads: None,
             log_io: rangekv_log::LogIo::Auto,
             json: None,
             quiet: true,

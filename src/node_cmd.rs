@@ -60,6 +60,7 @@ struct LogFileConfig {
     io: Option<String>,
     segment_bytes: Option<u64>,
     cache_bytes_max: Option<usize>,
+    fill_segments: Option<bool>,
 }
 
 fn parse_io(value: &str) -> anyhow::Result<LogIo> {
@@ -142,6 +143,9 @@ impl NodeArgs {
         }
         if let Some(bytes) = file.log.cache_bytes_max {
             config.log.cache_bytes_max = bytes;
+        }
+        if let Some(fill) = file.log.fill_segments {
+            config.log.fill_segments = fill;
         }
         Ok(config)
     }

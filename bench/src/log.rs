@@ -60,6 +60,9 @@ pub struct LogBenchArgs {
     /// every pending append per blocking write).
     #[arg(long, default_value_t = 2)]
     pub async_threads: u64,
+    /// Fill rangekv's segments with zeros when preparing them (`log.fill_segments`).
+    #[arg(long)]
+    pub fill_segments: bool,
     /// Groups in flight at once in rangekv's writer.
     #[arg(long, default_value_t = 2)]
     pub pipeline_depth: usize,
@@ -256,6 +259,7 @@ fn open_engine(name: &str, dir: &Path, args: &LogBenchArgs) -> anyhow::Result<Bo
             let config = LogConfig {
                 io,
                 pipeline_depth: args.pipeline_depth,
+                fill_segments: args.fill_segments,
                 ..LogConfig::default()
             };
             let engine = LogEngine::open(Arc::new(DiskFileSystem::open(dir)?), config)?;
@@ -725,6 +729,7 @@ mod tests {
             ],
             io: "auto".into(),
             async_threads: 2,
+            fill_segments: false,
             pipeline_depth: 1,
             dir: Some(dir.path().to_path_buf()),
             json: Some(json.clone()),

@@ -40,6 +40,8 @@ fn small_config(io: LogIo) -> LogConfig {
         segment_bytes: 64 * 1024,
         group_bytes_max: 16 * 1024,
         io,
+        // On disk: segments past the first are filled, and the writer moves early.
+        fill_segments: true,
         ..LogConfig::default()
     }
 }
@@ -796,6 +798,7 @@ fn a_busy_log_moves_to_a_filled_segment_before_the_first_is_full() {
     let dir = tempfile::tempdir().unwrap();
     let config = LogConfig {
         segment_bytes: 64 << 20,
+        fill_segments: true,
         ..LogConfig::default()
     };
     let fs = || -> Arc<dyn FileSystem> { Arc::new(DiskFileSystem::open(dir.path()).unwrap()) };

@@ -566,7 +566,7 @@ impl Writer {
             && self
                 .prepared
                 .as_ref()
-                .is_some_and(|p| p.thread.is_finished());
+                .is_some_and(|p| p.filled && p.thread.is_finished());
         if filled_ready || self.offset + bytes as u64 > self.shared.config.segment_bytes {
             if let Err(error) = self.rotate(bytes as u64) {
                 let notice = admitted
@@ -791,11 +791,11 @@ impl Writer {
             self.reap(Wait::ForCompletion)?;
         }
         let next = self.segment + 1;
-        let (file, filled) = match self.prepared.take().map(|p| p.thread.join()) {
-            Some(Ok(prepared)) => (prepared?, true),
+        let (file, filled) = match self.prepared.take().map(|p| (p.filled, p.thread.join())) {
+            Some((filled, Ok(prepared))) => (prepared?, filled),
             // Not started (no helper thread, or the segment filled up before the
             // threshold), or the helper panicked: prepare it here, unfilled.
-            Some(Err(_)) | None => (
+            Some((_, Err(_))) | None => (
                 prepare_segment(
                     self.shared.fs.as_ref(),
                     next,
@@ -937,10 +937,10 @@ fn temporary_name(sequence: u64) -> String {
     format!("{}.tmp", segment_name(sequence))
 }
 
-/// The next segment starts being prepared (filled) once this many bytes of the one
-/// being written are used: a quarter of it, at most 8 MiB. Early enough to be ready
-/// long before the current one is full; late enough that a log that writes little
-/// (an idle store, most tests) never spends a segment's worth of zeros.
+/// The next segment starts being prepared once this many bytes of the one being
+/// written are used: a quarter of it, at most 8 MiB. Early enough to be ready long
+/// before the current one is full; late enough that a log that writes little (an idle
+/// store, most tests) never spends a segment's worth of zeros when filling.
 fn prepare_after(config: &LogConfig) -> u64 {
     (config.segment_bytes / 4).min(8 << 20)
 }
@@ -1006,13 +1006,16 @@ fn install_segment(
     Ok(file)
 }
 
-/// The next segment, being prepared (filled) on a helper thread.
+/// The next segment, being prepared on a helper thread.
 struct Prepared {
     thread: std::thread::JoinHandle<Result<Arc<dyn SegmentFile>, LogError>>,
     cancel: Arc<AtomicBool>,
+    /// Filled with zeros (`LogConfig::fill_segments`).
+    filled: bool,
 }
 
-/// Prepares the next segment, filled, on a helper thread while the writer fills this one.
+/// Prepares the next segment (filled, if so configured) on a helper thread while the
+/// writer fills this one.
 fn prepare_in_background(shared: &Arc<Shared>, sequence: u64) -> Option<Prepared> {
     if !shared.fs.has_raw_fds() {
         // Preparing inline keeps a seeded crash test's order of operations
@@ -1021,13 +1024,21 @@ fn prepare_in_background(shared: &Arc<Shared>, sequence: u64) -> Option<Prepared
     }
     let shared = shared.clone();
     let bytes = shared.config.segment_bytes;
+    let filled = shared.config.fill_segments;
     let cancel = Arc::new(AtomicBool::new(false));
     let cancelled = cancel.clone();
     let thread = std::thread::Builder::new()
         .name("rangekv-log-prepare".into())
-        .spawn(move || prepare_segment(shared.fs.as_ref(), sequence, bytes, Some(&cancelled)))
+        .spawn(move || {
+            let fill = filled.then_some(cancelled.as_ref());
+            prepare_segment(shared.fs.as_ref(), sequence, bytes, fill)
+        })
         .ok()?;
-    Some(Prepared { thread, cancel })
+    Some(Prepared {
+        thread,
+        cancel,
+        filled,
+    })
 }
 
 /// Deletes temporary segments a crash left behind.

@@ -282,26 +282,49 @@ fn open_engine(name: &str, dir: &Path, args: &LogBenchArgs) -> anyhow::Result<Bo
     })
 }
 
-/// Random-looking bytes: raft-engine compresses large batches with LZ4, and a
-/// constant payload would measure the compressor, not the log.
-fn incompressible(len: usize) -> bytes::Bytes {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect::<Vec<u8>>()
-        .into()
+/// Entry payloads: random-looking, and different for every append. raft-engine
+/// LZ4-compresses batches over 8 KiB: a constant payload, or the same bytes repeated
+/// within one batch of many appends, would measure its compressor, not the log.
+struct Payloads {
+    pool: bytes::Bytes,
+    len: usize,
 }
 
-fn entry_for(index: u64, payload: &bytes::Bytes) -> Entry {
+impl Payloads {
+    /// Far more bytes than any batch: two appends of one batch share no bytes but by
+    /// (rare) overlap of their slices.
+    const POOL_BYTES: usize = 32 << 20;
+
+    fn new(len: usize) -> Payloads {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let pool = (0..Self::POOL_BYTES.max(2 * len))
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect::<Vec<u8>>();
+        Payloads {
+            pool: pool.into(),
+            len,
+        }
+    }
+
+    /// The payload of the append numbered `seed` (a slice of the pool, not a copy).
+    fn get(&self, seed: u64) -> bytes::Bytes {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        x ^= x >> 31;
+        let at = (x % (self.pool.len() - self.len + 1) as u64) as usize;
+        self.pool.slice(at..at + self.len)
+    }
+}
+
+fn entry_for(index: u64, data: bytes::Bytes) -> Entry {
     Entry {
         index,
         term: 1,
-        data: payload.clone(),
+        data,
         ..Default::default()
     }
 }
@@ -338,9 +361,10 @@ impl WriterLoad {
     }
 
     /// The next append: (range, entry, hard state, compaction point).
-    fn next(&mut self, payload: &bytes::Bytes) -> (u64, Entry, HardState, Option<u64>) {
+    fn next(&mut self, payloads: &Payloads) -> (u64, Entry, HardState, Option<u64>) {
         let slot = (self.done as usize) % self.owned.len();
         let index = self.next_index[slot];
+        let data = payloads.get(self.owned[slot] << 32 ^ index);
         self.next_index[slot] += 1;
         let hard_state = HardState {
             term: 1,
@@ -350,7 +374,7 @@ impl WriterLoad {
         let compact = (index % COMPACT_EVERY_ENTRIES == 0).then(|| index - KEEP_ENTRIES);
         (
             self.owned[slot],
-            entry_for(index, payload),
+            entry_for(index, data),
             hard_state,
             compact,
         )
@@ -361,7 +385,7 @@ impl WriterLoad {
 fn drive_with_threads(
     engine: &dyn RaftLog,
     args: &LogBenchArgs,
-    payload: &bytes::Bytes,
+    payloads: &Payloads,
     stop: &AtomicBool,
     scope_until_deadline: impl Fn(&dyn Fn() -> bool),
 ) -> Vec<WriterOutcome> {
@@ -372,7 +396,7 @@ fn drive_with_threads(
                     let mut load = WriterLoad::new(writer, args);
                     let mut histogram = latency_histogram();
                     while load.wants_more(args, stop) {
-                        let (range, entry, hard_state, compact) = load.next(payload);
+                        let (range, entry, hard_state, compact) = load.next(payloads);
                         let begin = Instant::now();
                         engine.append(range, entry, &hard_state, compact)?;
                         histogram.record(begin.elapsed().as_micros().max(1) as u64)?;
@@ -393,7 +417,7 @@ fn drive_with_threads(
 fn drive_with_callbacks(
     log: &LogEngine,
     args: &LogBenchArgs,
-    payload: &bytes::Bytes,
+    payloads: &Payloads,
     stop: &AtomicBool,
     scope_until_deadline: impl Fn(&dyn Fn() -> bool),
 ) -> Vec<WriterOutcome> {
@@ -409,7 +433,7 @@ fn drive_with_callbacks(
                         .map(|w| WriterLoad::new(w, args))
                         .collect();
                     let submit = |i: usize, load: &mut WriterLoad| {
-                        let (range, entry, hard_state, compact) = load.next(payload);
+                        let (range, entry, hard_state, compact) = load.next(payloads);
                         let sender = sender.clone();
                         let begin = Instant::now();
                         log.write(
@@ -509,7 +533,7 @@ impl BatchedLog for LogEngine {
 fn drive_batched<L: BatchedLog>(
     engine: &L,
     args: &LogBenchArgs,
-    payload: &bytes::Bytes,
+    payloads: &Payloads,
     stop: &AtomicBool,
     scope_until_deadline: impl Fn(&dyn Fn() -> bool),
 ) -> Vec<WriterOutcome> {
@@ -528,7 +552,7 @@ fn drive_batched<L: BatchedLog>(
                         let mut batch = L::Batch::default();
                         let mut appends = 0;
                         for load in loads.iter_mut().filter(|l| l.wants_more(args, stop)) {
-                            let (range, entry, hard_state, compact) = load.next(payload);
+                            let (range, entry, hard_state, compact) = load.next(payloads);
                             L::add(&mut batch, range, entry, &hard_state, compact)?;
                             load.done += 1;
                             appends += 1;
@@ -564,7 +588,7 @@ fn run_engine(
     name: &str,
     args: &LogBenchArgs,
 ) -> anyhow::Result<EngineResult> {
-    let payload = incompressible(args.entry_bytes);
+    let payloads = Payloads::new(args.entry_bytes);
     let stop = AtomicBool::new(false);
     let deadline = Duration::from_secs_f64(args.seconds);
     let before = engine.sync_counts();
@@ -581,15 +605,15 @@ fn run_engine(
     };
     let histograms = match (engine.as_rangekv(), engine.as_raft_engine()) {
         (Some(log), _) if name == "rangekv-async" => {
-            drive_with_callbacks(log, args, &payload, &stop, until_deadline)
+            drive_with_callbacks(log, args, &payloads, &stop, until_deadline)
         }
         (Some(log), _) if name == "rangekv-batched" => {
-            drive_batched(log, args, &payload, &stop, until_deadline)
+            drive_batched(log, args, &payloads, &stop, until_deadline)
         }
         (_, Some(raft_engine)) if name == "raft-engine-batched" => {
-            drive_batched(raft_engine, args, &payload, &stop, until_deadline)
+            drive_batched(raft_engine, args, &payloads, &stop, until_deadline)
         }
-        _ => drive_with_threads(engine, args, &payload, &stop, until_deadline),
+        _ => drive_with_threads(engine, args, &payloads, &stop, until_deadline),
     };
     let seconds = started.elapsed().as_secs_f64();
     let mut total = latency_histogram();

@@ -219,6 +219,8 @@ pub(crate) struct Writer {
     /// Whether the segment being written was filled with zeros when prepared (the
     /// first one after open is not: it is created at once, unfilled).
     filled: bool,
+    /// A filled preparation failed: segments are no longer filled.
+    fill_failed: bool,
     /// Completions go to one completion thread, in order, so the writer can submit the
     /// next group while the waiters of the last one are being woken.
     completions: Option<mpsc::Sender<Notice>>,
@@ -281,6 +283,7 @@ impl Writer {
         Ok(Writer {
             prepared: None,
             filled: false,
+            fill_failed: false,
             completions: Some(completions),
             completion_thread: Some(completion_thread),
             last_group_requests: 0,
@@ -609,7 +612,8 @@ impl Writer {
         let offset = self.offset;
         self.offset += bytes as u64;
         if self.prepared.is_none() && self.offset >= prepare_after(&self.shared.config) {
-            self.prepared = prepare_in_background(&self.shared, self.segment + 1);
+            let fill = self.shared.config.fill_segments && !self.fill_failed;
+            self.prepared = prepare_in_background(&self.shared, self.segment + 1, fill);
         }
         self.backend
             .submit(GroupWrite {
@@ -791,19 +795,31 @@ impl Writer {
             self.reap(Wait::ForCompletion)?;
         }
         let next = self.segment + 1;
-        let (file, filled) = match self.prepared.take().map(|p| (p.filled, p.thread.join())) {
-            Some((filled, Ok(prepared))) => (prepared?, filled),
+        let prepared = self.prepared.take().map(|p| (p.filled, p.thread.join()));
+        let (file, filled) = match prepared {
+            Some((filled, Ok(Ok(file)))) => (file, filled),
             // Not started (no helper thread, or the segment filled up before the
-            // threshold), or the helper panicked: prepare it here, unfilled.
-            Some((_, Err(_))) | None => (
-                prepare_segment(
+            // threshold), or the helper failed: prepare it here, unfilled. A helper
+            // that failed (say, no space for a whole segment of zeros) fills no more.
+            failed => {
+                if let Some((filled, outcome)) = failed {
+                    let why = match outcome {
+                        Ok(Err(error)) => error.to_string(),
+                        _ => "the helper thread panicked".to_string(),
+                    };
+                    tracing::warn!(segment = next, %why, "preparing a log segment ahead failed; preparing it in place, unfilled");
+                    self.fill_failed |= filled;
+                    // A temporary file left behind would make the creation fail.
+                    let _ = self.shared.fs.remove(&temporary_name(next));
+                }
+                let file = prepare_segment(
                     self.shared.fs.as_ref(),
                     next,
                     self.shared.config.segment_bytes,
                     None,
-                )?,
-                false,
-            ),
+                )?;
+                (file, false)
+            }
         };
         self.filled = filled;
         self.file = install_segment(&self.shared, next, file)?;
@@ -1016,7 +1032,7 @@ struct Prepared {
 
 /// Prepares the next segment (filled, if so configured) on a helper thread while the
 /// writer fills this one.
-fn prepare_in_background(shared: &Arc<Shared>, sequence: u64) -> Option<Prepared> {
+fn prepare_in_background(shared: &Arc<Shared>, sequence: u64, filled: bool) -> Option<Prepared> {
     if !shared.fs.has_raw_fds() {
         // Preparing inline keeps a seeded crash test's order of operations
         // deterministic.
@@ -1024,7 +1040,6 @@ fn prepare_in_background(shared: &Arc<Shared>, sequence: u64) -> Option<Prepared
     }
     let shared = shared.clone();
     let bytes = shared.config.segment_bytes;
-    let filled = shared.config.fill_segments;
     let cancel = Arc::new(AtomicBool::new(false));
     let cancelled = cancel.clone();
     let thread = std::thread::Builder::new()

@@ -865,19 +865,22 @@ impl Worker {
     fn compact_logs(&mut self, compactions: Vec<(RangeId, u64, u64)>) {
         let now = Instant::now();
         for (range, index, term) in compactions {
-            let since = match self.deferred_compactions.get(&range) {
+            // A newer point replaces a waiting one but keeps its age and whether a
+            // flush was asked for it.
+            let (since, flush_asked) = match self.deferred_compactions.get(&range) {
                 Some(&(deferred, ..)) if deferred >= index => continue,
-                Some(&(_, _, since, _)) => since,
-                None => now,
+                Some(&(_, _, since, flush_asked)) => (since, flush_asked),
+                None => (now, false),
             };
             self.deferred_compactions
-                .insert(range, (index, term, since, false));
+                .insert(range, (index, term, since, flush_asked));
         }
         self.retry_compactions(now);
     }
 
-    /// Writes every deferred compaction whose point the state machine has flushed; for
-    /// one that has waited `log_gc_flush_after`, asks RocksDB to flush (once).
+    /// Writes every deferred compaction whose point the state machine has flushed, and
+    /// the flushed part of one it has not; for one that has waited
+    /// `log_gc_flush_after`, asks RocksDB to flush (once).
     fn retry_compactions(&mut self, now: Instant) {
         if self.deferred_compactions.is_empty() {
             return;
@@ -892,7 +895,18 @@ impl Worker {
                         batch.compact_to(*range, *index, *term);
                         false
                     }
-                    Ok(_) => {
+                    Ok(durable) => {
+                        // What is flushed may go now (its term is still in the log).
+                        let flushed = durable.applied_index;
+                        if flushed >= self.shared.log.first_index(*range) {
+                            let term = self
+                                .peers
+                                .get(range)
+                                .and_then(|peer| peer.replica.raw.raft.raft_log.term(flushed).ok());
+                            if let Some(term) = term {
+                                batch.compact_to(*range, flushed, term);
+                            }
+                        }
                         if !*flush_asked
                             && now.duration_since(*since) >= self.shared.config.log_gc_flush_after
                         {
@@ -993,7 +1007,12 @@ fn propose_compaction(peer: &mut Peer, gc_entries: u64) -> bool {
     let held_by_all = raft.prs().iter().map(|(_, p)| p.matched).min().unwrap_or(0);
     let target = peer.replica.applied().min(held_by_all);
     let first = raft::Storage::first_index(peer.replica.raw.store()).unwrap_or(1);
-    if target <= peer.compact_proposed || target + 1 < first + gc_entries.max(1) {
+    // Also `gc_entries` past the last proposal: a compaction may wait for the state
+    // machine's flush (`Worker::compact_logs`), and meanwhile `first` does not move.
+    if target <= peer.compact_proposed
+        || target + 1 < first + gc_entries.max(1)
+        || target < peer.compact_proposed + gc_entries.max(1)
+    {
         return false;
     }
     let Ok(term) = raft.raft_log.term(target) else {

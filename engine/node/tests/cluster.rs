@@ -624,6 +624,46 @@ async fn a_range_going_idle_drops_its_applied_log() {
     cluster.shutdown().await;
 }
 
+/// A compaction that waits for the state machine's flush must not make the leader
+/// propose another one every tick (the log's first index does not move meanwhile):
+/// the range still goes quiet, and its log holds the writes and a few compactions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_whose_compaction_waits_for_a_flush_still_goes_quiet() {
+    let cluster = Cluster::start_with(3, splits(), |config| {
+        config.store.quiesce_after_ticks = 5;
+        config.store.log_gc_flush_after = std::time::Duration::from_secs(3600);
+    })
+    .await;
+    let range = RangeId(cluster.range_of(&key(1)).await.range_id);
+    let start = cluster
+        .running()
+        .map(|(_, n)| n.store().log().last_index(range))
+        .max()
+        .unwrap_or(0);
+    for i in 0..20 {
+        cluster.put(&key(1), format!("v{i}").as_bytes()).await;
+    }
+    cluster
+        .wait_until("every replica of the range quiesces", |c| {
+            c.running().all(|(_, n)| {
+                n.store()
+                    .range(range)
+                    .is_some_and(|info| info.quiesced.load(std::sync::atomic::Ordering::Relaxed))
+            })
+        })
+        .await;
+    for (_, node) in cluster.running() {
+        let last = node.store().log().last_index(range);
+        assert!(
+            last <= start + 20 + 4,
+            "{} entries after 20 writes",
+            last - start
+        );
+    }
+    assert_eq!(cluster.get(&key(1)).await, Some(b"v19".to_vec()));
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_large_writes_in_one_loop_are_split_over_several_log_writes() {
     // Segments of 8 MiB: one log write takes at most that. 24 concurrent 1 MiB puts

@@ -132,13 +132,24 @@ fn rangekv_batch(
     compact_to: Option<u64>,
 ) -> LogBatch {
     let mut batch = LogBatch::new();
+    rangekv_add(&mut batch, range, entry, hard_state, compact_to);
+    batch
+}
+
+/// One raft Ready's worth for rangekv, added to `batch`.
+fn rangekv_add(
+    batch: &mut LogBatch,
+    range: u64,
+    entry: Entry,
+    hard_state: &HardState,
+    compact_to: Option<u64>,
+) {
     let term = entry.term;
     batch.append(RangeId(range), vec![entry]);
     batch.set_hard_state(RangeId(range), hard_state.clone());
     if let Some(index) = compact_to {
         batch.compact_to(RangeId(range), index, term);
     }
-    batch
 }
 
 impl RaftLog for Rangekv {
@@ -421,50 +432,62 @@ fn drive_with_callbacks(
     stop: &AtomicBool,
     scope_until_deadline: impl Fn(&dyn Fn() -> bool),
 ) -> Vec<WriterOutcome> {
+    on_driver_threads(args, scope_until_deadline, |mut loads| {
+        type Done = (usize, Instant, Result<(), rangekv_log::LogError>);
+        let (sender, receiver) = std::sync::mpsc::channel::<Done>();
+        let submit = |i: usize, load: &mut WriterLoad| {
+            let (range, entry, hard_state, compact) = load.next(payloads);
+            let sender = sender.clone();
+            let begin = Instant::now();
+            log.write(
+                rangekv_batch(range, entry, &hard_state, compact),
+                move |result| {
+                    let _ = sender.send((i, begin, result));
+                },
+            );
+        };
+        let mut histogram = latency_histogram();
+        let mut in_flight = 0;
+        for (i, load) in loads.iter_mut().enumerate() {
+            if load.wants_more(args, stop) {
+                submit(i, load);
+                in_flight += 1;
+            }
+        }
+        while in_flight > 0 {
+            let (i, begin, result) = receiver.recv().context("the log dropped a completion")?;
+            in_flight -= 1;
+            result?;
+            histogram.record(begin.elapsed().as_micros().max(1) as u64)?;
+            let load = &mut loads[i];
+            load.done += 1;
+            if load.wants_more(args, stop) {
+                submit(i, load);
+                in_flight += 1;
+            }
+        }
+        Ok((histogram, loads.iter().map(|l| l.done).sum()))
+    })
+}
+
+/// Runs `drive` on `--async-threads` threads, each with the loads of the writers it
+/// serves (every `threads`-th writer), until they finish or the deadline passes.
+fn on_driver_threads(
+    args: &LogBenchArgs,
+    scope_until_deadline: impl Fn(&dyn Fn() -> bool),
+    drive: impl Fn(Vec<WriterLoad>) -> WriterOutcome + Sync,
+) -> Vec<WriterOutcome> {
     let threads = args.async_threads.max(1);
+    let drive = &drive;
     std::thread::scope(|scope| {
         let drivers: Vec<_> = (0..threads)
             .map(|thread| {
-                scope.spawn(move || -> WriterOutcome {
-                    type Done = (usize, Instant, Result<(), rangekv_log::LogError>);
-                    let (sender, receiver) = std::sync::mpsc::channel::<Done>();
-                    let mut loads: Vec<WriterLoad> = (0..args.writers)
+                scope.spawn(move || {
+                    let loads = (0..args.writers)
                         .filter(|w| w % threads == thread)
                         .map(|w| WriterLoad::new(w, args))
                         .collect();
-                    let submit = |i: usize, load: &mut WriterLoad| {
-                        let (range, entry, hard_state, compact) = load.next(payloads);
-                        let sender = sender.clone();
-                        let begin = Instant::now();
-                        log.write(
-                            rangekv_batch(range, entry, &hard_state, compact),
-                            move |result| {
-                                let _ = sender.send((i, begin, result));
-                            },
-                        );
-                    };
-                    let mut histogram = latency_histogram();
-                    let mut in_flight = 0;
-                    for (i, load) in loads.iter_mut().enumerate() {
-                        if load.wants_more(args, stop) {
-                            submit(i, load);
-                            in_flight += 1;
-                        }
-                    }
-                    while in_flight > 0 {
-                        let (i, begin, result) =
-                            receiver.recv().context("the log dropped a completion")?;
-                        in_flight -= 1;
-                        result?;
-                        histogram.record(begin.elapsed().as_micros().max(1) as u64)?;
-                        let load = &mut loads[i];
-                        load.done += 1;
-                        if load.wants_more(args, stop) {
-                            submit(i, load);
-                            in_flight += 1;
-                        }
-                    }
-                    Ok((histogram, loads.iter().map(|l| l.done).sum()))
+                    drive(loads)
                 })
             })
             .collect();
@@ -513,12 +536,7 @@ impl BatchedLog for LogEngine {
         hard_state: &HardState,
         compact_to: Option<u64>,
     ) -> anyhow::Result<()> {
-        let term = entry.term;
-        batch.append(RangeId(range), vec![entry]);
-        batch.set_hard_state(RangeId(range), hard_state.clone());
-        if let Some(index) = compact_to {
-            batch.compact_to(RangeId(range), index, term);
-        }
+        rangekv_add(batch, range, entry, hard_state, compact_to);
         Ok(())
     }
     fn write(&self, batch: Self::Batch) -> anyhow::Result<()> {
@@ -537,39 +555,26 @@ fn drive_batched<L: BatchedLog>(
     stop: &AtomicBool,
     scope_until_deadline: impl Fn(&dyn Fn() -> bool),
 ) -> Vec<WriterOutcome> {
-    let threads = args.async_threads.max(1);
-    std::thread::scope(|scope| {
-        let drivers: Vec<_> = (0..threads)
-            .map(|thread| {
-                scope.spawn(move || -> WriterOutcome {
-                    let mut loads: Vec<WriterLoad> = (0..args.writers)
-                        .filter(|w| w % threads == thread)
-                        .map(|w| WriterLoad::new(w, args))
-                        .collect();
-                    let mut histogram = latency_histogram();
-                    loop {
-                        let begin = Instant::now();
-                        let mut batch = L::Batch::default();
-                        let mut appends = 0;
-                        for load in loads.iter_mut().filter(|l| l.wants_more(args, stop)) {
-                            let (range, entry, hard_state, compact) = load.next(payloads);
-                            L::add(&mut batch, range, entry, &hard_state, compact)?;
-                            load.done += 1;
-                            appends += 1;
-                        }
-                        if appends == 0 {
-                            break;
-                        }
-                        engine.write(batch)?;
-                        let micros = begin.elapsed().as_micros().max(1) as u64;
-                        histogram.record_n(micros, appends)?;
-                    }
-                    Ok((histogram, loads.iter().map(|l| l.done).sum()))
-                })
-            })
-            .collect();
-        scope_until_deadline(&|| drivers.iter().all(|d| d.is_finished()));
-        join_all(drivers)
+    on_driver_threads(args, scope_until_deadline, |mut loads| {
+        let mut histogram = latency_histogram();
+        loop {
+            let begin = Instant::now();
+            let mut batch = L::Batch::default();
+            let mut appends = 0;
+            for load in loads.iter_mut().filter(|l| l.wants_more(args, stop)) {
+                let (range, entry, hard_state, compact) = load.next(payloads);
+                L::add(&mut batch, range, entry, &hard_state, compact)?;
+                load.done += 1;
+                appends += 1;
+            }
+            if appends == 0 {
+                break;
+            }
+            engine.write(batch)?;
+            let micros = begin.elapsed().as_micros().max(1) as u64;
+            histogram.record_n(micros, appends)?;
+        }
+        Ok((histogram, loads.iter().map(|l| l.done).sum()))
     })
 }
 

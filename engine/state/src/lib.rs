@@ -435,6 +435,42 @@ mod tests {
         assert_eq!(state.durable_apply_state(range).unwrap(), at(9));
     }
 
+    /// What a crash leaves: the files of the open database copied as they are (a
+    /// crash image) open with the flushed applies only, exactly what
+    /// `durable_apply_state` reported, data and applied index together.
+    #[test]
+    fn a_crash_image_holds_what_durable_apply_state_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateMachine::open(dir.path()).unwrap();
+        let range = RangeId(2);
+        let at = |index| ApplyState {
+            applied_index: index,
+            applied_term: 1,
+        };
+        let mut batch = state.batch();
+        batch.put(b"k", b"flushed");
+        batch.set_apply_state(range, at(5));
+        batch.commit().unwrap();
+        state.flush(true).unwrap();
+        let mut batch = state.batch();
+        batch.put(b"k", b"in the memtable only");
+        batch.put(b"other", b"in the memtable only");
+        batch.set_apply_state(range, at(9));
+        batch.commit().unwrap();
+        assert_eq!(state.durable_apply_state(range).unwrap(), at(5));
+
+        let image = tempfile::tempdir().unwrap();
+        for file in std::fs::read_dir(dir.path()).unwrap() {
+            let file = file.unwrap();
+            std::fs::copy(file.path(), image.path().join(file.file_name())).unwrap();
+        }
+        let crashed = StateMachine::open(image.path()).unwrap();
+        assert_eq!(crashed.apply_state(range).unwrap(), at(5));
+        assert_eq!(crashed.get(b"k").unwrap().as_deref(), Some(&b"flushed"[..]));
+        assert_eq!(crashed.get(b"other").unwrap(), None);
+        drop(state);
+    }
+
     #[test]
     fn batch_reads_its_own_writes_and_commits_atomically() {
         let dir = tempfile::tempdir().unwrap();

@@ -404,19 +404,29 @@ mod tests {
         assert_eq!(state.apply_state(RangeId(5)).unwrap().applied_index, 0);
     }
 
+    fn at(index: u64) -> ApplyState {
+        ApplyState {
+            applied_index: index,
+            applied_term: 1,
+        }
+    }
+
+    /// Applies `puts` to `range` as of `index`, in one batch.
+    fn apply_at(state: &StateMachine, range: RangeId, puts: &[(&[u8], &[u8])], index: u64) {
+        let mut batch = state.batch();
+        for (key, value) in puts {
+            batch.put(key, value);
+        }
+        batch.set_apply_state(range, at(index));
+        batch.commit().unwrap();
+    }
+
     #[test]
     fn applies_become_durable_with_the_flush_not_before() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateMachine::open(dir.path()).unwrap();
         let range = RangeId(3);
-        let at = |index| ApplyState {
-            applied_index: index,
-            applied_term: 1,
-        };
-        let mut batch = state.batch();
-        batch.put(b"k", b"v1");
-        batch.set_apply_state(range, at(5));
-        batch.commit().unwrap();
+        apply_at(&state, range, &[(b"k", b"v1")], 5);
         assert_eq!(state.apply_state(range).unwrap(), at(5));
         assert_eq!(
             state.durable_apply_state(range).unwrap(),
@@ -425,10 +435,7 @@ mod tests {
         state.flush(true).unwrap();
         assert_eq!(state.durable_apply_state(range).unwrap(), at(5));
         // A later apply is visible at once and durable only after the next flush.
-        let mut batch = state.batch();
-        batch.put(b"k", b"v2");
-        batch.set_apply_state(range, at(9));
-        batch.commit().unwrap();
+        apply_at(&state, range, &[(b"k", b"v2")], 9);
         assert_eq!(state.get(b"k").unwrap().as_deref(), Some(&b"v2"[..]));
         assert_eq!(state.durable_apply_state(range).unwrap(), at(5));
         state.flush(true).unwrap();
@@ -443,20 +450,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateMachine::open(dir.path()).unwrap();
         let range = RangeId(2);
-        let at = |index| ApplyState {
-            applied_index: index,
-            applied_term: 1,
-        };
-        let mut batch = state.batch();
-        batch.put(b"k", b"flushed");
-        batch.set_apply_state(range, at(5));
-        batch.commit().unwrap();
+        apply_at(&state, range, &[(b"k", b"flushed")], 5);
         state.flush(true).unwrap();
-        let mut batch = state.batch();
-        batch.put(b"k", b"in the memtable only");
-        batch.put(b"other", b"in the memtable only");
-        batch.set_apply_state(range, at(9));
-        batch.commit().unwrap();
+        let unflushed: &[u8] = b"in the memtable only";
+        apply_at(
+            &state,
+            range,
+            &[(b"k", unflushed), (b"other", unflushed)],
+            9,
+        );
         assert_eq!(state.durable_apply_state(range).unwrap(), at(5));
 
         let image = tempfile::tempdir().unwrap();

@@ -61,6 +61,7 @@ struct LogFileConfig {
     segment_bytes: Option<u64>,
     cache_bytes_max: Option<usize>,
     fill_segments: Option<bool>,
+    recycle_segments: Option<usize>,
 }
 
 fn parse_io(value: &str) -> anyhow::Result<LogIo> {
@@ -146,6 +147,9 @@ impl NodeArgs {
         }
         if let Some(fill) = file.log.fill_segments {
             config.log.fill_segments = fill;
+        }
+        if let Some(count) = file.log.recycle_segments {
+            config.log.recycle_segments = count;
         }
         Ok(config)
     }

@@ -63,6 +63,9 @@ pub struct LogBenchArgs {
     /// Fill rangekv's segments with zeros when preparing them (`log.fill_segments`).
     #[arg(long)]
     pub fill_segments: bool,
+    /// Deleted segments rangekv keeps for reuse (`log.recycle_segments`; 0: none).
+    #[arg(long, default_value_t = LogConfig::default().recycle_segments)]
+    pub recycle_segments: usize,
     /// Groups in flight at once in rangekv's writer.
     #[arg(long, default_value_t = 2)]
     pub pipeline_depth: usize,
@@ -120,7 +123,17 @@ trait RaftLog: Sync {
     fn as_raft_engine(&self) -> Option<&raft_engine::Engine> {
         None
     }
+    /// Background upkeep, called every `MAINTAIN_EVERY` while the engine runs.
+    fn maintain(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
+
+/// How often `RaftLog::maintain` runs: raft-engine deletes (and so can reuse) only the
+/// files it is asked to purge, which TiKV does every 10 s by default; the bench asks
+/// every second, so that raft-engine's log recycling gets the same chance as rangekv's
+/// (which deletes on every compaction).
+const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
 
 struct Rangekv(LogEngine);
 
@@ -206,6 +219,10 @@ impl RaftLog for RaftEngine {
     fn as_raft_engine(&self) -> Option<&raft_engine::Engine> {
         Some(&self.0)
     }
+    fn maintain(&self) -> anyhow::Result<()> {
+        self.0.purge_expired_files()?;
+        Ok(())
+    }
 }
 
 /// One raft Ready's worth for raft-engine, added to `batch`.
@@ -271,6 +288,7 @@ fn open_engine(name: &str, dir: &Path, args: &LogBenchArgs) -> anyhow::Result<Bo
                 io,
                 pipeline_depth: args.pipeline_depth,
                 fill_segments: args.fill_segments,
+                recycle_segments: args.recycle_segments,
                 ..LogConfig::default()
             };
             let engine = LogEngine::open(Arc::new(DiskFileSystem::open(dir)?), config)?;
@@ -280,6 +298,12 @@ fn open_engine(name: &str, dir: &Path, args: &LogBenchArgs) -> anyhow::Result<Bo
         "raft-engine" | "raft-engine-batched" => {
             let config = raft_engine::Config {
                 dir: dir.to_string_lossy().into_owned(),
+                // raft-engine purges files (and so reuses them: `enable_log_recycle`
+                // is on by default) only once its log holds more than this; the
+                // default, 10 GiB, is reached after minutes of this load. Two files'
+                // worth gets it to that steady state within seconds, as rangekv's log
+                // (which deletes on every compaction) gets to its own.
+                purge_threshold: raft_engine::ReadableSize::mb(256),
                 ..Default::default()
             };
             Box::new(RaftEngine(raft_engine::Engine::open(config)?))
@@ -602,8 +626,15 @@ fn run_engine(
     // writer to finish) and then tells the writers to stop.
     let until_deadline = |finished: &dyn Fn() -> bool| {
         if args.operations.is_none() {
+            let mut maintained = Instant::now();
             while started.elapsed() < deadline && !finished() {
                 std::thread::sleep(Duration::from_millis(20));
+                if maintained.elapsed() >= MAINTAIN_EVERY {
+                    maintained = Instant::now();
+                    if let Err(error) = engine.maintain() {
+                        eprintln!("{name}: background upkeep failed: {error:#}");
+                    }
+                }
             }
             stop.store(true, Ordering::Relaxed);
         }
@@ -759,6 +790,7 @@ mod tests {
             io: "auto".into(),
             async_threads: 2,
             fill_segments: false,
+            recycle_segments: 4,
             pipeline_depth: 1,
             dir: Some(dir.path().to_path_buf()),
             json: Some(json.clone()),

@@ -25,13 +25,16 @@ pub fn run(data: &[u8]) {
     };
     let mut segment = segment.to_vec();
 
-    if let Ok(sequence) = format::decode_segment_header(&segment) {
+    let header = format::decode_segment_header(&segment);
+    if let Ok(header) = header {
         assert_eq!(
-            format::encode_segment_header(sequence)[..],
+            format::encode_segment_header_version(header.sequence, header.version)[..],
             segment[..SEGMENT_HEADER_BYTES as usize],
             "a valid segment header re-encodes to its bytes"
         );
     }
+    // Records are signed for the segment their header names (unsigned without one).
+    let signature = header.map_or(0, |h| h.signature());
     // The whole input as one entry, as `read_entry` decodes it once its crc matched.
     if let Ok(entry) = format::decode_entry(&segment, 7) {
         let mut out = Vec::new();
@@ -46,7 +49,7 @@ pub fn run(data: &[u8]) {
         SEGMENT_HEADER_BYTES as usize
     };
     if flags & FIX_CHECKSUMS != 0 {
-        fix_record_checksums(&mut segment, start);
+        fix_record_checksums(&mut segment, start, signature);
     }
     let record_bytes_max = if flags & SMALL_RECORDS != 0 {
         4096
@@ -55,15 +58,17 @@ pub fn run(data: &[u8]) {
     };
     let mut at = start;
     // Until `End`, `Invalid` or `Malformed`: each just ends the walk here.
-    while let Parsed::Record(record, next) = format::parse_record(&segment, at, record_bytes_max) {
+    while let Parsed::Record(record, next) =
+        format::parse_record(&segment, at, record_bytes_max, signature)
+    {
         assert!(next > at && next <= segment.len(), "parse makes progress");
-        check_record(&segment, &segment[at..next], &record);
+        check_record(&segment, &segment[at..next], &record, signature);
         at = next;
     }
 }
 
 /// Re-encodes `record` and compares it with `raw`, the bytes it was parsed from.
-fn check_record(segment: &[u8], raw: &[u8], record: &Record) {
+fn check_record(segment: &[u8], raw: &[u8], record: &Record, signature: u32) {
     let mut out = Vec::new();
     match record {
         Record::Entries {
@@ -102,13 +107,14 @@ fn check_record(segment: &[u8], raw: &[u8], record: &Record) {
         }
         Record::RangeRemoval { range } => format::encode_range_removal(&mut out, *range),
     }
+    format::sign_records(&mut out, signature);
     assert_eq!(out, raw, "record re-encodes to its bytes: {record:?}");
 }
 
-/// Rewrites the crc32c of every record from `start` on, following the length fields,
-/// until the records end (a zero header) or run past the buffer. Lets a fuzzer's
-/// mutation of a payload reach the payload decoders.
-pub fn fix_record_checksums(segment: &mut [u8], start: usize) {
+/// Rewrites the checksum of every record from `start` on (signed with `signature`),
+/// following the length fields, until the records end (a zero header) or run past the
+/// buffer. Lets a fuzzer's mutation of a payload reach the payload decoders.
+pub fn fix_record_checksums(segment: &mut [u8], start: usize, signature: u32) {
     let mut at = start;
     while segment.len().saturating_sub(at) >= RECORD_HEADER_BYTES {
         let len = u32::from_le_bytes([
@@ -127,7 +133,7 @@ pub fn fix_record_checksums(segment: &mut [u8], start: usize) {
         if end > segment.len() {
             return;
         }
-        let crc = crc32c::crc32c(&segment[at + 8..end]);
+        let crc = crc32c::crc32c(&segment[at + 8..end]) ^ signature;
         segment[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
         at = end;
     }

@@ -68,7 +68,10 @@ pub fn segments(data: &[u8]) -> Option<(u64, Vec<Vec<u8>>)> {
             fix_segment_header(segment, base.wrapping_add(i as u64));
         }
         if flags & FIX_CHECKSUMS != 0 {
-            fix_record_checksums(segment, rangekv_log::format::SEGMENT_HEADER_BYTES as usize);
+            let signature =
+                rangekv_log::format::decode_segment_header(segment).map_or(0, |h| h.signature());
+            let start = rangekv_log::format::SEGMENT_HEADER_BYTES as usize;
+            fix_record_checksums(segment, start, signature);
         }
     }
     Some((base, segments))

@@ -299,6 +299,8 @@ fn log_record() -> Vec<Seed> {
     );
     format::encode_compaction_point(&mut segment, RangeId(1), 2, 1);
     format::encode_range_removal(&mut segment, RangeId(2));
+    let header = SEGMENT_HEADER_BYTES as usize;
+    format::sign_records(&mut segment[header..], format::record_signature(1));
     let with_flags = |flags: u8, segment: &[u8]| {
         let mut bytes = vec![flags];
         bytes.extend_from_slice(segment);
@@ -389,8 +391,9 @@ pub fn engine_segments(config: LogConfig) -> (Vec<Vec<u8>>, u64) {
 
 /// Where a segment's records end.
 fn records_end(segment: &[u8]) -> usize {
+    let signature = format::decode_segment_header(segment).map_or(0, |h| h.signature());
     let mut at = SEGMENT_HEADER_BYTES as usize;
-    while let Parsed::Record(_, next) = format::parse_record(segment, at, usize::MAX) {
+    while let Parsed::Record(_, next) = format::parse_record(segment, at, usize::MAX, signature) {
         at = next;
     }
     at.min(segment.len())

@@ -63,6 +63,11 @@ pub struct LogConfig {
     /// is the bottleneck (`bench log`), costs where the CPU is (a co-located YCSB
     /// cluster: −17 % inserts/s); bench/README.md has both.
     pub fill_segments: bool,
+    /// Deleted segments kept to be reused as new ones (raft-engine's log recycling):
+    /// at most this many, 0 to delete them. A reused segment's blocks are already
+    /// written, so its syncs flush data only, as a filled one's do, without writing
+    /// anything twice. Each costs `segment_bytes` of disk while it waits.
+    pub recycle_segments: usize,
 }
 
 impl Default for LogConfig {
@@ -76,6 +81,7 @@ impl Default for LogConfig {
             rewrite_threshold_bytes: 2 * 1024 * 1024 * 1024,
             io: LogIo::Auto,
             fill_segments: false,
+            recycle_segments: 4,
         }
     }
 }
@@ -276,6 +282,8 @@ pub struct LogStats {
     pub groups: u64,
     pub syncs: u64,
     pub bytes: u64,
+    /// Segments started in a reused file (`LogConfig::recycle_segments`).
+    pub segments_reused: u64,
 }
 
 #[derive(Default)]
@@ -284,6 +292,7 @@ pub(crate) struct Counters {
     pub groups: AtomicU64,
     pub syncs: AtomicU64,
     pub bytes: AtomicU64,
+    pub segments_reused: AtomicU64,
 }
 
 pub(crate) struct Shared {
@@ -291,6 +300,8 @@ pub(crate) struct Shared {
     pub fs: Arc<dyn FileSystem>,
     pub ranges: RwLock<HashMap<RangeId, Arc<Mutex<RangeLog>>>>,
     pub segments: RwLock<BTreeMap<u64, Arc<dyn SegmentFile>>>,
+    /// Deleted segments waiting to be reused, by file name, oldest first.
+    pub free_segments: Mutex<VecDeque<String>>,
     /// The segment being written; GC never touches it or anything newer.
     pub active_segment: AtomicU64,
     pub queue: Mutex<Queue>,
@@ -343,6 +354,11 @@ pub(crate) fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 
 pub(crate) fn segment_name(sequence: u64) -> String {
     format!("{sequence:016x}.rlog")
+}
+
+/// Where a deleted segment waits to be reused (its old sequence keeps names unique).
+pub(crate) fn free_segment_name(sequence: u64) -> String {
+    format!("{sequence:016x}.rlog.free")
 }
 
 fn parse_segment_name(name: &str) -> Option<u64> {
@@ -450,16 +466,57 @@ impl Shared {
         let mut deleted = 0;
         for sequence in doomed {
             let name = segment_name(sequence);
+            let Some(file) = write(&self.segments).remove(&sequence) else {
+                continue;
+            };
+            // No reader finds the file any more. One that found it earlier (its handle
+            // is not the only one left) may still read it: a deleted file keeps its
+            // bytes for it, a reused one would not.
+            if Arc::strong_count(&file) == 1 && self.recyclable(file.as_ref()) {
+                let free = free_segment_name(sequence);
+                match self.fs.rename(&name, &free) {
+                    Ok(()) => {
+                        lock(&self.free_segments).push_back(free);
+                        deleted += 1;
+                        continue;
+                    }
+                    // The file may still be there: delete it instead.
+                    Err(error) => {
+                        tracing::warn!(file = %self.fs.describe(&name), %error, "could not keep log segment for reuse; deleting it");
+                    }
+                }
+            }
             if let Err(error) = self.fs.remove(&name) {
                 // Stop here: deletion must stay a prefix (a later segment may hold the
                 // removal record that cancels this one's), and the next GC retries.
                 tracing::warn!(file = %self.fs.describe(&name), %error, "could not delete log segment");
+                write(&self.segments).insert(sequence, file);
                 break;
             }
-            write(&self.segments).remove(&sequence);
             deleted += 1;
         }
         deleted
+    }
+}
+
+impl Shared {
+    /// Whether a deleted segment is worth keeping for reuse: room in the pool, and a
+    /// whole segment of the signed format (records of the unsigned one would read as
+    /// valid in a reused file).
+    fn recyclable(&self, file: &dyn SegmentFile) -> bool {
+        if lock(&self.free_segments).len() >= self.config.recycle_segments {
+            return false;
+        }
+        let mut header = [0u8; format::SEGMENT_HEADER_BYTES as usize];
+        let signed = file.read_exact_at(&mut header, 0).is_ok()
+            && format::decode_segment_header(&header)
+                .is_ok_and(|h| h.version == format::FORMAT_VERSION);
+        signed && file.len().is_ok_and(|len| len == self.config.segment_bytes)
+    }
+
+    /// A deleted segment to reuse, if one waits.
+    pub fn take_free_segment(&self) -> Option<String> {
+        lock(&self.free_segments).pop_front()
     }
 }
 
@@ -540,10 +597,13 @@ fn replay(fs: &dyn FileSystem) -> Result<Recovered, LogError> {
             offset: offset as u64,
             reason,
         };
-        match format::decode_segment_header(&bytes) {
-            Ok(found) if found == *sequence => {}
+        let signature = match format::decode_segment_header(&bytes) {
+            Ok(found) if found.sequence == *sequence => found.signature(),
             Ok(found) => {
-                return Err(corrupt(0, format!("header says segment {found}")));
+                return Err(corrupt(
+                    0,
+                    format!("header says segment {}", found.sequence),
+                ));
             }
             Err(why) if last => {
                 // A crash while creating the newest segment: it holds nothing.
@@ -553,11 +613,11 @@ fn replay(fs: &dyn FileSystem) -> Result<Recovered, LogError> {
                 continue;
             }
             Err(why) => return Err(corrupt(0, why.to_string())),
-        }
+        };
         let mut at = format::SEGMENT_HEADER_BYTES as usize;
         loop {
             // Bounds come from the segment's own length, not from today's configuration.
-            match format::parse_record(&bytes, at, usize::MAX) {
+            match format::parse_record(&bytes, at, usize::MAX, signature) {
                 Parsed::Record(record, next) => {
                     records.push((*sequence, at, record));
                     at = next;
@@ -573,7 +633,8 @@ fn replay(fs: &dyn FileSystem) -> Result<Recovered, LogError> {
             }
         }
         if last && (at as u64) < len {
-            // Cut the tail (torn bytes, or preallocated zeros) so that this segment,
+            // Cut the tail (torn bytes, preallocated zeros, or the records of a reused
+            // segment's earlier life) so that this segment,
             // no longer the newest once a new one starts, ends exactly at its records.
             file.truncate(at as u64)
                 .map_err(|e| LogError::io(described.clone(), at as u64, e))?;
@@ -671,6 +732,43 @@ fn replay(fs: &dyn FileSystem) -> Result<Recovered, LogError> {
     })
 }
 
+/// The deleted segments kept for reuse, oldest first; deletes those past
+/// `config.recycle_segments`. Moves `next_sequence` past every one of them, so that no
+/// new segment shares a sequence number (and a record signature) with the earlier life
+/// of the file it reuses.
+fn free_segments(
+    fs: &dyn FileSystem,
+    config: &LogConfig,
+    next_sequence: &mut u64,
+) -> Result<VecDeque<String>, LogError> {
+    let list = fs.list().map_err(|e| LogError::io(fs.describe(""), 0, e))?;
+    let mut free: Vec<(u64, String)> = list
+        .into_iter()
+        .filter_map(|name| {
+            let hex = name.strip_suffix(".rlog.free")?;
+            (hex.len() == 16).then_some(())?;
+            Some((u64::from_str_radix(hex, 16).ok()?, name))
+        })
+        .collect();
+    free.sort();
+    let keep = free
+        .iter()
+        .filter(|(sequence, _)| *sequence < format::SEQUENCE_MAX)
+        .count()
+        .min(config.recycle_segments);
+    let mut kept = VecDeque::new();
+    for (position, (sequence, name)) in free.into_iter().enumerate() {
+        if position < keep {
+            *next_sequence = (*next_sequence).max(sequence + 1);
+            kept.push_back(name);
+        } else {
+            fs.remove(&name)
+                .map_err(|e| LogError::io(fs.describe(&name), 0, e))?;
+        }
+    }
+    Ok(kept)
+}
+
 impl LogEngine {
     /// Opens the log in `fs`, replaying it, and starts the writer.
     pub fn open(fs: Arc<dyn FileSystem>, config: LogConfig) -> Result<LogEngine, LogError> {
@@ -683,7 +781,8 @@ impl LogEngine {
             "segment_bytes leaves room for records"
         );
         writer::remove_temporary_segments(fs.as_ref())?;
-        let recovered = replay(fs.as_ref())?;
+        let mut recovered = replay(fs.as_ref())?;
+        let free_segments = free_segments(fs.as_ref(), &config, &mut recovered.next_sequence)?;
         let backend = writer::choose_backend(&config, fs.as_ref())?;
         let io_name = backend.name();
         tracing::info!(
@@ -698,6 +797,7 @@ impl LogEngine {
             fs,
             ranges: RwLock::new(recovered.ranges),
             segments: RwLock::new(recovered.segments),
+            free_segments: Mutex::new(free_segments),
             active_segment: AtomicU64::new(recovered.next_sequence),
             queue: Mutex::new(Queue::default()),
             queue_not_full: Condvar::new(),
@@ -948,6 +1048,11 @@ impl LogEngine {
         read(&self.shared().segments).len()
     }
 
+    /// Deleted segments kept for reuse now.
+    pub fn free_segment_count(&self) -> usize {
+        lock(&self.shared().free_segments).len()
+    }
+
     pub fn stats(&self) -> LogStats {
         let c = &self.shared().counters;
         LogStats {
@@ -955,6 +1060,7 @@ impl LogEngine {
             groups: c.groups.load(Ordering::Relaxed),
             syncs: c.syncs.load(Ordering::Relaxed),
             bytes: c.bytes.load(Ordering::Relaxed),
+            segments_reused: c.segments_reused.load(Ordering::Relaxed),
         }
     }
 }

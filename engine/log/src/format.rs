@@ -3,12 +3,19 @@
 //! A segment file starts with a [`SegmentHeader`] and holds records back to back:
 //!
 //! ```text
-//! record  = len: u32 LE | crc32c: u32 LE | kind: u8 | payload (len bytes)
-//! crc32c  covers kind and payload
+//! record  = len: u32 LE | crc: u32 LE | kind: u8 | payload (len bytes)
+//! crc     = crc32c(kind | payload) XOR the segment's signature
 //! ```
 //!
-//! Segments are preallocated, so unwritten space reads as zeros: an all-zero record
-//! header marks the end of a segment's records.
+//! A fresh segment is preallocated, so unwritten space reads as zeros, and an all-zero
+//! record header marks the end of a segment's records. A recycled segment (a deleted
+//! one reused under a new sequence number, see writer.rs) still holds the records of
+//! its earlier life past what has been written since; the signature, derived from the
+//! sequence number in the header ([`record_signature`]), makes every one of them fail
+//! its checksum, so they read as the end of the log (the newest segment) and are never
+//! taken for records of this one. The writer ends every other segment with a zero
+//! record header when it moves on. Format version 1 had no signature (0); it is still
+//! read, never recycled.
 //!
 //! Payloads (all integers little-endian):
 //!
@@ -27,7 +34,10 @@ use raft::eraftpb::{Entry, EntryType, HardState};
 use rangekv_types::RangeId;
 
 pub const SEGMENT_MAGIC: [u8; 8] = *b"RKVRLOG\0";
-pub const FORMAT_VERSION: u32 = 1;
+/// The version written: records signed with their segment's sequence.
+pub const FORMAT_VERSION: u32 = 2;
+/// The first version, read but never recycled: records are not signed.
+pub const FORMAT_VERSION_UNSIGNED: u32 = 1;
 pub const SEGMENT_HEADER_BYTES: u64 = 24;
 pub const RECORD_HEADER_BYTES: usize = 9;
 pub const ENTRY_HEADER_BYTES: usize = 17;
@@ -59,19 +69,64 @@ impl RecordKind {
     }
 }
 
+/// What a segment's header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentHeader {
+    pub sequence: u64,
+    pub version: u32,
+}
+
+impl SegmentHeader {
+    /// XORed into the checksum of every record of this segment.
+    pub fn signature(&self) -> u32 {
+        if self.version == FORMAT_VERSION_UNSIGNED {
+            0
+        } else {
+            record_signature(self.sequence)
+        }
+    }
+}
+
+/// The signature of the records of segment `sequence`: different for any two
+/// sequence numbers less than 2^32 apart, and never 0 (the unsigned format) for any
+/// sequence below 2^32.
+pub fn record_signature(sequence: u64) -> u32 {
+    (sequence as u32) ^ ((sequence >> 32) as u32) ^ 0x5253_4947
+}
+
+/// Signs the records of `records` (whole records, back to back, as a `LogBatch`
+/// encodes them) for a segment with `signature`.
+pub fn sign_records(records: &mut [u8], signature: u32) {
+    let mut at = 0;
+    while at + RECORD_HEADER_BYTES <= records.len() {
+        let len = read_u32(records, at) as usize;
+        let crc = read_u32(records, at + 4) ^ signature;
+        records[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
+        at += RECORD_HEADER_BYTES + len;
+    }
+}
+
 /// `magic | version u32 | sequence u64 | crc32c u32` over the first 20 bytes.
 pub fn encode_segment_header(sequence: u64) -> [u8; SEGMENT_HEADER_BYTES as usize] {
+    encode_segment_header_version(sequence, FORMAT_VERSION)
+}
+
+/// A header of an older format version, for tests and fuzz seeds of the upgrade path.
+pub fn encode_segment_header_version(
+    sequence: u64,
+    version: u32,
+) -> [u8; SEGMENT_HEADER_BYTES as usize] {
     let mut out = [0u8; SEGMENT_HEADER_BYTES as usize];
     out[..8].copy_from_slice(&SEGMENT_MAGIC);
-    out[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out[8..12].copy_from_slice(&version.to_le_bytes());
     out[12..20].copy_from_slice(&sequence.to_le_bytes());
     let crc = crc32c::crc32c(&out[..20]);
     out[20..24].copy_from_slice(&crc.to_le_bytes());
     out
 }
 
-/// Checks a segment header; returns its sequence number or why it is not valid.
-pub fn decode_segment_header(raw: &[u8]) -> Result<u64, &'static str> {
+/// Checks a segment header; returns what it says or why it is not valid.
+pub fn decode_segment_header(raw: &[u8]) -> Result<SegmentHeader, &'static str> {
     if raw.len() < SEGMENT_HEADER_BYTES as usize {
         return Err("segment shorter than its header");
     }
@@ -82,10 +137,13 @@ pub fn decode_segment_header(raw: &[u8]) -> Result<u64, &'static str> {
         return Err("segment header checksum mismatch");
     }
     let version = read_u32(raw, 8);
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != FORMAT_VERSION_UNSIGNED {
         return Err("unsupported log format version");
     }
-    Ok(read_u64(raw, 12))
+    Ok(SegmentHeader {
+        sequence: read_u64(raw, 12),
+        version,
+    })
 }
 
 fn read_u32(raw: &[u8], at: usize) -> u32 {
@@ -253,8 +311,9 @@ pub enum Parsed {
     Malformed(&'static str),
 }
 
-/// Parses the record at `at` in `segment` (a whole segment's bytes).
-pub fn parse_record(segment: &[u8], at: usize, record_bytes_max: usize) -> Parsed {
+/// Parses the record at `at` in `segment` (a whole segment's bytes), whose records
+/// are signed with `signature` ([`SegmentHeader::signature`]).
+pub fn parse_record(segment: &[u8], at: usize, record_bytes_max: usize, signature: u32) -> Parsed {
     let rest = &segment[at.min(segment.len())..];
     if rest.len() < RECORD_HEADER_BYTES {
         return if rest.iter().all(|&b| b == 0) {
@@ -272,7 +331,7 @@ pub fn parse_record(segment: &[u8], at: usize, record_bytes_max: usize) -> Parse
         return Parsed::Invalid("record length out of bounds");
     }
     let body = &rest[8..RECORD_HEADER_BYTES + len];
-    if crc32c::crc32c(body) != crc {
+    if crc32c::crc32c(body) ^ signature != crc {
         return Parsed::Invalid("record checksum mismatch");
     }
     let payload = &body[1..];
@@ -405,6 +464,8 @@ mod tests {
         encode_hard_state(&mut out, RangeId(9), &hs);
         encode_compaction_point(&mut out, RangeId(9), 6, 2);
         encode_range_removal(&mut out, RangeId(4));
+        let signature = record_signature(3);
+        sign_records(&mut out[5..], signature);
         out.extend_from_slice(&[0u8; 32]);
 
         let Parsed::Record(
@@ -414,7 +475,7 @@ mod tests {
                 entries: found,
             },
             next,
-        ) = parse_record(&out, 5, 1 << 20)
+        ) = parse_record(&out, 5, 1 << 20, signature)
         else {
             panic!("entries record expected");
         };
@@ -427,7 +488,7 @@ mod tests {
             assert_eq!(&decode_entry(raw, original.index).unwrap(), original);
         }
         let Parsed::Record(Record::HardState { hard_state, .. }, next) =
-            parse_record(&out, next, 1 << 20)
+            parse_record(&out, next, 1 << 20, signature)
         else {
             panic!("hard state expected");
         };
@@ -439,16 +500,16 @@ mod tests {
                 ..
             },
             next,
-        ) = parse_record(&out, next, 1 << 20)
+        ) = parse_record(&out, next, 1 << 20, signature)
         else {
             panic!("compaction point expected");
         };
         let Parsed::Record(Record::RangeRemoval { range: RangeId(4) }, next) =
-            parse_record(&out, next, 1 << 20)
+            parse_record(&out, next, 1 << 20, signature)
         else {
             panic!("removal expected");
         };
-        assert_eq!(parse_record(&out, next, 1 << 20), Parsed::End);
+        assert_eq!(parse_record(&out, next, 1 << 20, signature), Parsed::End);
     }
 
     #[test]
@@ -459,7 +520,7 @@ mod tests {
             let mut dirty = clean.clone();
             dirty[at] ^= 0x40;
             dirty.extend_from_slice(&[0u8; 16]);
-            match parse_record(&dirty, 0, 1 << 20) {
+            match parse_record(&dirty, 0, 1 << 20, 0) {
                 Parsed::Invalid(_) | Parsed::Malformed(_) => {}
                 other => panic!("flip at {at} went unnoticed: {other:?}"),
             }
@@ -469,11 +530,58 @@ mod tests {
     #[test]
     fn segment_header_checks_magic_version_and_crc() {
         let header = encode_segment_header(42);
-        assert_eq!(decode_segment_header(&header), Ok(42));
+        assert_eq!(
+            decode_segment_header(&header),
+            Ok(SegmentHeader {
+                sequence: 42,
+                version: FORMAT_VERSION
+            })
+        );
+        let old = decode_segment_header(&encode_segment_header_version(42, 1));
+        assert_eq!(old.map(|h| h.signature()), Ok(0), "version 1 is unsigned");
+        assert!(decode_segment_header(&encode_segment_header_version(42, 3)).is_err());
         let mut bad = header;
         bad[13] ^= 1;
         assert!(decode_segment_header(&bad).is_err());
         assert!(decode_segment_header(&[0u8; 24]).is_err());
         assert!(decode_segment_header(&header[..10]).is_err());
+    }
+
+    /// A recycled segment still holds the records of its earlier lives: signed for
+    /// another sequence number (or unsigned, version 1), none may parse in this one.
+    #[test]
+    fn records_of_another_segment_fail_their_checksum() {
+        let mut records = Vec::new();
+        encode_entries(&mut records, RangeId(1), &[entry(1, 1, b"payload bytes")]);
+        encode_hard_state(&mut records, RangeId(1), &HardState::default());
+        let unsigned = records.clone();
+        for written in [1u64, 2, 7, 1 << 20, (1 << 32) - 1, 1 << 32, (1 << 32) + 1] {
+            let mut signed = unsigned.clone();
+            sign_records(&mut signed, record_signature(written));
+            assert!(matches!(
+                parse_record(&signed, 0, 1 << 20, record_signature(written)),
+                Parsed::Record(..)
+            ));
+            for reader in [
+                written + 1,
+                written + 2,
+                written + 1000,
+                written.saturating_sub(1),
+            ] {
+                if reader == written {
+                    continue;
+                }
+                assert_eq!(
+                    parse_record(&signed, 0, 1 << 20, record_signature(reader)),
+                    Parsed::Invalid("record checksum mismatch"),
+                    "a record of segment {written} read in segment {reader}"
+                );
+            }
+            assert_ne!(record_signature(written), 0, "signed differs from unsigned");
+        }
+        assert_eq!(
+            parse_record(&unsigned, 0, 1 << 20, record_signature(5)),
+            Parsed::Invalid("record checksum mismatch")
+        );
     }
 }

@@ -216,9 +216,13 @@ pub(crate) struct Writer {
     done: Vec<u64>,
     /// The next segment, being prepared in the background.
     prepared: Option<Prepared>,
-    /// Whether the segment being written was filled with zeros when prepared (the
-    /// first one after open is not: it is created at once, unfilled).
+    /// Whether the blocks of the segment being written are all written already: it was
+    /// filled with zeros or is a reused one (the first one after open is neither
+    /// unless a deleted segment was waiting).
     filled: bool,
+    /// Whether the segment being written is a reused one: past its records lie those
+    /// of its earlier life, so it gets an end mark when the writer moves on.
+    recycled: bool,
     /// A filled preparation failed: segments are no longer filled.
     fill_failed: bool,
     /// Completions go to one completion thread, in order, so the writer can submit the
@@ -276,13 +280,17 @@ impl Writer {
                 )
             })
             .collect();
-        let bytes = shared.config.segment_bytes;
-        let file = prepare_segment(shared.fs.as_ref(), first_segment, bytes, None)?;
+        let (file, recycled) = prepare_in_place(&shared, first_segment)?;
         let file = install_segment(&shared, first_segment, file)?;
+        if recycled {
+            let reused = &shared.counters.segments_reused;
+            reused.fetch_add(1, Ordering::Relaxed);
+        }
         let (completions, completion_thread) = spawn_completion_thread(&shared)?;
         Ok(Writer {
             prepared: None,
-            filled: false,
+            filled: recycled,
+            recycled,
             fill_failed: false,
             completions: Some(completions),
             completion_thread: Some(completion_thread),
@@ -397,6 +405,11 @@ impl Writer {
                 }
             }
             if shutdown && !submitted && self.inflight.is_empty() {
+                if self.recycled {
+                    // Spares the next open from taking the records of this file's
+                    // earlier life for a torn tail (which it would cut all the same).
+                    self.mark_end()?;
+                }
                 return Ok(());
             }
             let wait = if submitted {
@@ -564,12 +577,12 @@ impl Writer {
             return Ok(());
         }
         let bytes: usize = admitted.iter().map(|r| r.batch.bytes()).sum();
-        // Leave an unfilled segment as soon as a filled one is ready.
+        // Leave an unfilled segment as soon as a filled or reused one is ready.
         let filled_ready = !self.filled
             && self
                 .prepared
                 .as_ref()
-                .is_some_and(|p| p.filled && p.thread.is_finished());
+                .is_some_and(|p| p.kind != Kind::Plain && p.thread.is_finished());
         if filled_ready || self.offset + bytes as u64 > self.shared.config.segment_bytes {
             if let Err(error) = self.rotate(bytes as u64) {
                 let notice = admitted
@@ -582,9 +595,12 @@ impl Writer {
         }
         let mut buf = Vec::with_capacity(bytes);
         let mut placed = Vec::with_capacity(admitted.len());
+        let signature = format::record_signature(self.segment);
         for request in admitted {
-            let base = self.offset + buf.len() as u64;
+            let start = buf.len();
+            let base = self.offset + start as u64;
             buf.extend_from_slice(&request.batch.buf);
+            format::sign_records(&mut buf[start..], signature);
             placed.push(Placed { request, base });
         }
         let token = self.next_token;
@@ -613,7 +629,11 @@ impl Writer {
         self.offset += bytes as u64;
         if self.prepared.is_none() && self.offset >= prepare_after(&self.shared.config) {
             let fill = self.shared.config.fill_segments && !self.fill_failed;
-            self.prepared = prepare_in_background(&self.shared, self.segment + 1, fill);
+            let free = !lock(&self.shared.free_segments).is_empty();
+            // A plain segment is quick to prepare: wait for one to reuse meanwhile.
+            if fill || free || self.offset >= self.shared.config.segment_bytes / 4 * 3 {
+                self.prepared = prepare_in_background(&self.shared, self.segment + 1, fill);
+            }
         }
         self.backend
             .submit(GroupWrite {
@@ -794,39 +814,65 @@ impl Writer {
         while !self.inflight.is_empty() {
             self.reap(Wait::ForCompletion)?;
         }
+        if self.recycled {
+            self.mark_end()?;
+        }
         let next = self.segment + 1;
-        let prepared = self.prepared.take().map(|p| (p.filled, p.thread.join()));
-        let (file, filled) = match prepared {
-            Some((filled, Ok(Ok(file)))) => (file, filled),
+        let prepared = self.prepared.take().map(|p| (p.kind, p.thread.join()));
+        let (file, kind) = match prepared {
+            Some((kind, Ok(Ok(file)))) => (file, kind),
             // Not started (no helper thread, or the segment filled up before the
             // threshold), or the helper failed: prepare it here, unfilled. A helper
-            // that failed (say, no space for a whole segment of zeros) fills no more.
+            // that failed to fill (say, no space for a whole segment of zeros) fills
+            // no more.
             failed => {
-                if let Some((filled, outcome)) = failed {
+                if let Some((kind, outcome)) = failed {
                     let why = match outcome {
                         Ok(Err(error)) => error.to_string(),
                         _ => "the helper thread panicked".to_string(),
                     };
                     tracing::warn!(segment = next, %why, "preparing a log segment ahead failed; preparing it in place, unfilled");
-                    self.fill_failed |= filled;
+                    self.fill_failed |= kind == Kind::Filled;
                     // A temporary file left behind would make the creation fail.
                     let _ = self.shared.fs.remove(&temporary_name(next));
                 }
-                let file = prepare_segment(
-                    self.shared.fs.as_ref(),
-                    next,
-                    self.shared.config.segment_bytes,
-                    None,
-                )?;
-                (file, false)
+                match prepare_in_place(&self.shared, next)? {
+                    (file, true) => (file, Kind::Recycled),
+                    (file, false) => (file, Kind::Plain),
+                }
             }
         };
-        self.filled = filled;
+        self.filled = kind != Kind::Plain;
+        self.recycled = kind == Kind::Recycled;
+        if self.recycled {
+            let reused = &self.shared.counters.segments_reused;
+            reused.fetch_add(1, Ordering::Relaxed);
+        }
         self.file = install_segment(&self.shared, next, file)?;
         self.segment = next;
         self.offset = format::SEGMENT_HEADER_BYTES;
         self.shared.collect_garbage();
         self.rewrite_cold_ranges(reserve)
+    }
+
+    /// Ends the records of a reused segment the writer is leaving with a zero record
+    /// header, durably, before anything goes into the next segment: replay reads
+    /// every segment but the newest to its end, and past this one's records lie those
+    /// of its earlier life. Nothing is in flight (see `rotate`).
+    fn mark_end(&mut self) -> Result<(), LogError> {
+        let room = self.shared.config.segment_bytes.saturating_sub(self.offset);
+        let zeros = [0u8; format::RECORD_HEADER_BYTES];
+        let mark = &zeros[..room.min(zeros.len() as u64) as usize];
+        self.file
+            .write_all_at(mark, self.offset)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|error| {
+                LogError::io(
+                    self.shared.fs.describe(&segment_name(self.segment)),
+                    self.offset,
+                    error,
+                )
+            })
     }
 
     /// Rewrites ranges pinning the oldest segment into the new one. Runs only right
@@ -1006,6 +1052,60 @@ fn prepare_segment(
     Ok(file)
 }
 
+/// Makes a deleted segment, `free`, segment `sequence` under its temporary name: a
+/// new header, synced. Its blocks are all written, so syncs after writes into it flush
+/// data only, as a filled segment's do; the records of its earlier life stay behind
+/// what gets written, signed for another sequence (format.rs).
+fn prepare_recycled(
+    fs: &dyn FileSystem,
+    free: &str,
+    sequence: u64,
+    bytes: u64,
+) -> Result<Arc<dyn SegmentFile>, LogError> {
+    let name = temporary_name(sequence);
+    fs.rename(free, &name)
+        .map_err(|e| LogError::io(fs.describe(free), 0, e))?;
+    let file = fs
+        .open(&name)
+        .map_err(|e| LogError::io(fs.describe(&name), 0, e))?;
+    match file.len() {
+        Ok(len) if len == bytes => {}
+        Ok(len) => {
+            let error = io::Error::other(format!("{len} bytes, not {bytes}"));
+            return Err(LogError::io(fs.describe(&name), 0, error));
+        }
+        Err(error) => return Err(LogError::io(fs.describe(&name), 0, error)),
+    }
+    let header = format::encode_segment_header(sequence);
+    file.write_all_at(&header, 0)
+        .and_then(|()| file.sync_data())
+        .map_err(|e| LogError::io(fs.describe(&name), 0, e))?;
+    Ok(file)
+}
+
+/// Prepares segment `sequence` on this thread: a deleted one reused if one waits (and
+/// it works out), else a new one, unfilled. Returns the file and whether it is reused.
+fn prepare_in_place(
+    shared: &Shared,
+    sequence: u64,
+) -> Result<(Arc<dyn SegmentFile>, bool), LogError> {
+    let bytes = shared.config.segment_bytes;
+    if let Some(free) = shared.take_free_segment() {
+        match prepare_recycled(shared.fs.as_ref(), &free, sequence, bytes) {
+            Ok(file) => return Ok((file, true)),
+            Err(error) => {
+                tracing::warn!(segment = sequence, %error, "could not reuse a deleted log segment; creating a new one");
+                let _ = shared.fs.remove(&temporary_name(sequence));
+                let _ = shared.fs.remove(&free);
+            }
+        }
+    }
+    Ok((
+        prepare_segment(shared.fs.as_ref(), sequence, bytes, None)?,
+        false,
+    ))
+}
+
 /// Gives segment `sequence` its real name and makes it the one being written.
 fn install_segment(
     shared: &Shared,
@@ -1022,38 +1122,73 @@ fn install_segment(
     Ok(file)
 }
 
+/// How a segment was prepared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// New and preallocated: its extents are unwritten.
+    Plain,
+    /// New and written with zeros (`LogConfig::fill_segments`).
+    Filled,
+    /// A deleted segment reused (`LogConfig::recycle_segments`).
+    Recycled,
+}
+
 /// The next segment, being prepared on a helper thread.
 struct Prepared {
     thread: std::thread::JoinHandle<Result<Arc<dyn SegmentFile>, LogError>>,
     cancel: Arc<AtomicBool>,
-    /// Filled with zeros (`LogConfig::fill_segments`).
-    filled: bool,
+    kind: Kind,
 }
 
-/// Prepares the next segment (filled, if so configured) on a helper thread while the
-/// writer fills this one.
-fn prepare_in_background(shared: &Arc<Shared>, sequence: u64, filled: bool) -> Option<Prepared> {
+/// Prepares the next segment on a helper thread while the writer fills this one: a
+/// deleted one reused if one waits, else a new one, filled if `fill`.
+fn prepare_in_background(shared: &Arc<Shared>, sequence: u64, fill: bool) -> Option<Prepared> {
     if !shared.fs.has_raw_fds() {
         // Preparing inline keeps a seeded crash test's order of operations
         // deterministic.
         return None;
     }
-    let shared = shared.clone();
+    let free = shared.take_free_segment();
+    let kind = match (&free, fill) {
+        (Some(_), _) => Kind::Recycled,
+        (None, true) => Kind::Filled,
+        (None, false) => Kind::Plain,
+    };
+    let helper = shared.clone();
     let bytes = shared.config.segment_bytes;
     let cancel = Arc::new(AtomicBool::new(false));
     let cancelled = cancel.clone();
-    let thread = std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name("rangekv-log-prepare".into())
         .spawn(move || {
-            let fill = filled.then_some(cancelled.as_ref());
-            prepare_segment(shared.fs.as_ref(), sequence, bytes, fill)
-        })
-        .ok()?;
-    Some(Prepared {
-        thread,
-        cancel,
-        filled,
-    })
+            let fs = helper.fs.as_ref();
+            match &free {
+                Some(free) => {
+                    let prepared = prepare_recycled(fs, free, sequence, bytes);
+                    if prepared.is_err() {
+                        // Wherever it failed, the file is not worth another try.
+                        let _ = fs.remove(free);
+                    }
+                    prepared
+                }
+                None => {
+                    let fill = (kind == Kind::Filled).then_some(cancelled.as_ref());
+                    prepare_segment(fs, sequence, bytes, fill)
+                }
+            }
+        });
+    match spawned {
+        Ok(thread) => Some(Prepared {
+            thread,
+            cancel,
+            kind,
+        }),
+        Err(error) => {
+            // The free segment taken stays on disk; the next open finds it again.
+            tracing::warn!(%error, "could not start the log segment helper thread");
+            None
+        }
+    }
 }
 
 /// Deletes temporary segments a crash left behind.
@@ -1092,7 +1227,10 @@ mod tests {
         let file = prepare_segment(&fs, 7, bytes, Some(&not_cancelled)).unwrap();
         let mut content = vec![0xAAu8; bytes as usize];
         file.read_exact_at(&mut content, 0).unwrap();
-        assert_eq!(format::decode_segment_header(&content), Ok(7));
+        assert_eq!(
+            format::decode_segment_header(&content).map(|h| h.sequence),
+            Ok(7)
+        );
         let body = &content[format::SEGMENT_HEADER_BYTES as usize..];
         assert!(body.iter().all(|&b| b == 0));
         assert_eq!(file.len().unwrap(), bytes);

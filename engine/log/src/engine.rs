@@ -486,12 +486,19 @@ impl Shared {
                     }
                 }
             }
-            if let Err(error) = self.fs.remove(&name) {
-                // Stop here: deletion must stay a prefix (a later segment may hold the
-                // removal record that cancels this one's), and the next GC retries.
-                tracing::warn!(file = %self.fs.describe(&name), %error, "could not delete log segment");
-                write(&self.segments).insert(sequence, file);
-                break;
+            match self.fs.remove(&name) {
+                Ok(()) => {}
+                // Gone already: a rename or removal above went through, and only the
+                // directory sync after it failed. A crash could bring the name back,
+                // which replay and the next GC handle like any segment not yet deleted.
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    // Stop here: deletion must stay a prefix (a later segment may hold
+                    // the removal record that cancels this one's); the next GC retries.
+                    tracing::warn!(file = %self.fs.describe(&name), %error, "could not delete log segment");
+                    write(&self.segments).insert(sequence, file);
+                    break;
+                }
             }
             deleted += 1;
         }

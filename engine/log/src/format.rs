@@ -88,8 +88,8 @@ impl SegmentHeader {
 }
 
 /// The signature of the records of segment `sequence`: different for any two
-/// sequence numbers less than 2^32 apart, and never 0 (the unsigned format) for any
-/// sequence below 2^32.
+/// sequence numbers below 2^32 (a log starts at 1 and takes one per 128 MiB written or
+/// per restart), and 0, like the unsigned format's, only for sequence 0x5253_4947.
 pub fn record_signature(sequence: u64) -> u32 {
     (sequence as u32) ^ ((sequence >> 32) as u32) ^ 0x5253_4947
 }

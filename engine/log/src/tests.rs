@@ -343,15 +343,29 @@ mod conformance {
         let store = store(kind);
         let fs = store.fs();
         let ranges = [RangeId(1), RangeId(2), RangeId(3)];
+        // Written once a pass: its hard state keeps the segment it lands in (reused,
+        // once reuse has begun) from being deleted, so that segment is an older one
+        // at the next open, read to its end mark.
+        let pin = RangeId(9);
         let config = LogConfig {
             recycle_segments: 2,
             ..small_config(io)
         };
         let mut next: HashMap<RangeId, u64> = ranges.iter().map(|r| (*r, 1)).collect();
         let mut reused = 0;
-        for _reopen in 0..4 {
+        for pass in 0..4u64 {
             let engine = open(&store, config.clone());
+            assert_eq!(engine.hard_state(pin).term, pass, "the pinned hard state");
             for round in 0..300u64 {
+                if round == 150 {
+                    let mut batch = LogBatch::new();
+                    let hard_state = HardState {
+                        term: pass + 1,
+                        ..Default::default()
+                    };
+                    batch.set_hard_state(pin, hard_state);
+                    engine.write_sync(batch).unwrap();
+                }
                 let range = ranges[(round % 3) as usize];
                 let from = next[&range];
                 append(&engine, range, from, from + 3);
@@ -399,7 +413,10 @@ mod conformance {
             let last = next[&range] - 1;
             assert_log(&engine, range, last - 3, last);
         }
-        // Write until a segment waits for reuse.
+        // Write until a segment waits for reuse (the pin no longer holding any back).
+        let mut batch = LogBatch::new();
+        batch.remove_range(pin);
+        engine.write_sync(batch).unwrap();
         for round in 0.. {
             if engine.free_segment_count() > 0 {
                 break;
@@ -739,7 +756,6 @@ fn run_crash_point(seed: u64) -> u64 {
             }
             engine.write_sync(batch).unwrap();
         }
-        reused += engine.stats().segments_reused;
     }
     fs.crash_after(1 + rng.below(60));
     // None: crashed while creating the first segment.
@@ -859,8 +875,8 @@ fn every_crash_point_keeps_what_was_acknowledged() {
         reused += run_crash_point(seed);
     }
     // Crashes in and after reused segments (their earlier records behind the new
-    // ones) are among the points.
-    assert!(reused >= crash_points() / 2, "{reused} segments reused");
+    // ones) are among the points: counted in the runs that crash only.
+    assert!(reused >= crash_points() / 4, "{reused} segments reused");
 }
 
 // ------------------------------------------------------------------ corruption

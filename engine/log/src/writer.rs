@@ -1154,6 +1154,7 @@ fn prepare_in_background(shared: &Arc<Shared>, sequence: u64, fill: bool) -> Opt
         (None, true) => Kind::Filled,
         (None, false) => Kind::Plain,
     };
+    let taken = free.clone();
     let helper = shared.clone();
     let bytes = shared.config.segment_bytes;
     let cancel = Arc::new(AtomicBool::new(false));
@@ -1184,8 +1185,10 @@ fn prepare_in_background(shared: &Arc<Shared>, sequence: u64, fill: bool) -> Opt
             kind,
         }),
         Err(error) => {
-            // The free segment taken stays on disk; the next open finds it again.
             tracing::warn!(%error, "could not start the log segment helper thread");
+            if let Some(free) = taken {
+                lock(&shared.free_segments).push_front(free);
+            }
             None
         }
     }

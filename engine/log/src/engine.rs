@@ -284,6 +284,8 @@ pub struct LogStats {
     pub bytes: u64,
     /// Segments started in a reused file (`LogConfig::recycle_segments`).
     pub segments_reused: u64,
+    /// Cold ranges rewritten forward (`LogConfig::rewrite_threshold_bytes`).
+    pub ranges_rewritten: u64,
 }
 
 #[derive(Default)]
@@ -293,6 +295,7 @@ pub(crate) struct Counters {
     pub syncs: AtomicU64,
     pub bytes: AtomicU64,
     pub segments_reused: AtomicU64,
+    pub ranges_rewritten: AtomicU64,
 }
 
 pub(crate) struct Shared {
@@ -1068,6 +1071,7 @@ impl LogEngine {
             syncs: c.syncs.load(Ordering::Relaxed),
             bytes: c.bytes.load(Ordering::Relaxed),
             segments_reused: c.segments_reused.load(Ordering::Relaxed),
+            ranges_rewritten: c.ranges_rewritten.load(Ordering::Relaxed),
         }
     }
 }

@@ -76,6 +76,18 @@ impl RangeLog {
         .min()
     }
 
+    /// The newest segment holding anything of this range: where it last wrote.
+    pub fn newest_segment(&self) -> Option<u64> {
+        [
+            self.locations.back().map(|l| l.segment),
+            self.hard_state_segment,
+            self.compaction_segment,
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+    }
+
     /// Records entries `first_index..` (durable at `locations`), replacing any entries
     /// from `first_index` on. `entries` are the same entries for the cache (may be
     /// empty during replay). Returns the change in cached bytes.
@@ -218,6 +230,11 @@ impl RangeLog {
 
     /// What to return for `low..high`, stopping once `max_bytes` is passed (at least
     /// one entry). The caller checks the bounds first.
+    /// Bytes the live entries take in the log (their encodings, without record headers).
+    pub fn live_bytes(&self) -> u64 {
+        self.locations.iter().map(|l| u64::from(l.len)).sum()
+    }
+
     pub fn fetch(&self, low: u64, high: u64, max_bytes: u64) -> Vec<Fetch> {
         let cache_first = self.cache.front().map_or(u64::MAX, |entry| entry.index);
         let mut out = Vec::with_capacity((high - low).min(1024) as usize);

@@ -322,6 +322,7 @@ mod conformance {
                 engine.segment_count()
             );
             assert_log(&engine, cold, 1, 3);
+            assert!(engine.stats().ranges_rewritten > 0);
             engine.compact(hot, next).unwrap();
             assert_log(&engine, hot, next, next - 1);
         }
@@ -440,6 +441,62 @@ mod conformance {
         assert!(fs.list().unwrap().iter().all(|n| n.ends_with(".rlog")));
     }
 
+    /// Past the rewrite threshold, only cold ranges move forward: ranges still writing
+    /// release the oldest segment with their own compaction, and copying their whole
+    /// live log at every rotation would stall every writer.
+    pub fn only_cold_ranges_are_rewritten(kind: &str, io: LogIo) {
+        const KEEP: u64 = 600;
+        let store = store(kind);
+        let config = LogConfig {
+            rewrite_threshold_bytes: 3 * 64 * 1024,
+            ..small_config(io)
+        };
+        let engine = open(&store, config);
+        let hot = [RangeId(1), RangeId(2)];
+        let cold = RangeId(3);
+        let mut next = 1;
+        // The busy ranges keep KEEP entries live (~100 KiB each), over the threshold;
+        // the third keeps a few.
+        for _ in 0..300 {
+            for range in hot.iter().chain([&cold]) {
+                append(&engine, *range, next, next + 4);
+                let keep = if *range == cold { 10 } else { KEEP };
+                if next > keep {
+                    engine.compact(*range, next - keep).unwrap();
+                }
+            }
+            next += 5;
+        }
+        assert!(
+            engine.segment_count() > 3,
+            "{} segments",
+            engine.segment_count()
+        );
+        assert_eq!(
+            engine.stats().ranges_rewritten,
+            0,
+            "busy ranges were rewritten"
+        );
+        // The third range goes quiet; the others go on, and it moves forward.
+        let cold_first = next - 5 - 10;
+        let cold_last = next - 1;
+        for _ in 0..300 {
+            for range in hot {
+                append(&engine, range, next, next + 4);
+                engine.compact(range, next - KEEP).unwrap();
+            }
+            next += 5;
+        }
+        assert!(
+            engine.stats().ranges_rewritten > 0,
+            "the quiet range stayed"
+        );
+        assert_log(&engine, cold, cold_first, cold_last);
+        for range in hot {
+            assert_log(&engine, range, next - 5 - KEEP, next - 1);
+        }
+    }
+
     pub fn removal_and_restart_points(kind: &str, io: LogIo) {
         let store = store(kind);
         {
@@ -534,6 +591,10 @@ mod conformance {
                     super::reused_segments_replay_cleanly($kind, $io);
                 }
                 #[test]
+                fn only_cold_ranges_are_rewritten() {
+                    super::only_cold_ranges_are_rewritten($kind, $io);
+                }
+                #[test]
                 fn removal_and_restart_points() {
                     super::removal_and_restart_points($kind, $io);
                 }
@@ -598,7 +659,7 @@ os.execv(sys.argv[1], sys.argv[1:])
         "suite under seccomp failed:\n{stdout}\n{stderr}"
     );
     assert!(
-        stdout.contains("test result: ok. 11 passed"),
+        stdout.contains("test result: ok. 12 passed"),
         "the whole auto suite ran: {stdout}"
     );
     // And io_uring really is denied there.

@@ -193,6 +193,10 @@ struct RangeView {
     last_index: u64,
 }
 
+/// Record headers, compaction point and hard state a cold range's rewrite adds to
+/// the bytes of its entries.
+const REWRITE_OVERHEAD_BYTES: u64 = 3 * format::RECORD_HEADER_BYTES as u64 + 3 * 8 + 32 + 20;
+
 /// Entries whose cache memory may be reclaimed, oldest first.
 const CACHE_QUEUE_ITEMS_MAX: usize = 65_536;
 
@@ -892,19 +896,36 @@ impl Writer {
             return Ok(());
         }
         let config = config.clone();
+        // Only cold ranges: those that wrote nothing into the segment just finished
+        // (or this new one). A range still writing releases the old segment with its
+        // next compaction; rewriting it would copy its whole live log on this thread
+        // while every writer waits (~0.5 s per rotation with 100 busy ranges of
+        // 16 KiB entries), for nothing.
+        let cold_before = self.segment.saturating_sub(1);
         let pinning: Vec<RangeId> = read(&self.shared.ranges)
             .iter()
-            .filter(|(_, log)| lock(log).pinned_segment() == Some(oldest))
+            .filter(|(_, log)| {
+                let log = lock(log);
+                log.pinned_segment() == Some(oldest)
+                    && log.newest_segment().is_some_and(|s| s < cold_before)
+            })
             .map(|(range, _)| *range)
             .collect();
         let mut requests = Vec::new();
         let mut room = config.segment_bytes.saturating_sub(self.offset + reserve);
+        let mut too_large = 0;
         for range in pinning {
             let Some(log) = self.shared.range(range) else {
                 continue;
             };
             let (truncated_index, truncated_term, hard_state, resolved) = {
                 let log = lock(&log);
+                // Judged before reading anything: a range that cannot fit is skipped
+                // without reading its entries back on the writer thread.
+                if log.live_bytes() + REWRITE_OVERHEAD_BYTES > room {
+                    too_large += 1;
+                    continue;
+                }
                 let fetches = if log.last_index() >= log.first_index() {
                     log.fetch(log.first_index(), log.last_index() + 1, u64::MAX)
                 } else {
@@ -931,7 +952,7 @@ impl Writer {
             batch.set_hard_state(range, hard_state);
             batch.append_inner(range, entries, false);
             if batch.bytes() as u64 > room {
-                tracing::warn!(%range, bytes = batch.bytes(), "range too large to rewrite into this segment");
+                too_large += 1;
                 continue;
             }
             room -= batch.bytes() as u64;
@@ -941,6 +962,13 @@ impl Writer {
                 seq: 0,
             });
         }
+        if too_large > 0 {
+            tracing::warn!(
+                segment = oldest,
+                ranges = too_large,
+                "ranges pinning the oldest log segment are too large to rewrite into the new one; it stays"
+            );
+        }
         if requests.is_empty() {
             return Ok(());
         }
@@ -949,6 +977,8 @@ impl Writer {
             ranges = requests.len(),
             "rewriting cold ranges forward"
         );
+        let rewritten = &self.shared.counters.ranges_rewritten;
+        rewritten.fetch_add(requests.len() as u64, Ordering::Relaxed);
         self.submit_admitted(requests)
     }
 

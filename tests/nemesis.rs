@@ -419,6 +419,10 @@ async fn register_and_set_workloads_under_process_and_network_faults() {
         .to_vec(),
         dir.path(),
     );
+    // Small log segments: the stores rotate, compact, delete and reuse segments all
+    // through the run, so kill -9 lands in every phase of that too.
+    let node_config = dir.path().join("node.toml");
+    std::fs::write(&node_config, "[log]\nsegment_bytes = 1048576\n").unwrap();
     let mut nodes: Vec<Proc> = (1..=NODES)
         .map(|host| {
             Proc::start(
@@ -435,6 +439,8 @@ async fn register_and_set_workloads_under_process_and_network_faults() {
                     &pd_url,
                     "--workers",
                     "1",
+                    "--config",
+                    node_config.to_str().unwrap(),
                 ]
                 .map(String::from)
                 .to_vec(),

@@ -39,17 +39,38 @@ pub(crate) struct UringBackend {
     inflight: HashMap<u64, InFlight>,
     eventfd_buf: Box<[u8; 8]>,
     eventfd_armed: Option<i32>,
+    /// Created disabled, to be enabled by the writer thread (`Backend::start`).
+    disabled: bool,
 }
 
 impl UringBackend {
+    /// Where the kernel allows (Linux 6.1+), the ring has one issuer, the writer
+    /// thread, and completions are deferred task work, run only when the writer waits
+    /// in the ring (`IORING_SETUP_DEFER_TASKRUN`) instead of interrupting it whenever an
+    /// fdatasync finishes on a kernel worker. Measured: p999 7–14 ms → 1.3–3 ms at
+    /// 100 ranges × 64 writers × 1 KiB, throughput unchanged (bench/README.md). Such a
+    /// ring is created disabled and enabled from the writer thread, its only issuer.
+    /// Older kernels (EINVAL) get a plain ring.
     pub fn new(pipeline_depth: usize) -> io::Result<Self> {
         let entries = ((2 * pipeline_depth + 2) as u32).next_power_of_two().max(8);
-        let ring = IoUring::new(entries)?;
+        let deferred = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_r_disabled()
+            .build(entries);
+        let (ring, disabled) = match deferred {
+            Ok(ring) => (ring, true),
+            Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+                (IoUring::new(entries)?, false)
+            }
+            Err(error) => return Err(error),
+        };
         Ok(UringBackend {
             ring,
             inflight: HashMap::new(),
             eventfd_buf: Box::new([0; 8]),
             eventfd_armed: None,
+            disabled,
         })
     }
 
@@ -184,6 +205,14 @@ impl UringBackend {
 }
 
 impl Backend for UringBackend {
+    fn start(&mut self) -> io::Result<()> {
+        if self.disabled {
+            self.ring.submitter().register_enable_rings()?;
+            self.disabled = false;
+        }
+        Ok(())
+    }
+
     fn name(&self) -> &'static str {
         "io_uring"
     }
@@ -325,12 +354,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fs = DiskFileSystem::open(dir.path()).unwrap();
         let file = fs.create("f", 8192).unwrap();
-        (
-            dir,
-            file,
-            UringBackend::new(2).unwrap(),
-            Waker::new().unwrap(),
-        )
+        let mut backend = UringBackend::new(2).unwrap();
+        // This thread is the writer here.
+        backend.start().unwrap();
+        (dir, file, backend, Waker::new().unwrap())
     }
 
     #[test]

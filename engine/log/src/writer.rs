@@ -97,6 +97,10 @@ pub(crate) trait Backend: Send {
     fn submit(&mut self, write: GroupWrite) -> Result<(), IoFailure>;
     /// Appends the tokens of groups now durable to `done`, waiting as asked.
     fn reap(&mut self, wait: Wait, waker: &Waker, done: &mut Vec<u64>) -> Result<(), IoFailure>;
+    /// Called on the writer thread before anything else.
+    fn start(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// `pwrite` + `fdatasync` on the writer thread: a group is durable when `submit`
@@ -397,6 +401,9 @@ impl Writer {
     }
 
     fn run_loop(&mut self) -> Result<(), LogError> {
+        self.backend
+            .start()
+            .map_err(|error| LogError::io("io_uring setup".into(), 0, error))?;
         loop {
             let mut submitted = false;
             let mut shutdown = false;

@@ -923,14 +923,17 @@ impl LogEngine {
         let result = loop {
             let epoch = shared.durable_epoch.load(Ordering::SeqCst);
             let durable = shared.durable_seq.load(Ordering::SeqCst);
-            // The slot before the watermark: a refused request's error is set before
-            // the watermark passes it.
+            // The watermark read before the slot: a refused request's error is set
+            // before the watermark passes it, so a watermark past this request, read
+            // first, means its slot is seen if it was filled. (Reading the watermark
+            // again after the slot let a refused batch through as `Ok` when it was
+            // refused and passed between the two reads.)
             if let Some(error) = slot.get() {
                 break Err(error.clone());
             }
             // A request made durable just before a later failure still succeeded.
             let failed = shared.failed.load(Ordering::SeqCst);
-            if durable >= seq || shared.durable_seq.load(Ordering::SeqCst) >= seq {
+            if durable >= seq {
                 // The writer counted this waiter as one still being woken (see
                 // `Writer::hold`).
                 if shared.notices_pending.fetch_sub(1, Ordering::SeqCst) == 1 {

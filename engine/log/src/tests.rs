@@ -1035,6 +1035,39 @@ fn a_busy_log_moves_to_a_filled_segment_before_the_first_is_full() {
     assert_log(&engine, range, 1, last);
 }
 
+/// A reader that took a segment file before GC found it dead still reads what it
+/// took: GC deletes such a file (the reader keeps its bytes) instead of keeping it for
+/// reuse, where new records would overwrite them.
+#[test]
+fn a_segment_a_reader_holds_is_deleted_not_reused() {
+    let fs = SimFileSystem::new();
+    let config = LogConfig {
+        segment_bytes: 64 * 1024,
+        cache_bytes_max: 0,
+        recycle_segments: 2,
+        ..LogConfig::default()
+    };
+    let engine = LogEngine::open(Arc::new(fs), config).unwrap();
+    let range = RangeId(1);
+    append(&engine, range, 1, 10);
+    let held = {
+        let shared = engine.shared();
+        let log = shared.range(range).unwrap();
+        let log = log.lock().unwrap();
+        shared.resolve(log.fetch(1, 11, u64::MAX))
+    };
+    // Move on, compacting, until segments are being reused.
+    let mut next = 11;
+    while engine.stats().segments_reused < 3 {
+        assert!(next < 100_000, "segments are never reused");
+        append(&engine, range, next, next + 9);
+        engine.compact(range, next).unwrap();
+        next += 10;
+    }
+    let read = engine.shared().read_resolved(held).unwrap();
+    assert_eq!(read, entries(range, 1, 10));
+}
+
 /// A log written in format version 1 (records not signed) opens and reads, and its
 /// segments are deleted once compacted, never kept for reuse: in a reused file its
 /// records would read as valid.

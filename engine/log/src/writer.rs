@@ -604,13 +604,22 @@ impl Writer {
                 return Err(error);
             }
         }
-        let mut buf = Vec::with_capacity(bytes);
+        // The first batch's own buffer becomes the group's (no copy: a lone batch, the
+        // common case of a blocking caller, is written from where it was encoded);
+        // later batches are appended to it. A batch's bytes are not needed after this.
+        let mut buf = Vec::new();
         let mut placed = Vec::with_capacity(admitted.len());
         let signature = format::record_signature(self.segment);
-        for request in admitted {
+        for mut request in admitted {
             let start = buf.len();
             let base = self.offset + start as u64;
-            buf.extend_from_slice(&request.batch.buf);
+            if start == 0 {
+                buf = std::mem::take(&mut request.batch.buf);
+                buf.reserve_exact(bytes - buf.len());
+            } else {
+                buf.extend_from_slice(&request.batch.buf);
+                request.batch.buf = Vec::new();
+            }
             format::sign_records(&mut buf[start..], signature);
             placed.push(Placed { request, base });
         }

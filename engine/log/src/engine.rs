@@ -797,6 +797,7 @@ impl LogEngine {
         let io_name = backend.name();
         tracing::info!(
             io = io_name,
+            mode = backend.mode(),
             segments = recovered.segments.len(),
             ranges = recovered.ranges.len(),
             "raft log engine opened"

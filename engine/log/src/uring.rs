@@ -41,6 +41,8 @@ pub(crate) struct UringBackend {
     eventfd_armed: Option<i32>,
     /// Created disabled, to be enabled by the writer thread (`Backend::start`).
     disabled: bool,
+    /// Completions are deferred task work run in the writer's waits (Linux 6.1+).
+    deferred: bool,
 }
 
 impl UringBackend {
@@ -71,6 +73,7 @@ impl UringBackend {
             eventfd_buf: Box::new([0; 8]),
             eventfd_armed: None,
             disabled,
+            deferred: disabled,
         })
     }
 
@@ -217,6 +220,14 @@ impl Backend for UringBackend {
         "io_uring"
     }
 
+    fn mode(&self) -> &'static str {
+        if self.deferred {
+            "single issuer, completions deferred to the writer's waits"
+        } else {
+            "plain ring (the kernel refused DEFER_TASKRUN: before Linux 6.1)"
+        }
+    }
+
     fn submit(&mut self, write: GroupWrite) -> Result<(), IoFailure> {
         let token = write.token;
         let fail = |error| IoFailure {
@@ -358,6 +369,25 @@ mod tests {
         // This thread is the writer here.
         backend.start().unwrap();
         (dir, file, backend, Waker::new().unwrap())
+    }
+
+    /// Linux 6.1 brought `IORING_SETUP_DEFER_TASKRUN`; from there on the ring must use
+    /// it (the p999 of the log bench depends on it), before it must fall back.
+    #[test]
+    fn the_ring_defers_completions_from_linux_6_1_on() {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut numbers = release.trim().split(['.', '-']).map(|n| n.parse::<u32>());
+        let version = match (numbers.next(), numbers.next()) {
+            (Some(Ok(major)), Some(Ok(minor))) => (major, minor),
+            _ => panic!("unexpected kernel release {release:?}"),
+        };
+        let backend = UringBackend::new(2).unwrap();
+        assert_eq!(backend.deferred, version >= (6, 1), "kernel {release}");
+        assert!(backend.mode().contains(if backend.deferred {
+            "deferred"
+        } else {
+            "plain"
+        }));
     }
 
     #[test]

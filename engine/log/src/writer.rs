@@ -97,6 +97,10 @@ pub(crate) trait Backend: Send {
     fn submit(&mut self, write: GroupWrite) -> Result<(), IoFailure>;
     /// Appends the tokens of groups now durable to `done`, waiting as asked.
     fn reap(&mut self, wait: Wait, waker: &Waker, done: &mut Vec<u64>) -> Result<(), IoFailure>;
+    /// How this writer runs, for the open log line (empty: nothing to add).
+    fn mode(&self) -> &'static str {
+        ""
+    }
     /// Called on the writer thread before anything else.
     fn start(&mut self) -> io::Result<()> {
         Ok(())

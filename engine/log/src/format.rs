@@ -188,6 +188,9 @@ pub fn encoded_entry_bytes(entry: &Entry) -> usize {
 /// Encodes an Entries record for `entries` (contiguous, starting at `entries[0].index`).
 /// Returns where each entry's bytes sit in `out`.
 pub fn encode_entries(out: &mut Vec<u8>, range: RangeId, entries: &[Entry]) -> Vec<EncodedEntry> {
+    // One allocation for the record, not a doubling per few entries (each one a copy
+    // of everything encoded so far).
+    out.reserve(RECORD_HEADER_BYTES + 20 + entries.iter().map(encoded_entry_bytes).sum::<usize>());
     let payload_at = begin_record(out, RecordKind::Entries);
     let first_index = entries.first().map_or(0, |e| e.index);
     out.extend_from_slice(&range.get().to_le_bytes());

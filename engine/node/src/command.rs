@@ -158,9 +158,12 @@ pub fn apply_command(
 }
 
 /// Decodes an entry's data. A committed entry that does not decode applies as
-/// nothing on every replica alike (its proposals get an error).
-pub fn decode_entry(data: &[u8]) -> Result<proto::CommandBatch, prost::DecodeError> {
-    proto::CommandBatch::decode(data)
+/// nothing on every replica alike (its proposals get an error). Decoded from the
+/// entry's own `Bytes`, so keys and values are slices of it, not copies.
+pub fn decode_entry(
+    data: &raft::eraftpb::Entry,
+) -> Result<proto::CommandBatch, prost::DecodeError> {
+    proto::CommandBatch::decode(data.data.clone())
 }
 
 pub fn encode_entry(commands: Vec<proto::Command>) -> Vec<u8> {

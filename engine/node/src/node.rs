@@ -157,6 +157,10 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Node> {
     })
     .await??;
     tracing::info!(io = log.io_backend(), "raft log open");
+    tracing::info!(
+        direct_io = state.direct_io(),
+        "state machine open (memtable flushes and compactions with O_DIRECT where the file system allows it)"
+    );
 
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;

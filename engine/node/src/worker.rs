@@ -780,7 +780,7 @@ impl Worker {
                     }
                     continue;
                 }
-                let decoded = command::decode_entry(&entry.data);
+                let decoded = command::decode_entry(&entry);
                 let commands = match decoded {
                     Ok(decoded) => decoded.commands,
                     Err(error) => {

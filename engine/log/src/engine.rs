@@ -19,10 +19,12 @@ use crate::writer::{self, Waker};
 /// How the writer does its I/O (`log.io` in the store's configuration).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogIo {
-    /// io_uring where the kernel and the sandbox allow it, else `Sync`.
+    /// io_uring where the kernel and the sandbox allow it, else `Sync`. On io_uring, a
+    /// lone group (the writer was idle, nothing in flight) is written and synced on
+    /// the writer thread, as `Sync` would; groups that overlap go through the ring.
     #[default]
     Auto,
-    /// io_uring, or fail to open.
+    /// io_uring for every group, or fail to open.
     Uring,
     /// `pwrite` + `fdatasync` from the writer thread.
     Sync,
@@ -286,6 +288,9 @@ pub struct LogStats {
     pub segments_reused: u64,
     /// Cold ranges rewritten forward (`LogConfig::rewrite_threshold_bytes`).
     pub ranges_rewritten: u64,
+    /// Groups written and synced on the writer thread rather than through io_uring
+    /// (lone groups, `log.io = auto`).
+    pub inline_groups: u64,
 }
 
 #[derive(Default)]
@@ -296,6 +301,7 @@ pub(crate) struct Counters {
     pub bytes: AtomicU64,
     pub segments_reused: AtomicU64,
     pub ranges_rewritten: AtomicU64,
+    pub inline_groups: AtomicU64,
 }
 
 pub(crate) struct Shared {
@@ -1076,6 +1082,7 @@ impl LogEngine {
             bytes: c.bytes.load(Ordering::Relaxed),
             segments_reused: c.segments_reused.load(Ordering::Relaxed),
             ranges_rewritten: c.ranges_rewritten.load(Ordering::Relaxed),
+            inline_groups: c.inline_groups.load(Ordering::Relaxed),
         }
     }
 }

@@ -627,6 +627,55 @@ fn auto_picks_io_uring_where_it_works() {
     assert_eq!(engine.io_backend(), "io_uring");
 }
 
+/// With `auto` on io_uring, a blocking caller's lone groups are written on the writer
+/// thread; with `uring`, none are; either way every append is read back after reopen.
+/// Fails if the lone path never runs (it then has no test but the conformance suite)
+/// or if `uring` stops meaning the ring for every group.
+#[test]
+fn auto_writes_lone_groups_inline_and_uring_never_does() {
+    if std::env::var("RANGEKV_EXPECT_LOG_IO").is_ok() {
+        return; // No io_uring inside the seccomp test.
+    }
+    let range = RangeId(7);
+    for io in [LogIo::Auto, LogIo::Uring] {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = || -> Arc<dyn FileSystem> { Arc::new(DiskFileSystem::open(dir.path()).unwrap()) };
+        let appends = 200;
+        {
+            let engine = LogEngine::open(fs(), small_config(io)).unwrap();
+            for index in 1..=appends {
+                append(&engine, range, index, index);
+            }
+            // A burst of callbacks: groups overlap, so the ring carries some of them.
+            append_with_callbacks(&engine, RangeId(8), 200);
+            let stats = engine.stats();
+            match io {
+                LogIo::Uring => assert_eq!(
+                    stats.inline_groups, 0,
+                    "uring: every group through the ring"
+                ),
+                _ => {
+                    assert!(
+                        stats.inline_groups > 0,
+                        "auto: a blocking caller's lone groups inline"
+                    );
+                    assert!(
+                        stats.inline_groups < stats.groups,
+                        "auto: overlapping groups through the ring"
+                    );
+                }
+            }
+        }
+        let engine = LogEngine::open(fs(), small_config(io)).unwrap();
+        let read = engine.entries(range, 1, appends + 1, None).unwrap();
+        assert_eq!(
+            read,
+            entries(range, 1, appends),
+            "{io:?}: every acknowledged append is there"
+        );
+    }
+}
+
 /// Runs the `auto` conformance suite in a child under a seccomp filter that denies
 /// the io_uring syscalls with EPERM, as Docker's default profile does: the engine must
 /// fall back to pwrite + fdatasync and pass the same suite.

@@ -174,7 +174,13 @@ async fn concurrent_requests_share_batch_messages() {
     }
     let (messages, requests) = counts(&cluster);
     let (messages, requests) = (messages - messages_before, requests - requests_before);
-    assert_eq!(requests, 500);
+    // Each put is sent at least once; a leadership change after the warm-up (seen in
+    // a loaded `make test`: 1,000 requests) sends every call again after its
+    // `NotLeader`, and the retries travel together just the same.
+    assert!(
+        requests >= 500,
+        "only {requests} requests arrived for 500 puts"
+    );
     // All 500 are queued before the sender runs; tokio's cooperative budget may cut
     // the queueing into a few rounds, but never anywhere near one message per call.
     assert!(

@@ -119,16 +119,7 @@ impl Backend for SyncBackend {
     }
 
     fn submit(&mut self, write: GroupWrite) -> Result<(), IoFailure> {
-        let fail = |error| IoFailure {
-            token: write.token,
-            offset: write.offset,
-            error,
-        };
-        write
-            .file
-            .write_all_at(&write.buf, write.offset)
-            .map_err(fail)?;
-        write.file.sync_data().map_err(fail)?;
+        write_and_sync(&write)?;
         self.done.push(write.token);
         Ok(())
     }
@@ -140,6 +131,20 @@ impl Backend for SyncBackend {
         done.append(&mut self.done);
         Ok(())
     }
+}
+
+/// `pwrite` + `fdatasync` of one group on the calling thread: the portable writer's
+/// way, and the io_uring writer's for a lone group (`Writer::write_inline`).
+fn write_and_sync(write: &GroupWrite) -> Result<(), IoFailure> {
+    write
+        .file
+        .write_all_at(&write.buf, write.offset)
+        .and_then(|()| write.file.sync_data())
+        .map_err(|error| IoFailure {
+            token: write.token,
+            offset: write.offset,
+            error,
+        })
 }
 
 fn uring_unavailable(error: &io::Error) -> bool {
@@ -689,31 +694,16 @@ impl Writer {
     /// Writes and syncs a lone group on this thread (`log.io = auto` on io_uring). A
     /// group that nothing is queued behind cannot overlap another, so the ring would
     /// only add its worker's hop (writer → io-wq → writer) to the group's latency: a
-    /// blocking caller got 0.73× of raft-engine's appends/s through the ring and ~0.95×
-    /// inline (bench/README.md). Requests arriving meanwhile find the writer busy and
+    /// blocking caller got 0.67–0.73× of raft-engine's appends/s through the ring and
+    /// 0.98× inline (bench/README.md). Requests arriving meanwhile find the writer busy and
     /// leave together in the next group, through the ring, overlapping the groups
     /// after it. Nothing else of the file is in flight (the group is the only one).
     fn write_inline(&mut self, write: GroupWrite) -> Result<(), LogError> {
-        let fail = |error| IoFailure {
-            token: write.token,
-            offset: write.offset,
-            error,
-        };
-        let written = write
-            .file
-            .write_all_at(&write.buf, write.offset)
-            .and_then(|()| write.file.sync_data());
-        match written {
-            Ok(()) => {
-                self.done.push(write.token);
-                self.shared
-                    .counters
-                    .inline_groups
-                    .fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(error) => Err(self.io_error(fail(error))),
-        }
+        write_and_sync(&write).map_err(|failure| self.io_error(failure))?;
+        self.done.push(write.token);
+        let inline = &self.shared.counters.inline_groups;
+        inline.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     fn io_error(&self, failure: IoFailure) -> LogError {

@@ -591,9 +591,7 @@ mod tests {
     fn reads_through_a_batch_see_every_write_whenever_the_index_is_built() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateMachine::open(dir.path()).unwrap();
-        let mut seed = state.batch();
-        seed.put(b"old", b"stored");
-        seed.commit().unwrap();
+        apply_at(&state, RangeId(9), &[(b"old", b"stored")], 1);
 
         // Index built by a span delete: the puts before it are in it, and the span
         // hides what is stored; a put after the span is seen.

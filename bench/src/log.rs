@@ -8,9 +8,10 @@
 //! raft log GC would, so the log stays bounded. Each engine runs the same workload in
 //! its own directory, one after another, in one invocation.
 
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -46,9 +47,12 @@ pub struct LogBenchArgs {
     pub operations: Option<u64>,
     /// Engines to run beside rangekv: raft-engine, rocksdb, rangekv-sync (rangekv with
     /// its pwrite + fdatasync writer), rangekv-async (rangekv driven by callbacks from
-    /// `--async-threads` threads, as the node drives it) and raft-engine-batched
-    /// (raft-engine driven by `--async-threads` threads, each writing all its writers'
-    /// appends as one batch per sync, as TiKV drives it), comma-separated.
+    /// `--async-threads` threads, as the node drives it), rangekv-batched and
+    /// raft-engine-batched (driven by `--async-threads` threads, each writing all its
+    /// writers' appends as one batch per sync, as TiKV drives raft-engine) and
+    /// device-floor (no engine: each driver's batch copied, written and fdatasynced on
+    /// the driver's own thread, the most any engine driven that way can do on this
+    /// disk), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "")]
     pub compare: Vec<String>,
     /// rangekv's writer: auto, uring or sync.
@@ -121,6 +125,10 @@ trait RaftLog: Sync {
     }
     /// The raft-engine under test, for the batched run.
     fn as_raft_engine(&self) -> Option<&raft_engine::Engine> {
+        None
+    }
+    /// The device floor under test, for its batched run.
+    fn as_device_floor(&self) -> Option<&DeviceFloor> {
         None
     }
     /// Background upkeep, called every `MAINTAIN_EVERY` while the engine runs.
@@ -275,6 +283,107 @@ impl RaftLog for Rocks {
     }
 }
 
+/// The device's floor: no log engine at all, only what any log must do for this load.
+/// Each driver copies its writers' appends (a 16-byte header and the payload each)
+/// into one buffer, writes it with `pwrite` at an offset of its own into a file whose
+/// blocks are all written already (as a reused segment's are), and `fdatasync`s it on
+/// its own thread. No index, no checksum, no writer thread, no wake-up: driven like the
+/// batched engines (`--async-threads` drivers, each blocking on its own write), it is
+/// an upper bound for any engine driven that way, so a target can be checked against
+/// what the disk allows. Drivers overlap their syncs (each covers its own write,
+/// finished before the sync began).
+struct DeviceFloor {
+    file: std::fs::File,
+    next_offset: Mutex<u64>,
+    syncs: AtomicU64,
+}
+
+impl DeviceFloor {
+    /// Bytes of the file, written once before the run; writes wrap around in it.
+    const FILE_BYTES: u64 = 256 << 20;
+
+    fn open(dir: &Path) -> anyhow::Result<DeviceFloor> {
+        let path = dir.join("floor.dat");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        let zeros = vec![0u8; 1 << 20];
+        for at in (0..Self::FILE_BYTES).step_by(zeros.len()) {
+            file.write_all_at(&zeros, at)?;
+        }
+        file.sync_all()?;
+        Ok(DeviceFloor {
+            file,
+            next_offset: Mutex::new(0),
+            syncs: AtomicU64::new(0),
+        })
+    }
+}
+
+impl RaftLog for DeviceFloor {
+    fn append(
+        &self,
+        range: u64,
+        entry: Entry,
+        hard_state: &HardState,
+        compact_to: Option<u64>,
+    ) -> anyhow::Result<()> {
+        let mut batch = Vec::new();
+        <Self as BatchedLog>::add(&mut batch, range, entry, hard_state, compact_to)?;
+        BatchedLog::write(self, batch)
+    }
+
+    fn as_device_floor(&self) -> Option<&DeviceFloor> {
+        Some(self)
+    }
+
+    /// One request (a driver's batch) per sync.
+    fn sync_counts(&self) -> Option<(u64, u64)> {
+        let syncs = self.syncs.load(Ordering::Relaxed);
+        Some((syncs, syncs))
+    }
+}
+
+impl BatchedLog for DeviceFloor {
+    type Batch = Vec<u8>;
+    fn add(
+        batch: &mut Self::Batch,
+        range: u64,
+        entry: Entry,
+        _hard_state: &HardState,
+        _compact_to: Option<u64>,
+    ) -> anyhow::Result<()> {
+        batch.extend_from_slice(&range.to_le_bytes());
+        batch.extend_from_slice(&entry.index.to_le_bytes());
+        batch.extend_from_slice(&entry.data);
+        Ok(())
+    }
+    fn write(&self, batch: Self::Batch) -> anyhow::Result<()> {
+        let len = batch.len() as u64;
+        anyhow::ensure!(len <= Self::FILE_BYTES, "a batch of {len} bytes");
+        let offset = {
+            let mut next = self
+                .next_offset
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if *next + len > Self::FILE_BYTES {
+                *next = 0;
+            }
+            let offset = *next;
+            *next += len;
+            offset
+        };
+        self.file.write_all_at(&batch, offset)?;
+        self.file.sync_data()?;
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 fn open_engine(name: &str, dir: &Path, args: &LogBenchArgs) -> anyhow::Result<Box<dyn RaftLog>> {
     std::fs::create_dir_all(dir)?;
     Ok(match name {
@@ -308,6 +417,7 @@ fn open_engine(name: &str, dir: &Path, args: &LogBenchArgs) -> anyhow::Result<Bo
             };
             Box::new(RaftEngine(raft_engine::Engine::open(config)?))
         }
+        "device-floor" => Box::new(DeviceFloor::open(dir)?),
         "rocksdb" => {
             let mut options = rocksdb::Options::default();
             options.create_if_missing(true);
@@ -639,16 +749,21 @@ fn run_engine(
             stop.store(true, Ordering::Relaxed);
         }
     };
-    let histograms = match (engine.as_rangekv(), engine.as_raft_engine()) {
-        (Some(log), _) if name == "rangekv-async" => {
+    let histograms = match (
+        engine.as_rangekv(),
+        engine.as_raft_engine(),
+        engine.as_device_floor(),
+    ) {
+        (Some(log), _, _) if name == "rangekv-async" => {
             drive_with_callbacks(log, args, &payloads, &stop, until_deadline)
         }
-        (Some(log), _) if name == "rangekv-batched" => {
+        (Some(log), _, _) if name == "rangekv-batched" => {
             drive_batched(log, args, &payloads, &stop, until_deadline)
         }
-        (_, Some(raft_engine)) if name == "raft-engine-batched" => {
+        (_, Some(raft_engine), _) if name == "raft-engine-batched" => {
             drive_batched(raft_engine, args, &payloads, &stop, until_deadline)
         }
+        (_, _, Some(floor)) => drive_batched(floor, args, &payloads, &stop, until_deadline),
         _ => drive_with_threads(engine, args, &payloads, &stop, until_deadline),
     };
     let seconds = started.elapsed().as_secs_f64();
@@ -660,6 +775,14 @@ fn run_engine(
         operations += done;
     }
     let latency = Latency::from_histogram(&total);
+    if let Some(log) = engine.as_rangekv() {
+        let stats = log.stats();
+        eprintln!(
+            "{name}: {} groups, {} written on the writer thread ({} overlapped by \
+             another request), {} segments reused",
+            stats.groups, stats.inline_groups, stats.inline_overlaps, stats.segments_reused
+        );
+    }
     let after = engine.sync_counts();
     let (syncs_per_sec, mean_group_size) = match (before, after) {
         (Some((s0, r0)), Some((s1, r1))) if s1 > s0 => (
@@ -686,13 +809,14 @@ fn run_engine(
 }
 
 /// What `--compare` takes.
-const ENGINES: [&str; 6] = [
+const ENGINES: [&str; 7] = [
     "raft-engine",
     "rangekv-batched",
     "raft-engine-batched",
     "rocksdb",
     "rangekv-sync",
     "rangekv-async",
+    "device-floor",
 ];
 
 /// Runs the benchmark; prints the table and, if asked, writes the JSON report.
@@ -786,6 +910,7 @@ mod tests {
                 "rocksdb".into(),
                 "rangekv-async".into(),
                 "raft-engine-batched".into(),
+                "device-floor".into(),
             ],
             io: "auto".into(),
             async_threads: 2,
@@ -804,7 +929,8 @@ mod tests {
                 "raft-engine",
                 "rocksdb",
                 "rangekv-async",
-                "raft-engine-batched"
+                "raft-engine-batched",
+                "device-floor"
             ]
         );
         for result in &report.results {

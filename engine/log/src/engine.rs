@@ -291,6 +291,9 @@ pub struct LogStats {
     /// Groups written and synced on the writer thread rather than through io_uring
     /// (lone groups, `log.io = auto`).
     pub inline_groups: u64,
+    /// Inline groups during which another request arrived; each sends the next lone
+    /// groups through the ring for a while.
+    pub inline_overlaps: u64,
 }
 
 #[derive(Default)]
@@ -302,6 +305,7 @@ pub(crate) struct Counters {
     pub segments_reused: AtomicU64,
     pub ranges_rewritten: AtomicU64,
     pub inline_groups: AtomicU64,
+    pub inline_overlaps: AtomicU64,
 }
 
 pub(crate) struct Shared {
@@ -1083,6 +1087,7 @@ impl LogEngine {
             segments_reused: c.segments_reused.load(Ordering::Relaxed),
             ranges_rewritten: c.ranges_rewritten.load(Ordering::Relaxed),
             inline_groups: c.inline_groups.load(Ordering::Relaxed),
+            inline_overlaps: c.inline_overlaps.load(Ordering::Relaxed),
         }
     }
 }

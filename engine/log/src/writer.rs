@@ -217,6 +217,39 @@ const CACHE_QUEUE_ITEMS_MAX: usize = 65_536;
 /// many and none is pending on the completion thread.
 const INLINE_COMPLETIONS_MAX: usize = 4;
 
+/// Lone groups that go through the ring after a request arrived while a lone group was
+/// written on the writer thread (another producer is at work: the inline write made it
+/// wait out a whole sync that the ring would have overlapped). Then the next lone
+/// group is tried inline again.
+const RING_LONE_GROUPS_AFTER_OVERLAP: u32 = 64;
+
+/// Which lone groups `log.io = auto` writes on the writer thread (see
+/// `Writer::write_inline`): every one, until a request arrives while one is being
+/// written; then the next `RING_LONE_GROUPS_AFTER_OVERLAP` go through the ring.
+/// Two blocking callers (two drivers of the log bench, two raft workers) otherwise
+/// take turns waiting out each other's inline sync: 2 drivers, 3 interleaved rounds,
+/// 190–258k → 271–302k appends/s (bench/README.md).
+#[derive(Debug, Default)]
+struct LonePolicy {
+    ring_left: u32,
+}
+
+impl LonePolicy {
+    /// Whether this lone group is written inline.
+    fn inline(&mut self) -> bool {
+        if self.ring_left == 0 {
+            return true;
+        }
+        self.ring_left -= 1;
+        false
+    }
+
+    /// A request arrived while a lone group was written inline.
+    fn overlapped(&mut self) {
+        self.ring_left = RING_LONE_GROUPS_AFTER_OVERLAP;
+    }
+}
+
 pub(crate) use crate::format::INDEX_MAX;
 
 pub(crate) struct Writer {
@@ -254,6 +287,8 @@ pub(crate) struct Writer {
     /// The writer slept for want of requests, with nothing in flight, since it last
     /// submitted a group: the next group is lone (nobody is producing behind it).
     idle_since_group: bool,
+    /// Which lone groups go inline.
+    lone_policy: LonePolicy,
 }
 
 /// Callbacks to run, in order, with their results.
@@ -320,6 +355,7 @@ impl Writer {
             last_group_requests: 0,
             inline_lone_groups: shared.config.io == LogIo::Auto && backend.name() == "io_uring",
             idle_since_group: false,
+            lone_policy: LonePolicy::default(),
             shared,
             backend,
             segment: first_segment,
@@ -683,7 +719,7 @@ impl Writer {
         };
         let lone = self.inline_lone_groups && self.idle_since_group && self.inflight.len() == 1;
         self.idle_since_group = false;
-        if lone {
+        if lone && self.lone_policy.inline() {
             return self.write_inline(write);
         }
         self.backend
@@ -697,12 +733,17 @@ impl Writer {
     /// blocking caller got 0.67–0.73× of raft-engine's appends/s through the ring and
     /// 0.98× inline (bench/README.md). Requests arriving meanwhile find the writer busy and
     /// leave together in the next group, through the ring, overlapping the groups
-    /// after it. Nothing else of the file is in flight (the group is the only one).
+    /// after it, and tell `LonePolicy` that another producer is at work. Nothing else of
+    /// the file is in flight (the group is the only one).
     fn write_inline(&mut self, write: GroupWrite) -> Result<(), LogError> {
         write_and_sync(&write).map_err(|failure| self.io_error(failure))?;
         self.done.push(write.token);
-        let inline = &self.shared.counters.inline_groups;
-        inline.fetch_add(1, Ordering::Relaxed);
+        let counters = &self.shared.counters;
+        counters.inline_groups.fetch_add(1, Ordering::Relaxed);
+        if !lock(&self.shared.queue).requests.is_empty() {
+            self.lone_policy.overlapped();
+            counters.inline_overlaps.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -1328,5 +1369,18 @@ mod tests {
         let cancelled = AtomicBool::new(true);
         let refused = prepare_segment(&fs, 8, bytes, Some(&cancelled));
         assert!(matches!(refused, Err(LogError::Stopped(_))));
+    }
+
+    #[test]
+    fn lone_groups_go_inline_until_another_producer_overlaps_one() {
+        let mut policy = LonePolicy::default();
+        assert!((0..1000).all(|_| policy.inline()), "no overlap: all inline");
+        policy.overlapped();
+        for n in 0..RING_LONE_GROUPS_AFTER_OVERLAP {
+            assert!(!policy.inline(), "lone group {n} after an overlap: ring");
+        }
+        assert!(policy.inline(), "then inline is tried again");
+        policy.overlapped();
+        assert!(!policy.inline(), "a new overlap: ring again");
     }
 }

@@ -22,7 +22,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] && echo "" || (command -v sudo >/dev/null 2>
 help:
 	@echo "make run        build release and run a local cluster (PD + 3 nodes) until Ctrl-C"
 	@echo "make test       formatting, clippy and the whole test suite"
-	@echo "make bench-log  the raft log engine beside raft-engine and RocksDB"
+	@echo "make bench-log  the raft log engine beside raft-engine, RocksDB and the device floor"
 	@echo "make fuzz-smoke every fuzz target for FUZZ_SECONDS (fuzz/README.md)"
 	@echo "make nemesis    the fault test for NEMESIS_SECS (default 1800), report in nemesis.json"
 	@echo "make sim        the seeded raft simulation (SEED=n replays one seed, SIM_SEEDS=k runs k)"
@@ -100,4 +100,4 @@ run: release
 	$(CARGO_TARGET_DIR)/release/rangekv local --dir rangekv-local --demo-records 100000 --demo-seconds 15
 
 bench-log: release
-	$(CARGO_TARGET_DIR)/release/rangekv bench log --ranges 100 --writers 64 --entry-bytes 1024 --seconds 5 --compare raft-engine,rocksdb
+	$(CARGO_TARGET_DIR)/release/rangekv bench log --ranges 100 --writers 64 --entry-bytes 1024 --seconds 5 --compare raft-engine,rocksdb,raft-engine-batched,rangekv-batched,device-floor

@@ -52,7 +52,8 @@ pub struct LogBenchArgs {
     /// writers' appends as one batch per sync, as TiKV drives raft-engine) and
     /// device-floor (no engine: each driver's batch copied, written and fdatasynced on
     /// the driver's own thread, the most any engine driven that way can do on this
-    /// disk), comma-separated.
+    /// disk) and device-floor-encoded (the same with the batch encoded as rangekv's
+    /// LogBatch), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "")]
     pub compare: Vec<String>,
     /// rangekv's writer: auto, uring or sync.
@@ -129,6 +130,10 @@ trait RaftLog: Sync {
     }
     /// The device floor under test, for its batched run.
     fn as_device_floor(&self) -> Option<&DeviceFloor> {
+        None
+    }
+    /// The encoded device floor under test, for its batched run.
+    fn as_encoded_floor(&self) -> Option<&EncodedFloor> {
         None
     }
     /// Background upkeep, called every `MAINTAIN_EVERY` while the engine runs.
@@ -363,6 +368,13 @@ impl BatchedLog for DeviceFloor {
         Ok(())
     }
     fn write(&self, batch: Self::Batch) -> anyhow::Result<()> {
+        self.write_bytes(&batch)
+    }
+}
+
+impl DeviceFloor {
+    /// Writes `batch` at an offset of its own and syncs it, on this thread.
+    fn write_bytes(&self, batch: &[u8]) -> anyhow::Result<()> {
         let len = batch.len() as u64;
         anyhow::ensure!(len <= Self::FILE_BYTES, "a batch of {len} bytes");
         let offset = {
@@ -377,10 +389,56 @@ impl BatchedLog for DeviceFloor {
             *next += len;
             offset
         };
-        self.file.write_all_at(&batch, offset)?;
+        self.file.write_all_at(batch, offset)?;
         self.file.sync_data()?;
         self.syncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// `device-floor-encoded`: the floor's I/O (each driver writes and syncs its own batch
+/// on its own thread), with the batch built as rangekv's `LogBatch` (framing, checksums,
+/// hard states) and its encoded records written: what rangekv's encoding adds to the
+/// floor, and so what an engine could reach that keeps the encoding but lets the thread
+/// that forms a group write and sync it (an index update and completion in log order
+/// would still come on top).
+struct EncodedFloor(DeviceFloor);
+
+impl RaftLog for EncodedFloor {
+    fn append(
+        &self,
+        range: u64,
+        entry: Entry,
+        hard_state: &HardState,
+        compact_to: Option<u64>,
+    ) -> anyhow::Result<()> {
+        let batch = rangekv_batch(range, entry, hard_state, compact_to);
+        BatchedLog::write(self, batch)
+    }
+
+    fn as_encoded_floor(&self) -> Option<&EncodedFloor> {
+        Some(self)
+    }
+
+    fn sync_counts(&self) -> Option<(u64, u64)> {
+        self.0.sync_counts()
+    }
+}
+
+impl BatchedLog for EncodedFloor {
+    type Batch = LogBatch;
+    fn add(
+        batch: &mut Self::Batch,
+        range: u64,
+        entry: Entry,
+        hard_state: &HardState,
+        compact_to: Option<u64>,
+    ) -> anyhow::Result<()> {
+        rangekv_add(batch, range, entry, hard_state, compact_to);
+        Ok(())
+    }
+    fn write(&self, batch: Self::Batch) -> anyhow::Result<()> {
+        self.0.write_bytes(batch.encoded())
     }
 }
 
@@ -418,6 +476,7 @@ fn open_engine(name: &str, dir: &Path, args: &LogBenchArgs) -> anyhow::Result<Bo
             Box::new(RaftEngine(raft_engine::Engine::open(config)?))
         }
         "device-floor" => Box::new(DeviceFloor::open(dir)?),
+        "device-floor-encoded" => Box::new(EncodedFloor(DeviceFloor::open(dir)?)),
         "rocksdb" => {
             let mut options = rocksdb::Options::default();
             options.create_if_missing(true);
@@ -749,22 +808,23 @@ fn run_engine(
             stop.store(true, Ordering::Relaxed);
         }
     };
-    let histograms = match (
-        engine.as_rangekv(),
-        engine.as_raft_engine(),
-        engine.as_device_floor(),
-    ) {
-        (Some(log), _, _) if name == "rangekv-async" => {
-            drive_with_callbacks(log, args, &payloads, &stop, until_deadline)
+    let histograms = if let Some(floor) = engine.as_device_floor() {
+        drive_batched(floor, args, &payloads, &stop, until_deadline)
+    } else if let Some(floor) = engine.as_encoded_floor() {
+        drive_batched(floor, args, &payloads, &stop, until_deadline)
+    } else {
+        match (engine.as_rangekv(), engine.as_raft_engine()) {
+            (Some(log), _) if name == "rangekv-async" => {
+                drive_with_callbacks(log, args, &payloads, &stop, until_deadline)
+            }
+            (Some(log), _) if name == "rangekv-batched" => {
+                drive_batched(log, args, &payloads, &stop, until_deadline)
+            }
+            (_, Some(raft_engine)) if name == "raft-engine-batched" => {
+                drive_batched(raft_engine, args, &payloads, &stop, until_deadline)
+            }
+            _ => drive_with_threads(engine, args, &payloads, &stop, until_deadline),
         }
-        (Some(log), _, _) if name == "rangekv-batched" => {
-            drive_batched(log, args, &payloads, &stop, until_deadline)
-        }
-        (_, Some(raft_engine), _) if name == "raft-engine-batched" => {
-            drive_batched(raft_engine, args, &payloads, &stop, until_deadline)
-        }
-        (_, _, Some(floor)) => drive_batched(floor, args, &payloads, &stop, until_deadline),
-        _ => drive_with_threads(engine, args, &payloads, &stop, until_deadline),
     };
     let seconds = started.elapsed().as_secs_f64();
     let mut total = latency_histogram();
@@ -809,7 +869,7 @@ fn run_engine(
 }
 
 /// What `--compare` takes.
-const ENGINES: [&str; 7] = [
+const ENGINES: [&str; 8] = [
     "raft-engine",
     "rangekv-batched",
     "raft-engine-batched",
@@ -817,6 +877,7 @@ const ENGINES: [&str; 7] = [
     "rangekv-sync",
     "rangekv-async",
     "device-floor",
+    "device-floor-encoded",
 ];
 
 /// Runs the benchmark; prints the table and, if asked, writes the JSON report.
@@ -911,6 +972,7 @@ mod tests {
                 "rangekv-async".into(),
                 "raft-engine-batched".into(),
                 "device-floor".into(),
+                "device-floor-encoded".into(),
             ],
             io: "auto".into(),
             async_threads: 2,
@@ -930,7 +992,8 @@ mod tests {
                 "rocksdb",
                 "rangekv-async",
                 "raft-engine-batched",
-                "device-floor"
+                "device-floor",
+                "device-floor-encoded"
             ]
         );
         for result in &report.results {

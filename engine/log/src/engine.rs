@@ -246,6 +246,12 @@ impl LogBatch {
     pub fn bytes(&self) -> usize {
         self.buf.len()
     }
+
+    /// The encoded records, not yet signed (the writer signs them for their segment):
+    /// for the log bench's `device-floor-encoded`, which writes them the floor's way.
+    pub fn encoded(&self) -> &[u8] {
+        &self.buf
+    }
 }
 
 /// Called once when a batch is durable (or failed).

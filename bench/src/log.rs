@@ -838,9 +838,13 @@ fn run_engine(
     if let Some(log) = engine.as_rangekv() {
         let stats = log.stats();
         eprintln!(
-            "{name}: {} groups, {} written on the writer thread ({} overlapped by \
-             another request), {} segments reused",
-            stats.groups, stats.inline_groups, stats.inline_overlaps, stats.segments_reused
+            "{name}: {} groups, {} written by a blocking caller, {} on the writer thread \
+             ({} overlapped by another request), {} segments reused",
+            stats.groups,
+            stats.caller_groups,
+            stats.inline_groups,
+            stats.inline_overlaps,
+            stats.segments_reused
         );
     }
     let after = engine.sync_counts();

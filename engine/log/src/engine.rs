@@ -22,11 +22,14 @@ pub enum LogIo {
     /// io_uring where the kernel and the sandbox allow it, else `Sync`. On io_uring, a
     /// lone group (the writer was idle, nothing in flight) is written and synced on
     /// the writer thread, as `Sync` would; groups that overlap go through the ring.
+    /// A `write_sync` caller writes and syncs its own group (caller-runs mode, see
+    /// `writer::lead`).
     #[default]
     Auto,
     /// io_uring for every group, or fail to open.
     Uring,
-    /// `pwrite` + `fdatasync` from the writer thread.
+    /// `pwrite` + `fdatasync` from the writer thread, and, as in `Auto`, from each
+    /// `write_sync` caller for its own group.
     Sync,
 }
 
@@ -89,6 +92,12 @@ impl Default for LogConfig {
 }
 
 impl LogConfig {
+    /// Whether `write_sync` callers write and sync their own groups (`writer::lead`):
+    /// all but `log.io = uring`, which sends every group through the ring.
+    pub fn caller_runs(&self) -> bool {
+        self.io != LogIo::Uring
+    }
+
     /// The largest batch one write accepts: what fits in a segment after its header.
     pub fn batch_bytes_max(&self) -> usize {
         (self.segment_bytes - format::SEGMENT_HEADER_BYTES) as usize
@@ -279,6 +288,9 @@ pub(crate) struct Queue {
     pub requests: VecDeque<Request>,
     pub bytes: usize,
     pub shutdown: bool,
+    /// Queued requests with a callback (`Done::Call`): in caller-runs mode, the writer
+    /// thread forms a group only for them.
+    pub calls: usize,
     /// The last sequence number given to a request.
     pub last_seq: u64,
 }
@@ -300,6 +312,8 @@ pub struct LogStats {
     /// Inline groups during which another request arrived; each sends the next lone
     /// groups through the ring for a while.
     pub inline_overlaps: u64,
+    /// Groups written and synced by a `write_sync` caller (caller-runs mode).
+    pub caller_groups: u64,
 }
 
 #[derive(Default)]
@@ -312,6 +326,7 @@ pub(crate) struct Counters {
     pub ranges_rewritten: AtomicU64,
     pub inline_groups: AtomicU64,
     pub inline_overlaps: AtomicU64,
+    pub caller_groups: AtomicU64,
 }
 
 pub(crate) struct Shared {
@@ -343,6 +358,12 @@ pub(crate) struct Shared {
     pub durable_epoch: AtomicU32,
     /// Threads inside `write_sync`'s wait: the broadcast is skipped when there are none.
     pub sync_waiters: std::sync::atomic::AtomicUsize,
+    /// Every request with a sequence number up to this one has left the queue (is in
+    /// a group, or was refused): its `write_sync` caller only waits.
+    pub taken_seq: AtomicU64,
+    /// A `write_sync` caller held its group back (see `Writer::hold`) and waits to
+    /// be woken when the last group's waiters have all been told.
+    pub caller_held: AtomicBool,
     /// The threads that run completions: the completion thread and the writer.
     pub completion_thread: std::sync::OnceLock<std::thread::ThreadId>,
     pub writer_thread: std::sync::OnceLock<std::thread::ThreadId>,
@@ -396,6 +417,18 @@ impl Shared {
             return log;
         }
         write(&self.ranges).entry(range).or_default().clone()
+    }
+
+    /// One notice counted in `notices_pending` was delivered. The last one ends a
+    /// writer's or caller's hold (see `Writer::hold`): wake whoever held.
+    pub fn notice_delivered(&self) {
+        if self.notices_pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.waker.wake_if_sleeping();
+            if self.caller_held.swap(false, Ordering::SeqCst) {
+                self.durable_epoch.fetch_add(1, Ordering::SeqCst);
+                atomic_wait::wake_all(&self.durable_epoch);
+            }
+        }
     }
 
     pub fn on_completion_thread(&self) -> bool {
@@ -548,6 +581,8 @@ impl Shared {
 
 struct Handle {
     shared: Arc<Shared>,
+    /// The write state, shared by the writer thread and `write_sync` callers.
+    core: Arc<Mutex<writer::Writer>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     io_name: &'static str,
 }
@@ -839,16 +874,22 @@ impl LogEngine {
             durable_seq: AtomicU64::new(0),
             durable_epoch: AtomicU32::new(0),
             sync_waiters: std::sync::atomic::AtomicUsize::new(0),
+            taken_seq: AtomicU64::new(0),
+            caller_held: AtomicBool::new(false),
             wake_at_queued: std::sync::atomic::AtomicUsize::new(1),
         });
-        let writer = writer::Writer::start(shared.clone(), backend, recovered.next_sequence)?;
+        let writer =
+            writer::Writer::start(shared.clone(), backend.as_ref(), recovered.next_sequence)?;
+        let core = Arc::new(Mutex::new(writer));
+        let thread_core = core.clone();
         let thread = std::thread::Builder::new()
             .name("rangekv-log-writer".into())
-            .spawn(move || writer.run())
+            .spawn(move || writer::run(thread_core, backend))
             .map_err(|e| LogError::io("writer thread".into(), 0, e))?;
         Ok(LogEngine {
             handle: Arc::new(Handle {
                 shared,
+                core,
                 writer: Mutex::new(Some(thread)),
                 io_name,
             }),
@@ -902,7 +943,12 @@ impl LogEngine {
             drop(queue);
             return Err((done, shared.failure()));
         }
+        // In caller-runs mode a `write_sync` caller writes its own group: the writer
+        // thread is not woken for it.
+        let call = matches!(done, Done::Call(_));
+        let wake = call || !shared.config.caller_runs();
         queue.bytes += batch.bytes();
+        queue.calls += usize::from(call);
         queue.last_seq += 1;
         let seq = queue.last_seq;
         queue.requests.push_back(Request { batch, done, seq });
@@ -910,7 +956,7 @@ impl LogEngine {
         drop(queue);
         // While the writer holds a group back it wants waking only once enough
         // requests are queued (see `Writer::hold`), not once per request.
-        if queued >= shared.wake_at_queued.load(Ordering::SeqCst) {
+        if wake && queued >= shared.wake_at_queued.load(Ordering::SeqCst) {
             shared.waker.wake_if_sleeping();
         }
         Ok(seq)
@@ -953,13 +999,20 @@ impl LogEngine {
             if durable >= seq {
                 // The writer counted this waiter as one still being woken (see
                 // `Writer::hold`).
-                if shared.notices_pending.fetch_sub(1, Ordering::SeqCst) == 1 {
-                    shared.waker.wake_if_sleeping();
-                }
+                shared.notice_delivered();
                 break Ok(());
             }
             if failed {
                 break Err(shared.failure());
+            }
+            // While this request is queued, write a group of it and what is queued
+            // with it here (unless another caller or the writer does first), or wait
+            // for the next completion and look again.
+            if shared.config.caller_runs()
+                && seq > shared.taken_seq.load(Ordering::SeqCst)
+                && writer::lead(&self.handle.core)
+            {
+                continue;
             }
             atomic_wait::wait(&shared.durable_epoch, epoch);
         };
@@ -1094,6 +1147,7 @@ impl LogEngine {
             ranges_rewritten: c.ranges_rewritten.load(Ordering::Relaxed),
             inline_groups: c.inline_groups.load(Ordering::Relaxed),
             inline_overlaps: c.inline_overlaps.load(Ordering::Relaxed),
+            caller_groups: c.caller_groups.load(Ordering::Relaxed),
         }
     }
 }

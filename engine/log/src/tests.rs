@@ -627,52 +627,77 @@ fn auto_picks_io_uring_where_it_works() {
     assert_eq!(engine.io_backend(), "io_uring");
 }
 
-/// With `auto` on io_uring, a blocking caller's lone groups are written on the writer
-/// thread; with `uring`, none are; either way every append is read back after reopen.
-/// Fails if the lone path never runs (it then has no test but the conformance suite)
-/// or if `uring` stops meaning the ring for every group.
+/// With `auto` or `sync`, a blocking caller writes and syncs its own group on its own
+/// thread (caller-runs), and with `auto` on io_uring a lone group of callbacks is
+/// written on the writer thread; with `uring`, every group goes through the ring.
+/// Either way every append is read back after reopen. Fails if a path never runs (it
+/// then has no test but the conformance suite) or if `uring` stops meaning the ring
+/// for every group.
 #[test]
-fn auto_writes_lone_groups_inline_and_uring_never_does() {
+fn blocking_callers_write_their_own_groups_and_uring_sends_all_through_the_ring() {
     if std::env::var("RANGEKV_EXPECT_LOG_IO").is_ok() {
         return; // No io_uring inside the seccomp test.
     }
     let range = RangeId(7);
-    for io in [LogIo::Auto, LogIo::Uring] {
+    for io in [LogIo::Auto, LogIo::Sync, LogIo::Uring] {
         let dir = tempfile::tempdir().unwrap();
         let fs = || -> Arc<dyn FileSystem> { Arc::new(DiskFileSystem::open(dir.path()).unwrap()) };
         let appends = 200;
         {
             let engine = LogEngine::open(fs(), small_config(io)).unwrap();
-            for index in 1..=appends {
-                append(&engine, range, index, index);
-            }
-            // A burst of callbacks: groups overlap, so the ring carries some of them.
+            // Two blocking callers at once: their groups may overlap.
+            std::thread::scope(|scope| {
+                let engine = &engine;
+                scope.spawn(move || {
+                    for index in 1..=appends {
+                        append(engine, range, index, index);
+                    }
+                });
+                scope.spawn(move || {
+                    for index in 1..=appends {
+                        append(engine, RangeId(9), index, index);
+                    }
+                });
+            });
+            let blocking = engine.stats();
+            // A burst of callbacks: the writer thread's groups, the first one lone.
             append_with_callbacks(&engine, RangeId(8), 200);
             let stats = engine.stats();
             match io {
-                LogIo::Uring => assert_eq!(
-                    stats.inline_groups, 0,
-                    "uring: every group through the ring"
-                ),
+                LogIo::Uring => {
+                    assert_eq!(stats.caller_groups, 0, "uring: no caller writes");
+                    assert_eq!(
+                        stats.inline_groups, 0,
+                        "uring: every group through the ring"
+                    );
+                }
                 _ => {
+                    // The writer thread forms a blocking caller's group only to start
+                    // a new segment (at most one per rotation of these 64 KiB ones).
                     assert!(
-                        stats.inline_groups > 0,
-                        "auto: a blocking caller's lone groups inline"
+                        blocking.caller_groups * 2 > blocking.groups,
+                        "{io:?}: blocking callers write their own groups: {blocking:?}"
                     );
-                    assert!(
-                        stats.inline_groups < stats.groups,
-                        "auto: overlapping groups through the ring"
-                    );
+                    if io == LogIo::Auto {
+                        assert!(stats.inline_groups > 0, "auto: a lone group inline");
+                        assert!(
+                            stats.inline_groups + stats.caller_groups < stats.groups,
+                            "auto: overlapping groups through the ring: {stats:?}"
+                        );
+                    }
                 }
             }
         }
         let engine = LogEngine::open(fs(), small_config(io)).unwrap();
-        let read = engine.entries(range, 1, appends + 1, None).unwrap();
-        assert_eq!(
-            read,
-            entries(range, 1, appends),
-            "{io:?}: every acknowledged append is there"
-        );
+        for range in [range, RangeId(9)] {
+            let read = engine.entries(range, 1, appends + 1, None).unwrap();
+            assert_eq!(
+                read,
+                entries(range, 1, appends),
+                "{io:?}: every acknowledged append is there"
+            );
+        }
+        assert_log(&engine, RangeId(8), 1, 200);
     }
 }
 

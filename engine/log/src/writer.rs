@@ -7,7 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 
 use rangekv_types::RangeId;
 
@@ -252,9 +252,13 @@ impl LonePolicy {
 
 pub(crate) use crate::format::INDEX_MAX;
 
+/// The log's write state: the segment being written, the groups in flight, what the
+/// writer knows of each range, the cache's accounting. The writer thread and, in
+/// caller-runs mode, threads in `write_sync` (see `lead`) share it behind one mutex;
+/// groups are formed and completed under the lock, and written and synced outside it,
+/// so the syncs of several groups overlap.
 pub(crate) struct Writer {
     shared: Arc<Shared>,
-    backend: Box<dyn Backend>,
     segment: u64,
     file: Arc<dyn SegmentFile>,
     offset: u64,
@@ -263,7 +267,6 @@ pub(crate) struct Writer {
     views: HashMap<RangeId, RangeView>,
     cache_queue: VecDeque<(RangeId, u64)>,
     cache_bytes: isize,
-    done: Vec<u64>,
     /// The next segment, being prepared in the background.
     prepared: Option<Prepared>,
     /// Whether the blocks of the segment being written are all written already: it was
@@ -279,16 +282,20 @@ pub(crate) struct Writer {
     /// next group while the waiters of the last one are being woken.
     completions: Option<mpsc::Sender<Notice>>,
     completion_thread: Option<std::thread::JoinHandle<()>>,
-    /// Requests in the last group submitted (see `hold`).
+    /// Requests in the last group formed (see `hold`).
     last_group_requests: usize,
-    /// `log.io = auto` on io_uring: a lone group is written and synced on this thread
-    /// (see `submit_admitted`).
+    /// `log.io = auto` on io_uring: a lone group is written and synced by the writer
+    /// thread itself (see `run_loop`).
     inline_lone_groups: bool,
     /// The writer slept for want of requests, with nothing in flight, since it last
-    /// submitted a group: the next group is lone (nobody is producing behind it).
+    /// formed a group: the next group is lone (nobody is producing behind it).
     idle_since_group: bool,
     /// Which lone groups go inline.
     lone_policy: LonePolicy,
+    /// Admitted requests that start a new segment, which waits until every group in
+    /// flight is durable (no segment but the newest may end in a torn record). They
+    /// are the next group, formed by whoever forms one once nothing is in flight.
+    stalled: Option<Vec<Request>>,
 }
 
 /// Callbacks to run, in order, with their results.
@@ -310,19 +317,198 @@ fn spawn_completion_thread(
                 for (done, result) in notice {
                     done(result);
                 }
-                if shared.notices_pending.fetch_sub(1, Ordering::SeqCst) == 1 {
-                    shared.waker.wake_if_sleeping();
-                }
+                shared.notice_delivered();
             }
         })
         .map_err(|e| LogError::io("completion thread".into(), 0, e))?;
     Ok((sender, thread))
 }
 
+/// The writer thread: forms groups of queued requests, sends them through `backend`
+/// (or writes a lone one itself) and completes them when they are durable. Stops the
+/// engine on the first failure.
+pub(crate) fn run(core: Arc<Mutex<Writer>>, mut backend: Box<dyn Backend>) {
+    let shared = lock(&core).shared.clone();
+    let _ = shared.writer_thread.set(std::thread::current().id());
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_loop(&core, &shared, backend.as_mut())
+    }));
+    let mut writer = lock(&core);
+    // Stop the segment being prepared, so no thread outlives the engine (its
+    // temporary file is deleted at the next open).
+    if let Some(prepared) = writer.prepared.take() {
+        prepared.cancel.store(true, Ordering::Relaxed);
+        let _ = prepared.thread.join();
+    }
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => writer.fail(error),
+        // A broken invariant: stop cleanly rather than leave callers waiting on a
+        // dead thread.
+        Err(_) => writer.fail(LogError::Stopped("the log writer thread panicked".into())),
+    }
+    // Every completion has run once the engine's last handle is dropped.
+    let completions = writer.completions.take();
+    let completion_thread = writer.completion_thread.take();
+    drop(writer);
+    drop(completions);
+    if let Some(thread) = completion_thread {
+        let _ = thread.join();
+    }
+}
+
+fn run_loop(
+    core: &Mutex<Writer>,
+    shared: &Shared,
+    backend: &mut dyn Backend,
+) -> Result<(), LogError> {
+    backend
+        .start()
+        .map_err(|error| LogError::io("io_uring setup".into(), 0, error))?;
+    let depth = shared.config.pipeline_depth;
+    let mut done = Vec::new();
+    // Groups sent through `backend` and not reaped yet.
+    let mut in_backend = 0usize;
+    loop {
+        let mut writer = lock(core);
+        if shared.failed.load(Ordering::SeqCst) {
+            // A caller's write failed and stopped the engine (`Writer::fail` ran).
+            return Ok(());
+        }
+        if writer.can_form() {
+            if let Some(write) = writer.next_group()? {
+                let lone = writer.inline_lone_groups
+                    && writer.idle_since_group
+                    && writer.inflight.len() == 1;
+                writer.idle_since_group = false;
+                if lone && writer.lone_policy.inline() {
+                    drop(writer);
+                    let written = write_and_sync(&write);
+                    lock(core).written_inline(write.token, written)?;
+                } else {
+                    drop(writer);
+                    if let Err(failure) = backend.submit(write) {
+                        return Err(lock(core).io_error(failure));
+                    }
+                    in_backend += 1;
+                    reap(core, shared, backend, Wait::No, &mut done, &mut in_backend)?;
+                }
+                continue;
+            }
+        }
+        let shutdown = writer.shutdown_requested();
+        if shutdown && writer.inflight.is_empty() && writer.stalled.is_none() {
+            if writer.recycled {
+                // Spares the next open from taking the records of this file's
+                // earlier life for a torn tail (which it would cut all the same).
+                writer.mark_end()?;
+            }
+            return Ok(());
+        }
+        let wait = if in_backend > 0 && (writer.inflight.len() >= depth || shutdown) {
+            Wait::ForCompletion
+        } else {
+            // Sleep until a request, a completion, or a wake-up from a caller that
+            // completed a group (see `Writer::complete`); recheck after announcing the
+            // sleep so that no wake-up is lost.
+            // Only a held group raises the wake-up threshold; set it before the
+            // sleep flag, and drop it again if nothing is pending any more, so a
+            // lone producer always wakes a writer that is not holding.
+            let pending = shared.notices_pending.load(Ordering::SeqCst) > 0;
+            let threshold = if pending {
+                writer.last_group_requests.max(1)
+            } else {
+                1
+            };
+            shared.wake_at_queued.store(threshold, Ordering::SeqCst);
+            shared.waker_sleeping(true);
+            if shared.notices_pending.load(Ordering::SeqCst) == 0 {
+                shared.wake_at_queued.store(1, Ordering::SeqCst);
+            }
+            if writer.can_form() || shared.failed.load(Ordering::SeqCst) {
+                shared.waker_sleeping(false);
+                shared.wake_at_queued.store(1, Ordering::SeqCst);
+                continue;
+            }
+            if writer.inflight.is_empty() {
+                writer.idle_since_group = true;
+            }
+            Wait::ForCompletionOrRequest
+        };
+        drop(writer);
+        reap(core, shared, backend, wait, &mut done, &mut in_backend)?;
+        shared.waker_sleeping(false);
+        shared.wake_at_queued.store(1, Ordering::SeqCst);
+    }
+}
+
+/// Collects the backend's completions, waiting as asked, and completes what they made
+/// durable.
+fn reap(
+    core: &Mutex<Writer>,
+    shared: &Shared,
+    backend: &mut dyn Backend,
+    wait: Wait,
+    done: &mut Vec<u64>,
+    in_backend: &mut usize,
+) -> Result<(), LogError> {
+    if let Err(failure) = backend.reap(wait, &shared.waker, done) {
+        return Err(lock(core).io_error(failure));
+    }
+    if done.is_empty() {
+        return Ok(());
+    }
+    *in_backend = in_backend.saturating_sub(done.len());
+    let outcome = lock(core).written(done);
+    done.clear();
+    outcome
+}
+
+/// Caller-runs mode (`log.io` = `auto` or `sync`): a thread in `write_sync` forms a
+/// group of what is queued (its own request, unless a group took it already) and writes
+/// and syncs it itself, if the pipeline has room. Blocking callers then need no thread
+/// hop at all (caller → writer → kernel worker → writer → caller), and two callers'
+/// syncs overlap as they do in the log bench's `device-floor` row: 2 drivers,
+/// 278,525 → see bench/README.md. Returns whether it did anything (else the caller
+/// waits for the next completion, which wakes it to try again).
+pub(crate) fn lead(core: &Mutex<Writer>) -> bool {
+    let mut writer = lock(core);
+    if writer.shared.failed.load(Ordering::SeqCst) || !writer.can_lead() {
+        return false;
+    }
+    let write = match writer.next_group() {
+        Ok(Some(write)) => write,
+        Ok(None) => return true,
+        Err(error) => {
+            writer.fail(error);
+            return true;
+        }
+    };
+    drop(writer);
+    let written = write_and_sync(&write);
+    let mut writer = lock(core);
+    writer
+        .shared
+        .counters
+        .caller_groups
+        .fetch_add(1, Ordering::Relaxed);
+    let outcome = match written {
+        Ok(()) => writer.written(&[write.token]),
+        Err(failure) => Err(writer.io_error(failure)),
+    };
+    if let Err(error) = outcome {
+        // Another thread's failure may have stopped the engine meanwhile.
+        if !writer.shared.failed.load(Ordering::SeqCst) {
+            writer.fail(error);
+        }
+    }
+    true
+}
+
 impl Writer {
     pub fn start(
         shared: Arc<Shared>,
-        backend: Box<dyn Backend>,
+        backend: &dyn Backend,
         first_segment: u64,
     ) -> Result<Writer, LogError> {
         let views = read(&shared.ranges)
@@ -356,8 +542,8 @@ impl Writer {
             inline_lone_groups: shared.config.io == LogIo::Auto && backend.name() == "io_uring",
             idle_since_group: false,
             lone_policy: LonePolicy::default(),
+            stalled: None,
             shared,
-            backend,
             segment: first_segment,
             file,
             offset: format::SEGMENT_HEADER_BYTES,
@@ -366,7 +552,6 @@ impl Writer {
             views,
             cache_queue: VecDeque::new(),
             cache_bytes: 0,
-            done: Vec::new(),
         })
     }
 
@@ -400,14 +585,18 @@ impl Writer {
         }
     }
 
-    /// Runs callbacks in order: a few inline when nothing is pending on the completion
-    /// thread (one thread hop less for a lone waiter), else on the completion thread, so
-    /// the writer goes on to the next group while many waiters are woken.
+    /// Runs callbacks in order: a few inline on the writer thread when nothing is
+    /// pending on the completion thread (one thread hop less for a lone waiter), else
+    /// on the completion thread, so the writer goes on to the next group while many
+    /// waiters are woken. Never inline on a `write_sync` caller's thread: a callback
+    /// that writes again must not wait there for the lock it holds.
     fn run_callbacks(&self, notice: Notice) {
         if notice.is_empty() {
             return;
         }
-        if notice.len() <= INLINE_COMPLETIONS_MAX
+        let on_writer = self.shared.writer_thread.get() == Some(&std::thread::current().id());
+        if on_writer
+            && notice.len() <= INLINE_COMPLETIONS_MAX
             && self.shared.notices_pending.load(Ordering::SeqCst) == 0
         {
             for (done, result) in notice {
@@ -430,91 +619,6 @@ impl Writer {
         }
     }
 
-    pub fn run(mut self) {
-        let _ = self.shared.writer_thread.set(std::thread::current().id());
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop()));
-        // Stop the segment being prepared, so no thread outlives the engine (its
-        // temporary file is deleted at the next open).
-        if let Some(prepared) = self.prepared.take() {
-            prepared.cancel.store(true, Ordering::Relaxed);
-            let _ = prepared.thread.join();
-        }
-        match outcome {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => self.fail(error),
-            // A broken invariant: stop cleanly rather than leave callers waiting on a
-            // dead thread.
-            Err(_) => self.fail(LogError::Stopped("the log writer thread panicked".into())),
-        }
-        // Every completion has run once the engine's last handle is dropped.
-        self.completions = None;
-        if let Some(thread) = self.completion_thread.take() {
-            let _ = thread.join();
-        }
-    }
-
-    fn run_loop(&mut self) -> Result<(), LogError> {
-        self.backend
-            .start()
-            .map_err(|error| LogError::io("io_uring setup".into(), 0, error))?;
-        loop {
-            let mut submitted = false;
-            let mut shutdown = false;
-            if self.inflight.len() < self.shared.config.pipeline_depth && !self.hold() {
-                let requests;
-                (requests, shutdown) = self.take_requests();
-                if !requests.is_empty() {
-                    self.submit_group(requests)?;
-                    submitted = true;
-                }
-            }
-            if shutdown && !submitted && self.inflight.is_empty() {
-                if self.recycled {
-                    // Spares the next open from taking the records of this file's
-                    // earlier life for a torn tail (which it would cut all the same).
-                    self.mark_end()?;
-                }
-                return Ok(());
-            }
-            let wait = if submitted {
-                Wait::No
-            } else if self.inflight.len() < self.shared.config.pipeline_depth && !shutdown {
-                // Sleep until a request or a completion; recheck the queue after
-                // announcing the sleep so that no wake-up is lost.
-                // Only a held group raises the wake-up threshold; set it before the
-                // sleep flag, and drop it again if nothing is pending any more, so a
-                // lone producer always wakes a writer that is not holding.
-                let pending = self.shared.notices_pending.load(Ordering::SeqCst) > 0;
-                let threshold = if pending {
-                    self.last_group_requests.max(1)
-                } else {
-                    1
-                };
-                self.shared
-                    .wake_at_queued
-                    .store(threshold, Ordering::SeqCst);
-                self.shared.waker_sleeping(true);
-                if self.shared.notices_pending.load(Ordering::SeqCst) == 0 {
-                    self.shared.wake_at_queued.store(1, Ordering::SeqCst);
-                }
-                if self.queue_has_work() && !self.hold() {
-                    self.shared.waker_sleeping(false);
-                    self.shared.wake_at_queued.store(1, Ordering::SeqCst);
-                    continue;
-                }
-                if self.inflight.is_empty() {
-                    self.idle_since_group = true;
-                }
-                Wait::ForCompletionOrRequest
-            } else {
-                Wait::ForCompletion
-            };
-            self.reap(wait)?;
-            self.shared.waker_sleeping(false);
-            self.shared.wake_at_queued.store(1, Ordering::SeqCst);
-        }
-    }
-
     /// Whether to hold the next group back a moment: while the completion thread is
     /// still waking the waiters of the last group, each of them is about to queue its
     /// next request, so a group formed now would be small and cost a sync of its own.
@@ -528,16 +632,62 @@ impl Writer {
         !queue.shutdown && queue.requests.len() < self.last_group_requests
     }
 
-    fn queue_has_work(&self) -> bool {
+    /// Whether the writer thread has a group to form: the stalled one once nothing is
+    /// in flight, or queued requests. In caller-runs mode only requests with a
+    /// callback call for it: `write_sync` callers form their own groups.
+    fn can_form(&self) -> bool {
+        if self.inflight.len() >= self.shared.config.pipeline_depth {
+            return false;
+        }
+        if self.stalled.is_some() {
+            return self.inflight.is_empty();
+        }
+        let has_work = {
+            let queue = lock(&self.shared.queue);
+            let wanted = if self.shared.config.caller_runs() {
+                queue.calls > 0
+            } else {
+                !queue.requests.is_empty()
+            };
+            wanted || queue.shutdown
+        };
+        has_work && !self.hold()
+    }
+
+    /// Whether a `write_sync` caller may form a group now (see `lead`): the pipeline
+    /// has room and nothing holds the group back (see `hold`). A held caller is
+    /// woken when the hold ends (`Shared::notice_delivered`), unless a request queued
+    /// meanwhile ends it first, its caller then forming the group.
+    fn can_lead(&self) -> bool {
+        if self.inflight.len() >= self.shared.config.pipeline_depth {
+            return false;
+        }
+        if self.stalled.is_some() {
+            return self.inflight.is_empty();
+        }
+        if lock(&self.shared.queue).requests.is_empty() {
+            return false;
+        }
+        self.shared.caller_held.store(true, Ordering::SeqCst);
+        if self.hold() {
+            return false;
+        }
+        self.shared.caller_held.store(false, Ordering::SeqCst);
+        true
+    }
+
+    /// Shutdown was asked for and nothing is queued.
+    fn shutdown_requested(&self) -> bool {
         let queue = lock(&self.shared.queue);
-        !queue.requests.is_empty() || queue.shutdown
+        queue.shutdown && queue.requests.is_empty()
     }
 
     /// Takes queued requests up to `group_bytes_max` (at least one).
-    fn take_requests(&mut self) -> (Vec<Request>, bool) {
+    fn take_requests(&mut self) -> Vec<Request> {
         let mut queue = lock(&self.shared.queue);
         let mut taken = Vec::new();
         let mut bytes = 0;
+        let mut calls = 0;
         while let Some(next) = queue.requests.front() {
             let size = next.batch.bytes();
             if !taken.is_empty() && bytes + size > self.shared.config.group_bytes_max {
@@ -545,16 +695,20 @@ impl Writer {
             }
             bytes += size;
             if let Some(request) = queue.requests.pop_front() {
+                calls += usize::from(matches!(request.done, Done::Call(_)));
+                self.shared
+                    .taken_seq
+                    .fetch_max(request.seq, Ordering::SeqCst);
                 taken.push(request);
             }
         }
         queue.bytes -= bytes;
-        let shutdown = queue.shutdown;
+        queue.calls -= calls;
         drop(queue);
         if !taken.is_empty() {
             self.shared.queue_not_full.notify_all();
         }
-        (taken, shutdown)
+        taken
     }
 
     /// Refuses a batch that would break a range's log; updates the views otherwise.
@@ -625,23 +779,41 @@ impl Writer {
         Ok(())
     }
 
-    fn submit_group(&mut self, requests: Vec<Request>) -> Result<(), LogError> {
-        let mut admitted = Vec::with_capacity(requests.len());
-        let mut refused = Vec::new();
-        for request in requests {
-            match self.admit(&request.batch) {
-                Ok(()) => admitted.push(request),
-                Err(error) => refused.push((request.done, Err(error))),
+    /// Forms the next group: the stalled one once nothing is in flight, else queued
+    /// requests (refusing those that would break a range's log). Returns its write;
+    /// None when there is nothing to write: nothing queued, every request refused,
+    /// only empty batches (completed in order at once), or the group waits for a
+    /// new segment (it is `stalled` then).
+    fn next_group(&mut self) -> Result<Option<GroupWrite>, LogError> {
+        let admitted = match self.stalled.take() {
+            Some(stalled) if self.inflight.is_empty() => stalled,
+            Some(stalled) => {
+                self.stalled = Some(stalled);
+                return Ok(None);
             }
-        }
-        // After every group before it, like any completion.
-        self.notify(refused);
-        self.submit_admitted(admitted)
+            None => {
+                let requests = self.take_requests();
+                let mut admitted = Vec::with_capacity(requests.len());
+                let mut refused = Vec::new();
+                for request in requests {
+                    match self.admit(&request.batch) {
+                        Ok(()) => admitted.push(request),
+                        Err(error) => refused.push((request.done, Err(error))),
+                    }
+                }
+                // After every group before it, like any completion.
+                self.notify(refused);
+                admitted
+            }
+        };
+        self.place(admitted)
     }
 
-    fn submit_admitted(&mut self, admitted: Vec<Request>) -> Result<(), LogError> {
+    /// Places admitted requests at the end of the log as one group in flight: signs
+    /// their records, and returns the group's write (see `next_group`).
+    fn place(&mut self, admitted: Vec<Request>) -> Result<Option<GroupWrite>, LogError> {
         if admitted.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let bytes: usize = admitted.iter().map(|r| r.batch.bytes()).sum();
         // Leave an unfilled segment as soon as a filled or reused one is ready.
@@ -651,6 +823,10 @@ impl Writer {
                 .as_ref()
                 .is_some_and(|p| p.kind != Kind::Plain && p.thread.is_finished());
         if filled_ready || self.offset + bytes as u64 > self.shared.config.segment_bytes {
+            if !self.inflight.is_empty() {
+                self.stalled = Some(admitted);
+                return Ok(None);
+            }
             if let Err(error) = self.rotate(bytes as u64) {
                 let notice = admitted
                     .into_iter()
@@ -692,14 +868,12 @@ impl Writer {
             token,
             segment: self.segment,
             requests: placed,
-            durable: false,
+            durable: bytes == 0,
         });
         if bytes == 0 {
             // Only empty batches: nothing to write, but they complete in order.
-            if let Some(group) = self.inflight.back_mut() {
-                group.durable = true;
-            }
-            return Ok(());
+            self.complete(&[]);
+            return Ok(None);
         }
         let offset = self.offset;
         self.offset += bytes as u64;
@@ -711,40 +885,34 @@ impl Writer {
                 self.prepared = prepare_in_background(&self.shared, self.segment + 1, fill);
             }
         }
-        let write = GroupWrite {
+        Ok(Some(GroupWrite {
             token,
             file: self.file.clone(),
             offset,
             buf,
-        };
-        let lone = self.inline_lone_groups && self.idle_since_group && self.inflight.len() == 1;
-        self.idle_since_group = false;
-        if lone && self.lone_policy.inline() {
-            return self.write_inline(write);
-        }
-        self.backend
-            .submit(write)
-            .map_err(|failure| self.io_error(failure))
+        }))
     }
 
-    /// Writes and syncs a lone group on this thread (`log.io = auto` on io_uring). A
-    /// group that nothing is queued behind cannot overlap another, so the ring would
-    /// only add its worker's hop (writer → io-wq → writer) to the group's latency: a
-    /// blocking caller got 0.67–0.73× of raft-engine's appends/s through the ring and
-    /// 0.98× inline (bench/README.md). Requests arriving meanwhile find the writer busy and
-    /// leave together in the next group, through the ring, overlapping the groups
-    /// after it, and tell `LonePolicy` that another producer is at work. Nothing else of
-    /// the file is in flight (the group is the only one).
-    fn write_inline(&mut self, write: GroupWrite) -> Result<(), LogError> {
-        write_and_sync(&write).map_err(|failure| self.io_error(failure))?;
-        self.done.push(write.token);
+    /// A lone group written and synced by the writer thread itself (`log.io = auto` on
+    /// io_uring, see `run_loop`). A group that nothing is queued behind cannot overlap
+    /// another, so the ring would only add its worker's hop (writer → io-wq → writer)
+    /// to the group's latency: a blocking caller got 0.67–0.73× of raft-engine's
+    /// appends/s through the ring and 0.98× inline (bench/README.md). Requests arriving
+    /// meanwhile leave together in the next group, through the ring, and tell
+    /// `LonePolicy` that another producer is at work.
+    fn written_inline(
+        &mut self,
+        token: u64,
+        written: Result<(), IoFailure>,
+    ) -> Result<(), LogError> {
+        written.map_err(|failure| self.io_error(failure))?;
         let counters = &self.shared.counters;
         counters.inline_groups.fetch_add(1, Ordering::Relaxed);
         if !lock(&self.shared.queue).requests.is_empty() {
             self.lone_policy.overlapped();
             counters.inline_overlaps.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(())
+        self.written(&[token])
     }
 
     fn io_error(&self, failure: IoFailure) -> LogError {
@@ -760,75 +928,83 @@ impl Writer {
         )
     }
 
-    /// Collects completions and completes every durable group at the front, in order.
-    fn reap(&mut self, wait: Wait) -> Result<(), LogError> {
-        let mut done = std::mem::take(&mut self.done);
-        let mut reaped = self.backend.reap(wait, &self.shared.waker, &mut done);
-        if let (Ok(()), Some(&token)) = (&reaped, done.first()) {
+    /// Groups `tokens` were written and synced: completes them (see `complete`), unless
+    /// the `log::sync` failpoint fails the sync.
+    fn written(&mut self, tokens: &[u64]) -> Result<(), LogError> {
+        if let Some(&token) = tokens.first() {
             if injected_sync_failure() {
-                reaped = Err(IoFailure {
+                return Err(self.io_error(IoFailure {
                     token,
                     offset: 0,
                     error: io::Error::from_raw_os_error(libc::EIO),
-                });
+                }));
             }
-        }
-        if let Err(failure) = reaped {
-            return Err(self.io_error(failure));
         }
         self.shared
             .counters
             .syncs
-            .fetch_add(done.len() as u64, Ordering::Relaxed);
-        for token in done.drain(..) {
-            if let Some(group) = self.inflight.iter_mut().find(|g| g.token == token) {
+            .fetch_add(tokens.len() as u64, Ordering::Relaxed);
+        self.complete(tokens);
+        Ok(())
+    }
+
+    /// Marks groups `tokens` durable and completes every durable group at the front,
+    /// in order: applies them to the index, moves the durable watermark, and tells
+    /// their requests.
+    fn complete(&mut self, tokens: &[u64]) {
+        for token in tokens {
+            if let Some(group) = self.inflight.iter_mut().find(|g| g.token == *token) {
                 group.durable = true;
             }
         }
-        self.done = done;
         let mut completed = Vec::new();
         while self.inflight.front().is_some_and(|g| g.durable) {
             if let Some(group) = self.inflight.pop_front() {
                 completed.push(group);
             }
         }
-        if !completed.is_empty() {
-            let mut wants_gc = false;
-            let mut durable_seq = 0;
-            let mut waiters = 0;
-            for group in &completed {
-                wants_gc |= self.apply(group);
-            }
-            self.evict_cache();
-            let finished: Finished = completed
-                .into_iter()
-                .flat_map(|group| group.requests)
-                .map(|placed| (placed.request.done, placed.request.seq))
-                .map(|(done, seq)| {
-                    durable_seq = durable_seq.max(seq);
-                    waiters += usize::from(matches!(done, Done::Wait(_)));
-                    (done, Ok(()))
-                })
-                .collect();
-            if durable_seq > 0 {
-                // Counted before the watermark moves: each waiter counts itself off
-                // once it sees the watermark, and `hold` waits for that.
-                self.shared
-                    .notices_pending
-                    .fetch_add(waiters, Ordering::SeqCst);
-                self.shared
-                    .durable_seq
-                    .fetch_max(durable_seq, Ordering::SeqCst);
-                if waiters > 0 {
-                    self.wake_waiters();
-                }
-            }
-            self.notify(finished);
-            if wants_gc {
-                self.shared.collect_garbage();
-            }
+        if completed.is_empty() {
+            return;
         }
-        Ok(())
+        let mut wants_gc = false;
+        let mut durable_seq = 0;
+        let mut waiters = 0;
+        for group in &completed {
+            wants_gc |= self.apply(group);
+        }
+        self.evict_cache();
+        let finished: Finished = completed
+            .into_iter()
+            .flat_map(|group| group.requests)
+            .map(|placed| (placed.request.done, placed.request.seq))
+            .map(|(done, seq)| {
+                durable_seq = durable_seq.max(seq);
+                waiters += usize::from(matches!(done, Done::Wait(_)));
+                (done, Ok(()))
+            })
+            .collect();
+        if durable_seq > 0 {
+            // Counted before the watermark moves: each waiter counts itself off
+            // once it sees the watermark, and `hold` waits for that.
+            self.shared
+                .notices_pending
+                .fetch_add(waiters, Ordering::SeqCst);
+            self.shared
+                .durable_seq
+                .fetch_max(durable_seq, Ordering::SeqCst);
+        }
+        // Also wakes callers that found the pipeline full (see `lead`).
+        if self.shared.sync_waiters.load(Ordering::SeqCst) > 0 {
+            self.wake_waiters();
+        }
+        self.notify(finished);
+        if wants_gc {
+            self.shared.collect_garbage();
+        }
+        // The writer thread, if it has work that waited for room in the pipeline.
+        if self.stalled.is_some() || lock(&self.shared.queue).calls > 0 {
+            self.shared.waker.wake_if_sleeping();
+        }
     }
 
     /// Applies a durable group to the index. Returns whether it compacted or removed.
@@ -908,14 +1084,12 @@ impl Writer {
         }
     }
 
-    /// Starts a new segment once everything in flight is durable (so no segment but the
-    /// newest can ever end in a torn record), rewrites cold ranges forward when the log
-    /// has grown past its threshold, and deletes what no range needs.
-    /// `reserve`: bytes of the group waiting to go into the new segment.
+    /// Starts a new segment, rewrites cold ranges forward when the log has grown past
+    /// its threshold, and deletes what no range needs. Runs only when everything in
+    /// flight is durable (see `place`), so no segment but the newest can ever end in a
+    /// torn record. `reserve`: bytes of the group waiting to go into the new segment.
     fn rotate(&mut self, reserve: u64) -> Result<(), LogError> {
-        while !self.inflight.is_empty() {
-            self.reap(Wait::ForCompletion)?;
-        }
+        debug_assert!(self.inflight.is_empty(), "rotation with groups in flight");
         if self.recycled {
             self.mark_end()?;
         }
@@ -977,10 +1151,11 @@ impl Writer {
             })
     }
 
-    /// Rewrites ranges pinning the oldest segment into the new one. Runs only right
-    /// after a rotation, when nothing is in flight, so the durable index is the whole
-    /// truth; the rewrite goes ahead of the waiting group, so replay order holds. It
-    /// changes no range's state, so it skips admission.
+    /// Rewrites ranges pinning the oldest segment into the new one, written and synced
+    /// here, under the lock (once per segment at most). Runs only right after a
+    /// rotation, when nothing is in flight, so the durable index is the whole truth;
+    /// the rewrite goes ahead of the waiting group, so replay order holds. It changes
+    /// no range's state, so it skips admission.
     fn rewrite_cold_ranges(&mut self, reserve: u64) -> Result<(), LogError> {
         let config = &self.shared.config;
         let (oldest, held_bytes) = {
@@ -1077,7 +1252,13 @@ impl Writer {
         );
         let rewritten = &self.shared.counters.ranges_rewritten;
         rewritten.fetch_add(requests.len() as u64, Ordering::Relaxed);
-        self.submit_admitted(requests)
+        match self.place(requests)? {
+            Some(write) => {
+                write_and_sync(&write).map_err(|failure| self.io_error(failure))?;
+                self.written(&[write.token])
+            }
+            None => Ok(()),
+        }
     }
 
     /// Stops for good: every request in flight or queued fails with `error`.
@@ -1091,9 +1272,14 @@ impl Writer {
             .flat_map(|group| group.requests)
             .map(|placed| (placed.request.done, Err(error.clone())))
             .collect();
+        let stalled = self.stalled.take().unwrap_or_default();
+        for request in stalled {
+            notice.push((request.done, Err(error.clone())));
+        }
         let queued: Vec<Request> = {
             let mut queue = lock(&self.shared.queue);
             queue.bytes = 0;
+            queue.calls = 0;
             queue.requests.drain(..).collect()
         };
         for request in queued {
@@ -1105,6 +1291,8 @@ impl Writer {
         // slots are filled, so each finds its own error.
         self.wake_waiters();
         self.shared.queue_not_full.notify_all();
+        // The writer thread, when a caller's write failed.
+        self.shared.waker.wake();
     }
 }
 
@@ -1113,14 +1301,10 @@ pub(crate) static SYNCS_BEFORE_FAILURE: AtomicU64 = AtomicU64::new(u64::MAX);
 
 /// Fault injection: whether the `log::sync` failpoint fails this group's fsync.
 fn injected_sync_failure() -> bool {
-    match SYNCS_BEFORE_FAILURE.load(Ordering::Relaxed) {
-        u64::MAX => false,
-        0 => true,
-        left => {
-            SYNCS_BEFORE_FAILURE.store(left - 1, Ordering::Relaxed);
-            false
-        }
-    }
+    let counted = SYNCS_BEFORE_FAILURE.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+        (left != u64::MAX && left > 0).then(|| left - 1)
+    });
+    counted.is_err_and(|left| left == 0)
 }
 
 fn temporary_name(sequence: u64) -> String {

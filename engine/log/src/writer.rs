@@ -3,7 +3,7 @@
 //! done. With `pipeline_depth` > 1 the next group is submitted while the previous one
 //! is still syncing; groups complete strictly in submission order all the same.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,11 +13,11 @@ use rangekv_types::RangeId;
 
 use crate::engine::{
     lock, read, segment_name, write, Completion, Done, LogBatch, LogConfig, LogError, LogIo,
-    Request, Shared, Update,
+    RangeMap, Request, Shared, Update,
 };
 use crate::file::{FileSystem, SegmentFile};
 use crate::format;
-use crate::index::Location;
+use crate::index::{Location, RangeLog};
 
 /// Wakes the writer when a request arrives while it sleeps: an eventfd, which the
 /// io_uring writer also watches through the ring.
@@ -264,7 +264,11 @@ pub(crate) struct Writer {
     offset: u64,
     inflight: VecDeque<Group>,
     next_token: u64,
-    views: HashMap<RangeId, RangeView>,
+    views: RangeMap<RangeView>,
+    /// `apply`'s scratch list, kept for its capacity.
+    locations: Vec<Location>,
+    /// `admit`'s scratch map, kept for its capacity.
+    admitting: RangeMap<RangeView>,
     cache_queue: VecDeque<(RangeId, u64)>,
     cache_bytes: isize,
     /// The next segment, being prepared in the background.
@@ -550,6 +554,8 @@ impl Writer {
             inflight: VecDeque::new(),
             next_token: 1,
             views,
+            admitting: RangeMap::default(),
+            locations: Vec::new(),
             cache_queue: VecDeque::new(),
             cache_bytes: 0,
         })
@@ -713,8 +719,20 @@ impl Writer {
 
     /// Refuses a batch that would break a range's log; updates the views otherwise.
     fn admit(&mut self, batch: &LogBatch) -> Result<(), LogError> {
-        let mut views = HashMap::new();
-        let view_of = |views: &mut HashMap<RangeId, RangeView>, range| {
+        let mut views = std::mem::take(&mut self.admitting);
+        views.clear();
+        let checked = self.check(&mut views, batch);
+        if checked.is_ok() {
+            self.views.extend(views.drain());
+        }
+        self.admitting = views;
+        checked
+    }
+
+    /// The views of the ranges `batch` touches, into `views`, as they would be after
+    /// it; or why it is refused.
+    fn check(&self, views: &mut RangeMap<RangeView>, batch: &LogBatch) -> Result<(), LogError> {
+        let view_of = |views: &mut RangeMap<RangeView>, range| {
             *views.entry(range).or_insert_with(|| {
                 self.views.get(&range).copied().unwrap_or(RangeView {
                     truncated_index: 0,
@@ -724,7 +742,7 @@ impl Writer {
         };
         for update in &batch.updates {
             let range = update.range();
-            let mut view = view_of(&mut views, range);
+            let mut view = view_of(views, range);
             match update {
                 Update::Entries {
                     first_index, terms, ..
@@ -775,7 +793,6 @@ impl Writer {
             }
             views.insert(range, view);
         }
-        self.views.extend(views);
         Ok(())
     }
 
@@ -1010,6 +1027,10 @@ impl Writer {
     /// Applies a durable group to the index. Returns whether it compacted or removed.
     fn apply(&mut self, group: &Group) -> bool {
         let mut wants_gc = false;
+        // A batch's updates of one range come together (its entries, then its hard
+        // state): look the range up once for them.
+        let mut last = None;
+        let mut locations = std::mem::take(&mut self.locations);
         for placed in &group.requests {
             for update in &placed.request.batch.updates {
                 match update {
@@ -1020,18 +1041,15 @@ impl Writer {
                         terms,
                         cached,
                     } => {
-                        let locations: Vec<Location> = encoded
-                            .iter()
-                            .zip(terms)
-                            .map(|(at, term)| Location {
-                                segment: group.segment,
-                                offset: placed.base + at.offset as u64,
-                                len: at.len,
-                                crc: at.crc,
-                                term: *term,
-                            })
-                            .collect();
-                        let log = self.shared.range_or_insert(*range);
+                        locations.clear();
+                        locations.extend(encoded.iter().zip(terms).map(|(at, term)| Location {
+                            segment: group.segment,
+                            offset: placed.base + at.offset as u64,
+                            len: at.len,
+                            crc: at.crc,
+                            term: *term,
+                        }));
+                        let log = self.range_log(&mut last, *range);
                         let delta = lock(&log).append(*first_index, &locations, cached);
                         match delta {
                             Ok(delta) => self.cache_bytes += delta,
@@ -1045,7 +1063,7 @@ impl Writer {
                         }
                     }
                     Update::HardState { range, hard_state } => {
-                        let log = self.shared.range_or_insert(*range);
+                        let log = self.range_log(&mut last, *range);
                         lock(&log).set_hard_state(hard_state.clone(), group.segment);
                     }
                     Update::Compaction {
@@ -1060,6 +1078,7 @@ impl Writer {
                         wants_gc = true;
                     }
                     Update::Removal { range } => {
+                        last = None;
                         if let Some(log) = write(&self.shared.ranges).remove(range) {
                             let freed = lock(&log).evict_cache_through(u64::MAX);
                             self.cache_bytes -= freed as isize;
@@ -1069,7 +1088,24 @@ impl Writer {
                 }
             }
         }
+        self.locations = locations;
         wants_gc
+    }
+
+    /// Range `range`'s log, from `last` if it is the range looked up last.
+    fn range_log(
+        &self,
+        last: &mut Option<(RangeId, Arc<Mutex<RangeLog>>)>,
+        range: RangeId,
+    ) -> Arc<Mutex<RangeLog>> {
+        match last {
+            Some((at, log)) if *at == range => log.clone(),
+            _ => {
+                let log = self.shared.range_or_insert(range);
+                *last = Some((range, log.clone()));
+                log
+            }
+        }
     }
 
     fn evict_cache(&mut self) {

@@ -473,8 +473,8 @@ fn reap(
 /// and syncs it itself, if the pipeline has room. Blocking callers then need no thread
 /// hop at all (caller → writer → kernel worker → writer → caller), and two callers'
 /// syncs overlap as they do in the log bench's `device-floor` row: 2 drivers,
-/// 278,525 → see bench/README.md. Returns whether it did anything (else the caller
-/// waits for the next completion, which wakes it to try again).
+/// 267–290k → 444–464k appends/s (bench/README.md). Returns whether it did anything
+/// (else the caller waits for the next completion, which wakes it to try again).
 pub(crate) fn lead(core: &Mutex<Writer>) -> bool {
     let mut writer = lock(core);
     if writer.shared.failed.load(Ordering::SeqCst) || !writer.can_lead() {

@@ -424,10 +424,14 @@ impl Shared {
     }
 
     /// One notice counted in `notices_pending` was delivered. The last one ends a
-    /// writer's or caller's hold (see `Writer::hold`): wake whoever held.
+    /// writer's or caller's hold (see `Writer::hold`): wake whoever held. The writer
+    /// only if it raised its wake-up threshold (below it, every request wakes it):
+    /// with blocking callers writing their own groups it sleeps through their groups.
     pub fn notice_delivered(&self) {
         if self.notices_pending.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.waker.wake_if_sleeping();
+            if self.wake_at_queued.load(Ordering::SeqCst) > 1 {
+                self.waker.wake_if_sleeping();
+            }
             if self.caller_held.swap(false, Ordering::SeqCst) {
                 self.durable_epoch.fetch_add(1, Ordering::SeqCst);
                 atomic_wait::wake_all(&self.durable_epoch);

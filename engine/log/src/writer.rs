@@ -418,7 +418,10 @@ fn run_loop(
             // Only a held group raises the wake-up threshold; set it before the
             // sleep flag, and drop it again if nothing is pending any more, so a
             // lone producer always wakes a writer that is not holding.
-            let pending = shared.notices_pending.load(Ordering::SeqCst) > 0;
+            // In caller-runs mode only requests with callbacks are the writer's: with
+            // none queued there is nothing to hold back.
+            let pending = shared.notices_pending.load(Ordering::SeqCst) > 0
+                && (!shared.config.caller_runs() || lock(&shared.queue).calls > 0);
             let threshold = if pending {
                 writer.last_group_requests.max(1)
             } else {

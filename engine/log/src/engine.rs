@@ -365,6 +365,8 @@ pub(crate) struct Shared {
     /// Every request with a sequence number up to this one has left the queue (is in
     /// a group, or was refused): its `write_sync` caller only waits.
     pub taken_seq: AtomicU64,
+    /// A `write_sync` caller is forming a group (see `writer::lead`).
+    pub leading: AtomicBool,
     /// A `write_sync` caller held its group back (see `Writer::hold`) and waits to
     /// be woken when the last group's waiters have all been told.
     pub caller_held: AtomicBool,
@@ -884,6 +886,7 @@ impl LogEngine {
             sync_waiters: std::sync::atomic::AtomicUsize::new(0),
             taken_seq: AtomicU64::new(0),
             caller_held: AtomicBool::new(false),
+            leading: AtomicBool::new(false),
             wake_at_queued: std::sync::atomic::AtomicUsize::new(1),
         });
         let writer =
@@ -1018,7 +1021,7 @@ impl LogEngine {
             // for the next completion and look again.
             if shared.config.caller_runs()
                 && seq > shared.taken_seq.load(Ordering::SeqCst)
-                && writer::lead(&self.handle.core)
+                && writer::lead(&self.handle.core, shared)
             {
                 continue;
             }

@@ -478,20 +478,49 @@ fn reap(
 /// syncs overlap as they do in the log bench's `device-floor` row: 2 drivers,
 /// 267–290k → 444–464k appends/s (bench/README.md). Returns whether it did anything
 /// (else the caller waits for the next completion, which wakes it to try again).
-pub(crate) fn lead(core: &Mutex<Writer>) -> bool {
-    let mut writer = lock(core);
-    if writer.shared.failed.load(Ordering::SeqCst) || !writer.can_lead() {
+///
+/// One caller forms a group at a time (`Shared::leading`); the others go back to sleep
+/// instead of queueing on the lock (64 blocking callers woken by one completion had
+/// each waited for it in turn, ~2 ms per group). When the one forming leaves requests
+/// queued and room in the pipeline, it wakes them to form the next group.
+pub(crate) fn lead(core: &Mutex<Writer>, shared: &Shared) -> bool {
+    if shared.leading.swap(true, Ordering::SeqCst) {
         return false;
     }
-    let write = match writer.next_group() {
-        Ok(Some(write)) => write,
-        Ok(None) => return true,
-        Err(error) => {
-            writer.fail(error);
-            return true;
-        }
+    let (formed, room) = {
+        let mut writer = lock(core);
+        let formed = if writer.shared.failed.load(Ordering::SeqCst) || !writer.can_lead() {
+            None
+        } else {
+            Some(
+                writer
+                    .next_group()
+                    .inspect_err(|error| writer.fail(error.clone())),
+            )
+        };
+        // A caller held back (`can_lead`) is woken when the hold ends, and one that
+        // found the pipeline full by the next completion.
+        let held = shared.caller_held.load(Ordering::SeqCst);
+        let room = !held
+            && writer.stalled.is_none()
+            && writer.inflight.len() < shared.config.pipeline_depth;
+        (formed, room)
     };
-    drop(writer);
+    shared.leading.store(false, Ordering::SeqCst);
+    // After the token is free: a caller that found it taken had queued its request
+    // before, so it is seen here.
+    if room
+        && shared.sync_waiters.load(Ordering::SeqCst) > 0
+        && !lock(&shared.queue).requests.is_empty()
+    {
+        shared.durable_epoch.fetch_add(1, Ordering::SeqCst);
+        atomic_wait::wake_all(&shared.durable_epoch);
+    }
+    let write = match formed {
+        None => return false,
+        Some(Ok(Some(write))) => write,
+        Some(Ok(None) | Err(_)) => return true,
+    };
     let written = write_and_sync(&write);
     let mut writer = lock(core);
     writer

@@ -907,6 +907,13 @@ impl LogEngine {
         })
     }
 
+    /// Waits for whatever holds the write state's lock (a group being formed or
+    /// completed) and holds it: tests order events with it.
+    #[cfg(test)]
+    pub(crate) fn lock_writer_for_test(&self) -> MutexGuard<'_, writer::Writer> {
+        lock(&self.handle.core)
+    }
+
     pub(crate) fn shared(&self) -> &Shared {
         &self.handle.shared
     }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use raft::eraftpb::{Entry, HardState};
 use rangekv_types::RangeId;
 
-use crate::file::{DiskFileSystem, FileSystem};
+use crate::file::{DiskFileSystem, FileSystem, SegmentFile};
 use crate::sim::{SimFileSystem, SimRng};
 use crate::{LogBatch, LogConfig, LogEngine, LogError, LogIo, ReadError};
 
@@ -853,6 +853,20 @@ struct Acked {
     commit: HashMap<RangeId, u64>,
 }
 
+/// Records what an acknowledged batch promised.
+fn record_acked(acked: &Mutex<Acked>, effects: Vec<(RangeId, &'static str, u64)>) {
+    let mut acked = acked.lock().unwrap();
+    for (range, what, value) in effects {
+        let slot = match what {
+            "last" => acked.last.entry(range),
+            "commit" => acked.commit.entry(range),
+            _ => acked.truncated.entry(range),
+        };
+        let slot = slot.or_default();
+        *slot = (*slot).max(value);
+    }
+}
+
 /// Returns how many segments the run started in a reused file.
 fn run_crash_point(seed: u64) -> u64 {
     let mut rng = SimRng::new(seed);
@@ -896,12 +910,12 @@ fn run_crash_point(seed: u64) -> u64 {
     // None: crashed while creating the first segment.
     let engine = LogEngine::open(Arc::new(fs.clone()), config.clone()).ok();
     if let Some(engine) = &engine {
-        let (sender, receiver) = mpsc::channel();
         let batches = 30;
-        for _ in 0..batches {
+        // One batch of some of `mine`, and what acknowledging it promises.
+        let mut next_batch = |mine: &[RangeId]| {
             let mut batch = LogBatch::new();
             let mut effects = Vec::new();
-            for range in &ranges {
+            for range in mine {
                 if rng.below(2) == 0 {
                     continue;
                 }
@@ -928,29 +942,49 @@ fn run_crash_point(seed: u64) -> u64 {
                     }
                 }
             }
-            let acked = acked.clone();
-            let sender = sender.clone();
-            engine.write(batch, move |result| {
-                if result.is_ok() {
-                    let mut acked = acked.lock().unwrap();
-                    for (range, what, value) in effects {
-                        let slot = match what {
-                            "last" => acked.last.entry(range),
-                            "commit" => acked.commit.entry(range),
-                            _ => acked.truncated.entry(range),
-                        };
-                        let slot = slot.or_default();
-                        *slot = (*slot).max(value);
-                    }
+            (batch, effects)
+        };
+        if seed % 3 == 2 {
+            // Blocking callers on two threads, each writing and syncing its own
+            // groups (caller-runs): their syncs overlap, and an acknowledgement must
+            // still mean that every group before it is durable too.
+            let owned = [vec![ranges[0], ranges[1]], vec![ranges[2]]];
+            let plans: Vec<Vec<_>> = owned
+                .iter()
+                .map(|mine| (0..batches / 2).map(|_| next_batch(mine)).collect())
+                .collect();
+            std::thread::scope(|scope| {
+                for plan in plans {
+                    let acked = &acked;
+                    scope.spawn(move || {
+                        for (batch, effects) in plan {
+                            if engine.write_sync(batch).is_err() {
+                                break; // The crash stopped the engine.
+                            }
+                            record_acked(acked, effects);
+                        }
+                    });
                 }
-                sender.send(()).unwrap();
             });
-        }
-        for _ in 0..batches {
-            // A lost completion is a bug; fail instead of hanging the suite.
-            receiver
-                .recv_timeout(std::time::Duration::from_secs(60))
-                .unwrap_or_else(|_| panic!("seed {seed}: a completion never came"));
+        } else {
+            let (sender, receiver) = mpsc::channel();
+            for _ in 0..batches {
+                let (batch, effects) = next_batch(&ranges);
+                let acked = acked.clone();
+                let sender = sender.clone();
+                engine.write(batch, move |result| {
+                    if result.is_ok() {
+                        record_acked(&acked, effects);
+                    }
+                    sender.send(()).unwrap();
+                });
+            }
+            for _ in 0..batches {
+                // A lost completion is a bug; fail instead of hanging the suite.
+                receiver
+                    .recv_timeout(std::time::Duration::from_secs(60))
+                    .unwrap_or_else(|_| panic!("seed {seed}: a completion never came"));
+            }
         }
         reused += engine.stats().segments_reused;
     }
@@ -1352,4 +1386,178 @@ fn sigkilled_writer_loses_nothing_acknowledged() {
         acked_total += acked;
     }
     assert!(acked_total > 0);
+}
+
+/// Holds one segment write at a gate until the test opens it, and counts the syncs
+/// made meanwhile: orders two blocking callers' groups.
+#[derive(Default)]
+struct Gate {
+    state: Mutex<GateState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// The next write is held.
+    armed: bool,
+    /// A write is being held.
+    holding: bool,
+    released: bool,
+    /// Syncs completed while a write was held.
+    syncs_while_holding: u64,
+}
+
+impl Gate {
+    fn wait_until(&self, done: impl Fn(&GateState) -> bool) {
+        let mut state = self.state.lock().unwrap();
+        while !done(&state) {
+            state = self.changed.wait(state).unwrap();
+        }
+    }
+
+    fn update(&self, change: impl FnOnce(&mut GateState)) {
+        change(&mut self.state.lock().unwrap());
+        self.changed.notify_all();
+    }
+}
+
+struct GatedFs {
+    inner: SimFileSystem,
+    gate: Arc<Gate>,
+}
+
+struct GatedFile {
+    inner: Arc<dyn SegmentFile>,
+    gate: Arc<Gate>,
+}
+
+impl SegmentFile for GatedFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<usize> {
+        let mut state = self.gate.state.lock().unwrap();
+        if state.armed {
+            state.armed = false;
+            state.holding = true;
+            self.gate.changed.notify_all();
+            while !state.released {
+                state = self.gate.changed.wait(state).unwrap();
+            }
+            state.holding = false;
+        }
+        drop(state);
+        self.inner.write_at(buf, offset)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.inner.sync_data()?;
+        self.gate.update(|state| {
+            if state.holding {
+                state.syncs_while_holding += 1;
+            }
+        });
+        Ok(())
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn truncate(&self, len: u64) -> std::io::Result<()> {
+        self.inner.truncate(len)
+    }
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+}
+
+impl FileSystem for GatedFs {
+    fn create(&self, name: &str, bytes: u64) -> std::io::Result<Arc<dyn SegmentFile>> {
+        let inner = self.inner.create(name, bytes)?;
+        Ok(Arc::new(GatedFile {
+            inner,
+            gate: self.gate.clone(),
+        }))
+    }
+    fn rename(&self, from: &str, to: &str) -> std::io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn open(&self, name: &str) -> std::io::Result<Arc<dyn SegmentFile>> {
+        let inner = self.inner.open(name)?;
+        Ok(Arc::new(GatedFile {
+            inner,
+            gate: self.gate.clone(),
+        }))
+    }
+    fn list(&self) -> std::io::Result<Vec<String>> {
+        self.inner.list()
+    }
+    fn remove(&self, name: &str) -> std::io::Result<()> {
+        self.inner.remove(name)
+    }
+    fn describe(&self, name: &str) -> String {
+        self.inner.describe(name)
+    }
+    fn has_raw_fds(&self) -> bool {
+        false
+    }
+}
+
+/// Two blocking callers' groups in flight at once (caller-runs): the later one is
+/// durable first, yet it is neither applied nor acknowledged until the earlier one
+/// is; then both are. Fails if groups complete out of log order, which could
+/// acknowledge a group that replay drops behind a torn earlier one.
+#[test]
+fn a_callers_group_durable_first_waits_for_the_group_before_it() {
+    let gate = Arc::new(Gate::default());
+    let fs = Arc::new(GatedFs {
+        inner: SimFileSystem::new(),
+        gate: gate.clone(),
+    });
+    let engine = LogEngine::open(fs, small_config(LogIo::Auto)).unwrap();
+    let (first, second) = (RangeId(1), RangeId(2));
+    gate.update(|state| state.armed = true);
+    let (done, outcomes) = mpsc::channel();
+    std::thread::scope(|scope| {
+        let engine = &engine;
+        let done_first = done.clone();
+        scope.spawn(move || {
+            done_first
+                .send((first, append_result(engine, first)))
+                .unwrap()
+        });
+        // The first caller's group is written up to the gate.
+        gate.wait_until(|state| state.holding);
+        scope.spawn(move || done.send((second, append_result(engine, second))).unwrap());
+        // The second caller's group is written and synced past the held one...
+        gate.wait_until(|state| state.syncs_while_holding >= 1);
+        // ...and its completion has run (it counts the sync first, under the lock
+        // this takes).
+        while engine.stats().syncs == 0 {
+            std::thread::yield_now();
+        }
+        drop(engine.lock_writer_for_test());
+        let applied_early = engine.last_index(second);
+        let acknowledged_early = outcomes.try_recv().ok();
+        // Open the gate before asserting, so a failure fails rather than hangs.
+        gate.update(|state| state.released = true);
+        assert_eq!(applied_early, 0, "applied before the group ahead");
+        assert_eq!(
+            acknowledged_early, None,
+            "acknowledged before the group ahead of it was durable"
+        );
+    });
+    let mut outcomes: Vec<_> = outcomes.try_iter().collect();
+    outcomes.sort_by_key(|(range, _)| range.0);
+    assert_eq!(
+        outcomes.iter().map(|(_, ok)| *ok).collect::<Vec<_>>(),
+        vec![true, true]
+    );
+    assert_log(&engine, first, 1, 1);
+    assert_log(&engine, second, 1, 1);
+    assert!(engine.stats().caller_groups >= 2, "{:?}", engine.stats());
+}
+
+fn append_result(engine: &LogEngine, range: RangeId) -> bool {
+    let mut batch = LogBatch::new();
+    batch.append(range, entries(range, 1, 1));
+    engine.write_sync(batch).is_ok()
 }

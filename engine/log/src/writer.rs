@@ -476,7 +476,7 @@ fn reap(
 /// and syncs it itself, if the pipeline has room. Blocking callers then need no thread
 /// hop at all (caller → writer → kernel worker → writer → caller), and two callers'
 /// syncs overlap as they do in the log bench's `device-floor` row: 2 drivers,
-/// 267–290k → 444–464k appends/s (bench/README.md). Returns whether it did anything
+/// 267–290k → 396–467k appends/s, 1.54–1.70× raft-engine's (bench/README.md). Returns whether it did anything
 /// (else the caller waits for the next completion, which wakes it to try again).
 ///
 /// One caller forms a group at a time (`Shared::leading`); the others go back to sleep

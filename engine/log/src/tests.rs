@@ -660,7 +660,12 @@ fn blocking_callers_write_their_own_groups_and_uring_sends_all_through_the_ring(
                 });
             });
             let blocking = engine.stats();
-            // A burst of callbacks: the writer thread's groups, the first one lone.
+            // Callbacks one at a time: the writer thread's groups, lone when it slept
+            // before the next request came. (The first up to 64 lone ones may go
+            // through the ring: `LonePolicy`, if the blocking callers overlapped an
+            // inline write of the writer's.)
+            append_with_callbacks_one_by_one(&engine, RangeId(10), 200);
+            // A burst of callbacks: groups overlap, so the ring carries some.
             append_with_callbacks(&engine, RangeId(8), 200);
             let stats = engine.stats();
             match io {
@@ -698,6 +703,20 @@ fn blocking_callers_write_their_own_groups_and_uring_sends_all_through_the_ring(
             );
         }
         assert_log(&engine, RangeId(8), 1, 200);
+        assert_log(&engine, RangeId(10), 1, 200);
+    }
+}
+
+/// Appends `appends` entries to `range` with `write`, each after the last one's
+/// callback.
+fn append_with_callbacks_one_by_one(engine: &LogEngine, range: RangeId, appends: u64) {
+    let (sender, receiver) = mpsc::channel();
+    for index in 1..=appends {
+        let mut batch = LogBatch::new();
+        batch.append(range, vec![entry(range, index)]);
+        let sender = sender.clone();
+        engine.write(batch, move |result| sender.send(result.is_ok()).unwrap());
+        assert_eq!(receiver.recv(), Ok(true), "append {index} succeeds");
     }
 }
 

@@ -134,7 +134,7 @@ impl Backend for SyncBackend {
 }
 
 /// `pwrite` + `fdatasync` of one group on the calling thread: the portable writer's
-/// way, and the io_uring writer's for a lone group (`Writer::write_inline`).
+/// way, and the io_uring writer's for a lone group (`run_loop`), and a blocking caller's for its own group (`lead`).
 fn write_and_sync(write: &GroupWrite) -> Result<(), IoFailure> {
     write
         .file
@@ -224,7 +224,7 @@ const INLINE_COMPLETIONS_MAX: usize = 4;
 const RING_LONE_GROUPS_AFTER_OVERLAP: u32 = 64;
 
 /// Which lone groups `log.io = auto` writes on the writer thread (see
-/// `Writer::write_inline`): every one, until a request arrives while one is being
+/// `run_loop`): every one, until a request arrives while one is being
 /// written; then the next `RING_LONE_GROUPS_AFTER_OVERLAP` go through the ring.
 /// Two blocking callers (two drivers of the log bench, two raft workers) otherwise
 /// take turns waiting out each other's inline sync: 2 drivers, 3 interleaved rounds,

@@ -134,7 +134,8 @@ impl Backend for SyncBackend {
 }
 
 /// `pwrite` + `fdatasync` of one group on the calling thread: the portable writer's
-/// way, and the io_uring writer's for a lone group (`run_loop`), and a blocking caller's for its own group (`lead`).
+/// way, the io_uring writer's for a lone group (`run_loop`), and a blocking caller's
+/// for its own group (`lead`).
 fn write_and_sync(write: &GroupWrite) -> Result<(), IoFailure> {
     write
         .file

@@ -55,7 +55,17 @@ fn append(engine: &LogEngine, range: RangeId, from: u64, to: u64) {
 /// Appends entries 1..=appends to `range` one `write` each, without waiting in
 /// between; checks that every completion reports success, in submission order.
 fn append_with_callbacks(engine: &LogEngine, range: RangeId, appends: u64) {
+    write_with_callbacks(engine, range, appends, false);
+}
+
+/// The same, each `write` after the last one's callback.
+fn append_with_callbacks_one_by_one(engine: &LogEngine, range: RangeId, appends: u64) {
+    write_with_callbacks(engine, range, appends, true);
+}
+
+fn write_with_callbacks(engine: &LogEngine, range: RangeId, appends: u64, one_by_one: bool) {
     let (sender, receiver) = mpsc::channel();
+    let mut done = Vec::new();
     for index in 1..=appends {
         let mut batch = LogBatch::new();
         batch.append(range, vec![entry(range, index)]);
@@ -63,8 +73,11 @@ fn append_with_callbacks(engine: &LogEngine, range: RangeId, appends: u64) {
         engine.write(batch, move |result| {
             sender.send((index, result.is_ok())).unwrap();
         });
+        if one_by_one {
+            done.push(receiver.recv().unwrap());
+        }
     }
-    let done: Vec<_> = receiver.iter().take(appends as usize).collect();
+    done.extend(receiver.iter().take(appends as usize - done.len()));
     assert!(done.iter().all(|(_, ok)| *ok), "every append succeeds");
     let order: Vec<u64> = done.iter().map(|(i, _)| *i).collect();
     assert_eq!(
@@ -704,19 +717,6 @@ fn blocking_callers_write_their_own_groups_and_uring_sends_all_through_the_ring(
         }
         assert_log(&engine, RangeId(8), 1, 200);
         assert_log(&engine, RangeId(10), 1, 200);
-    }
-}
-
-/// Appends `appends` entries to `range` with `write`, each after the last one's
-/// callback.
-fn append_with_callbacks_one_by_one(engine: &LogEngine, range: RangeId, appends: u64) {
-    let (sender, receiver) = mpsc::channel();
-    for index in 1..=appends {
-        let mut batch = LogBatch::new();
-        batch.append(range, vec![entry(range, index)]);
-        let sender = sender.clone();
-        engine.write(batch, move |result| sender.send(result.is_ok()).unwrap());
-        assert_eq!(receiver.recv(), Ok(true), "append {index} succeeds");
     }
 }
 

@@ -982,6 +982,12 @@ impl LogEngine {
 
     /// Writes `batch` and waits until it is durable.
     ///
+    /// With `log.io` = `auto` or `sync`, the calling thread itself forms, writes and
+    /// syncs a group of its request and whatever is queued with it, when the pipeline
+    /// has room and no other caller is forming one (`writer::lead`); otherwise (or with
+    /// `uring`) it waits for another thread's group to carry its request. Either way it
+    /// returns only once every group before its own is durable too.
+    ///
     /// The waiters of a group are woken together, by one futex broadcast when the group
     /// is durable, rather than one by one: with 64 threads each waiting on its own
     /// append, waking them one at a time cost as long as the group's fdatasync.

@@ -264,7 +264,7 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<()> {
             initial_ranges: 0,
             store_workers: None,
             runtime_threads: None,
-            log_io: rangekv_log::LogIo::Auto,
+            log_io: None,
             json: None,
             quiet: false,
             compare: Vec::new(),

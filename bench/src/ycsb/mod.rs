@@ -72,9 +72,10 @@ pub struct YcsbArgs {
     /// them (bench/README.md, "Runtime threads").
     #[arg(long)]
     pub runtime_threads: Option<usize>,
-    /// Raft log I/O of the embedded cluster: auto, uring or sync.
-    #[arg(long, default_value = "auto")]
-    pub log_io: rangekv_log::LogIo,
+    /// Raft log I/O of the embedded cluster: auto, uring or sync (default: the node's,
+    /// `rangekv_node::node::NODE_LOG_IO`).
+    #[arg(long)]
+    pub log_io: Option<rangekv_log::LogIo>,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -514,7 +515,9 @@ pub fn run_bench(args: &YcsbArgs) -> anyhow::Result<Vec<PhaseResult>> {
                 |config| {
                     config.store.workers =
                         workers.unwrap_or_else(|| rangekv_node::co_located_workers(3));
-                    config.log.io = io;
+                    if let Some(io) = io {
+                        config.log.io = io;
+                    }
                 },
             )
             .await;
@@ -612,7 +615,7 @@ mod tests {
             // The embedded cluster's knobs reach its stores.
             store_workers: Some(1),
             runtime_threads: None,
-            log_io: rangekv_log::LogIo::Sync,
+            log_io: Some(rangekv_log::LogIo::Sync),
             json: Some(json.clone()),
             quiet: true,
             compare: Vec::new(),
@@ -650,7 +653,7 @@ mod tests {
             initial_ranges: 2,
             store_workers: None,
             runtime_threads: None,
-            log_io: rangekv_log::LogIo::Auto,
+            log_io: Some(rangekv_log::LogIo::Auto),
             json: None,
             quiet: true,
             compare: vec!["etcd".into()],

@@ -583,7 +583,12 @@ impl Client {
             })
             .collect();
         check(&keys, &values)?;
-        for (key, group) in self.group_by_range(mutations, |m| m.key().to_vec()).await? {
+        // One mutation is one range's: `on_range` finds it (no grouping pass).
+        let groups = match &mutations[..] {
+            [only] => vec![(only.key().to_vec(), mutations)],
+            _ => self.group_by_range(mutations, |m| m.key().to_vec()).await?,
+        };
+        for (key, group) in groups {
             let group: Vec<proto::Mutation> = group
                 .into_iter()
                 .map(|m| match m {

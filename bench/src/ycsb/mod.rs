@@ -166,17 +166,19 @@ struct Shared {
     errors: AtomicU64,
     budget: AtomicU64,
     stop: AtomicBool,
-    live: Mutex<Histogram<u64>>,
+    /// The last second's latencies, for the progress line; none with `--quiet` (one
+    /// lock per operation, shared by every thread, for nothing).
+    live: Option<Mutex<Histogram<u64>>>,
 }
 
 impl Shared {
-    fn new(budget: u64) -> Self {
+    fn new(budget: u64, quiet: bool) -> Self {
         Shared {
             done: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             budget: AtomicU64::new(budget),
             stop: AtomicBool::new(false),
-            live: Mutex::new(latency_histogram()),
+            live: (!quiet).then(|| Mutex::new(latency_histogram())),
         }
     }
 
@@ -193,7 +195,7 @@ fn record(histograms: &mut BTreeMap<Op, Histogram<u64>>, shared: &Shared, op: Op
         .entry(op)
         .or_insert_with(latency_histogram)
         .record(micros);
-    if let Ok(mut live) = shared.live.lock() {
+    if let Some(Ok(mut live)) = shared.live.as_ref().map(Mutex::lock) {
         let _ = live.record(micros);
     }
     shared.done.fetch_add(1, Ordering::Relaxed);
@@ -212,7 +214,8 @@ async fn progress(shared: Arc<Shared>, label: String, quiet: bool) {
     while !shared.stop.load(Ordering::Relaxed) {
         timer.tick().await;
         let done = shared.done.load(Ordering::Relaxed);
-        let p99 = shared.live.lock().map_or(0, |mut live| {
+        let p99 = shared.live.as_ref().map(Mutex::lock).map_or(0, |live| {
+            let Ok(mut live) = live else { return 0 };
             let p = live.value_at_quantile(0.99);
             live.reset();
             p
@@ -303,7 +306,7 @@ async fn load(driver: Arc<Driver>, w: Arc<Workload>, threads: usize, quiet: bool
     let total = w.records_to_load();
     let next = Arc::new(AtomicU64::new(w.insertstart));
     let end = w.insertstart + total;
-    let shared = Arc::new(Shared::new(total));
+    let shared = Arc::new(Shared::new(total, quiet));
     let bar = tokio::spawn(progress(
         shared.clone(),
         format!("{} load", driver.name()),
@@ -355,7 +358,7 @@ async fn run(
     let deadline = args
         .duration_secs
         .map(|s| Instant::now() + Duration::from_secs_f64(s));
-    let shared = Arc::new(Shared::new(budget));
+    let shared = Arc::new(Shared::new(budget, args.quiet));
     let label = format!("{} workload {}", driver.name(), w.name);
     let bar = tokio::spawn(progress(shared.clone(), label, args.quiet));
     let interval = args

@@ -458,15 +458,18 @@ impl Store {
             .insert(from, Instant::now());
         for envelope in batch.messages {
             let range = RangeId(envelope.range_id);
-            let message = match <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(
-                &envelope.message,
-            ) {
-                Ok(message) => message,
-                Err(error) => {
-                    tracing::warn!(%from, %range, %error, "dropping a raft message that does not decode");
-                    continue;
-                }
-            };
+            // Parsed from the envelope's `Bytes`: the entries' data are slices of the
+            // received buffer, not copies.
+            let message =
+                match <raft::eraftpb::Message as protobuf::Message>::parse_from_carllerche_bytes(
+                    &envelope.message,
+                ) {
+                    Ok(message) => message,
+                    Err(error) => {
+                        tracing::warn!(%from, %range, %error, "dropping a raft message that does not decode");
+                        continue;
+                    }
+                };
             if is_local_only(message.get_msg_type()) {
                 tracing::warn!(%from, %range, kind = ?message.get_msg_type(), "dropping a raft message that never crosses the network");
                 continue;

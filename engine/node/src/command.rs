@@ -18,7 +18,105 @@ pub enum WriteResult {
 }
 
 pub type CommandResult = Result<WriteResult, proto::Error>;
-pub type Responder = tokio::sync::oneshot::Sender<CommandResult>;
+
+/// What a write dropped unanswered tells its client: it may still apply (its entry
+/// may commit under another leader), so the outcome is unknown.
+pub const OUTCOME_UNKNOWN: &str = "the store stopped, or its replica lost the leadership, \
+     before the write was known to apply: outcome unknown";
+
+/// Where a write's outcome goes. Dropped unanswered (a leader that lost its quorum
+/// abandons its proposals, a stopping store drops everything), it tells its client
+/// the outcome is unknown, never "not applied".
+pub enum Responder {
+    /// A task awaiting the outcome (unary calls, and CAS on a batch-commands stream).
+    Call(tokio::sync::oneshot::Sender<CommandResult>),
+    /// A put, delete or batch put of a batch-commands stream: the worker builds its
+    /// answer and queues it on the stream itself, so a loop's applied writes reach
+    /// each stream with one wake-up rather than one task wake-up per write.
+    Stream(StreamReply),
+}
+
+impl Responder {
+    /// Answers the write.
+    pub fn send(self, result: CommandResult) {
+        match self {
+            Responder::Call(call) => {
+                let _ = call.send(result);
+            }
+            Responder::Stream(mut reply) => reply.answer(result),
+        }
+    }
+
+    /// Drops the responder without answering anything: the caller answers the
+    /// refusal itself (the write never reached a worker).
+    pub fn disarm(self) {
+        if let Responder::Stream(mut reply) = self {
+            reply.answered = true;
+        }
+    }
+}
+
+/// The answer queue of one batch-commands stream.
+pub type StreamAnswers =
+    tokio::sync::mpsc::UnboundedSender<proto::batch_commands_response::Response>;
+
+/// Which response a streamed write gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamWrite {
+    Put,
+    Delete,
+    BatchPut,
+}
+
+/// A streamed write's answer slot: request `id` of the stream behind `answers`.
+pub struct StreamReply {
+    id: u64,
+    kind: StreamWrite,
+    answers: StreamAnswers,
+    answered: bool,
+}
+
+impl StreamReply {
+    pub fn new(id: u64, kind: StreamWrite, answers: StreamAnswers) -> Self {
+        StreamReply {
+            id,
+            kind,
+            answers,
+            answered: false,
+        }
+    }
+
+    fn answer(&mut self, result: CommandResult) {
+        use proto::batch_commands_response::response::Cmd;
+        self.answered = true;
+        // In-band errors as the unary calls answer them; a write has no other result.
+        let error = result.err();
+        let cmd = match self.kind {
+            StreamWrite::Put => Cmd::Put(proto::PutResponse { error }),
+            StreamWrite::Delete => Cmd::Delete(proto::DeleteResponse { error }),
+            StreamWrite::BatchPut => Cmd::BatchPut(proto::BatchPutResponse { error }),
+        };
+        let _ = self.answers.send(proto::batch_commands_response::Response {
+            id: self.id,
+            cmd: Some(cmd),
+            status_code: 0,
+            status_message: String::new(),
+        });
+    }
+}
+
+impl Drop for StreamReply {
+    fn drop(&mut self) {
+        if !self.answered {
+            let _ = self.answers.send(proto::batch_commands_response::Response {
+                id: self.id,
+                cmd: None,
+                status_code: tonic::Code::Unavailable as i32,
+                status_message: OUTCOME_UNKNOWN.to_string(),
+            });
+        }
+    }
+}
 
 /// The largest encoded entry the driver builds from gathered writes; more writes
 /// go into another entry of the same loop.
@@ -168,4 +266,43 @@ pub fn decode_entry(
 
 pub fn encode_entry(commands: Vec<proto::Command>) -> Vec<u8> {
     proto::CommandBatch { commands }.encode_to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::batch_commands_response::response::Cmd;
+
+    #[test]
+    fn a_streamed_write_is_answered_once_unknown_when_dropped_and_silent_when_disarmed() {
+        let (answers, mut stream) = tokio::sync::mpsc::unbounded_channel();
+        let reply = |id, kind| Responder::Stream(StreamReply::new(id, kind, answers.clone()));
+        reply(1, StreamWrite::Put).send(Ok(WriteResult::Done));
+        reply(2, StreamWrite::BatchPut).send(Err(epoch_not_match(&RangeDescriptor::default())));
+        drop(reply(3, StreamWrite::Delete));
+        reply(4, StreamWrite::Put).disarm();
+        drop(answers);
+        let mut got = Vec::new();
+        while let Ok(response) = stream.try_recv() {
+            got.push(response);
+        }
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0].id, 1);
+        assert_eq!(
+            got[0].cmd,
+            Some(Cmd::Put(proto::PutResponse { error: None }))
+        );
+        assert_eq!(got[1].id, 2);
+        assert!(
+            matches!(
+                &got[1].cmd,
+                Some(Cmd::BatchPut(proto::BatchPutResponse { error: Some(_) }))
+            ),
+            "{got:?}"
+        );
+        assert_eq!(got[2].id, 3);
+        assert_eq!(got[2].cmd, None);
+        assert_eq!(got[2].status_code, tonic::Code::Unavailable as i32);
+        assert_eq!(got[2].status_message, OUTCOME_UNKNOWN);
+    }
 }

@@ -14,7 +14,7 @@ use rangekv_types::{limits, RangeId};
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::command::{self, WriteResult};
+use crate::command::{self, Responder, StreamAnswers, StreamReply, StreamWrite, WriteResult};
 use crate::store::{RangeInfo, RouteError, Store};
 
 /// How long a request waits for raft before answering `DEADLINE_EXCEEDED` (the
@@ -122,12 +122,13 @@ fn check_keys<'a>(
 }
 
 impl KvService {
-    /// Proposes `op` through raft and waits for it to apply.
-    async fn write(
+    /// Checks a write against its range (store, epoch, key span): the command to
+    /// propose, and where.
+    fn prepare_write(
         &self,
         header: Option<&proto::RequestHeader>,
         op: Op,
-    ) -> Result<Result<WriteResult, proto::Error>, Refusal> {
+    ) -> Result<(Arc<Store>, RangeId, proto::Command), Refusal> {
         let store = self.store().map_err(Refusal::Status)?;
         let (range, _info, descriptor) = locate(&store, header)?;
         let command = proto::Command {
@@ -143,20 +144,120 @@ impl KvService {
                 )));
             }
         }
+        Ok((store, range, command))
+    }
+
+    /// Proposes `op` through raft and waits for it to apply.
+    async fn write(
+        &self,
+        header: Option<&proto::RequestHeader>,
+        op: Op,
+    ) -> Result<Result<WriteResult, proto::Error>, Refusal> {
+        let (store, range, command) = self.prepare_write(header, op)?;
         let (respond, answer) = oneshot::channel();
         store
-            .propose(range, command, respond)
-            .map_err(|e| route_refusal(e, range))?;
+            .propose(range, command, Responder::Call(respond))
+            .map_err(|(e, _)| route_refusal(e, range))?;
         match tokio::time::timeout(REQUEST_TIMEOUT, answer).await {
             Ok(Ok(result)) => Ok(result),
             Ok(Err(_)) => Err(Refusal::Status(Status::unavailable(
-                "the store stopped, or its replica lost the leadership, before the write \
-                 was known to apply: outcome unknown",
+                command::OUTCOME_UNKNOWN,
             ))),
             Err(_) => Err(Refusal::Status(Status::deadline_exceeded(
                 "the write was not applied in time: outcome unknown",
             ))),
         }
+    }
+
+    /// A put, delete or batch put of a batch-commands stream, on the stream's own
+    /// task: checked and proposed here, answered by the worker straight onto the
+    /// stream (`Responder::Stream`), or refused here. No task, timer or wake-up per
+    /// write; the client's deadline bounds the wait.
+    fn stream_write(&self, id: u64, kind: StreamWrite, op: WriteOp, answers: &StreamAnswers) {
+        let refusal = match op {
+            Err(status) => Refusal::Status(status),
+            Ok((header, op)) => match self.prepare_write(header.as_ref(), op) {
+                Err(refusal) => refusal,
+                Ok((store, range, command)) => {
+                    let reply = StreamReply::new(id, kind, answers.clone());
+                    match store.propose(range, command, Responder::Stream(reply)) {
+                        Ok(()) => return,
+                        // Answered "outcome unknown" already (the store stopped).
+                        Err((_, None)) => return,
+                        Err((error, Some(respond))) => {
+                            respond.disarm();
+                            route_refusal(error, range)
+                        }
+                    }
+                }
+            },
+        };
+        let response = match refusal {
+            Refusal::Detail(error) => {
+                let error = Some(error);
+                proto::batch_commands_response::Response {
+                    id,
+                    cmd: Some(match kind {
+                        StreamWrite::Put => Resp::Put(proto::PutResponse { error }),
+                        StreamWrite::Delete => Resp::Delete(proto::DeleteResponse { error }),
+                        StreamWrite::BatchPut => Resp::BatchPut(proto::BatchPutResponse { error }),
+                    }),
+                    status_code: 0,
+                    status_message: String::new(),
+                }
+            }
+            Refusal::Status(status) => status_response(id, status),
+        };
+        let _ = answers.send(response);
+    }
+
+    /// A put's checks; the batch to propose.
+    fn put_op(&self, request: proto::PutRequest) -> WriteOp {
+        self.check_size(&request)?;
+        validate::key(&request.key)?;
+        validate::value(&request.value)?;
+        let op = Op::Batch(proto::BatchPutRequest {
+            header: None,
+            mutations: vec![proto::Mutation {
+                op: proto::mutation::Op::Put as i32,
+                key: request.key,
+                value: request.value,
+            }],
+        });
+        Ok((request.header, op))
+    }
+
+    /// A delete's checks; the batch to propose.
+    fn delete_op(&self, request: proto::DeleteRequest) -> WriteOp {
+        self.check_size(&request)?;
+        validate::key(&request.key)?;
+        let op = Op::Batch(proto::BatchPutRequest {
+            header: None,
+            mutations: vec![proto::Mutation {
+                op: proto::mutation::Op::Delete as i32,
+                key: request.key,
+                value: Default::default(),
+            }],
+        });
+        Ok((request.header, op))
+    }
+
+    /// A batch put's checks; the batch to propose.
+    fn batch_put_op(&self, mut request: proto::BatchPutRequest) -> WriteOp {
+        self.check_size(&request)?;
+        validate::batch_len(request.mutations.len())?;
+        for mutation in &request.mutations {
+            validate::key(&mutation.key)?;
+            validate::value(&mutation.value)?;
+            if proto::mutation::Op::try_from(mutation.op).is_err() {
+                return Err(Status::invalid_argument(format!(
+                    "unknown mutation op {} (allowed: OP_PUT, OP_DELETE)",
+                    mutation.op
+                )));
+            }
+        }
+        let header = request.header.take();
+        Ok((header, Op::Batch(request)))
     }
 
     /// Waits until the local state machine may serve a linearizable read of the
@@ -234,6 +335,22 @@ with_error!(
     proto::DeleteRangeResponse
 );
 
+/// A write's header and the batch to propose, or why it is refused.
+type WriteOp = Result<(Option<proto::RequestHeader>, Op), Status>;
+
+type Req = proto::batch_commands_request::request::Cmd;
+type Resp = proto::batch_commands_response::response::Cmd;
+
+/// The answer to request `id` of a batch-commands stream that failed with `status`.
+fn status_response(id: u64, status: Status) -> proto::batch_commands_response::Response {
+    proto::batch_commands_response::Response {
+        id,
+        cmd: None,
+        status_code: status.code() as i32,
+        status_message: status.message().to_string(),
+    }
+}
+
 /// Requests of one batch-commands stream answered together in one response message.
 const BATCH_RESPONSES_MAX: usize = 1024;
 
@@ -269,7 +386,9 @@ impl Kv for KvService {
     type BatchCommandsStream = ResponseStream;
 
     /// Every request of the stream runs concurrently; answers are sent as they are
-    /// ready, as many per message as are ready together.
+    /// ready, as many per message as are ready together. Puts, deletes and batch puts
+    /// are checked and proposed on the stream's task and answered by the worker
+    /// straight onto the stream (`stream_write`); reads and CAS run as a task each.
     async fn batch_commands(
         &self,
         request: Request<Streaming<proto::BatchCommandsRequest>>,
@@ -287,31 +406,35 @@ impl Kv for KvService {
                         .fetch_add(batch.requests.len() as u64, Ordering::Relaxed);
                 }
                 for request in batch.requests {
-                    let (service, answers) = (service.clone(), answers.clone());
-                    tokio::spawn(async move {
-                        let id = request.id;
-                        let response = match request.cmd {
-                            None => {
-                                Err(Status::invalid_argument("batch command without a request"))
-                            }
-                            Some(cmd) => service.run_command(cmd).await,
-                        };
-                        let response = match response {
-                            Ok(cmd) => proto::batch_commands_response::Response {
-                                id,
-                                cmd: Some(cmd),
-                                status_code: 0,
-                                status_message: String::new(),
-                            },
-                            Err(status) => proto::batch_commands_response::Response {
-                                id,
-                                cmd: None,
-                                status_code: status.code() as i32,
-                                status_message: status.message().to_string(),
-                            },
-                        };
-                        let _ = answers.send(response);
-                    });
+                    let id = request.id;
+                    let (kind, op) = match request.cmd {
+                        Some(Req::Put(r)) => (StreamWrite::Put, service.put_op(r)),
+                        Some(Req::Delete(r)) => (StreamWrite::Delete, service.delete_op(r)),
+                        Some(Req::BatchPut(r)) => (StreamWrite::BatchPut, service.batch_put_op(r)),
+                        other => {
+                            // Reads (served in parallel on the runtime's threads) and CAS.
+                            let (service, answers) = (service.clone(), answers.clone());
+                            tokio::spawn(async move {
+                                let response = match other {
+                                    None => Err(Status::invalid_argument(
+                                        "batch command without a request",
+                                    )),
+                                    Some(cmd) => service.run_command(cmd).await,
+                                };
+                                let _ = answers.send(match response {
+                                    Ok(cmd) => proto::batch_commands_response::Response {
+                                        id,
+                                        cmd: Some(cmd),
+                                        status_code: 0,
+                                        status_message: String::new(),
+                                    },
+                                    Err(status) => status_response(id, status),
+                                });
+                            });
+                            continue;
+                        }
+                    };
+                    service.stream_write(id, kind, op, &answers);
                 }
             }
         });
@@ -355,19 +478,8 @@ impl Kv for KvService {
         &self,
         request: Request<proto::PutRequest>,
     ) -> Result<Response<proto::PutResponse>, Status> {
-        let request = request.into_inner();
-        self.check_size(&request)?;
-        validate::key(&request.key)?;
-        validate::value(&request.value)?;
-        let op = Op::Batch(proto::BatchPutRequest {
-            header: None,
-            mutations: vec![proto::Mutation {
-                op: proto::mutation::Op::Put as i32,
-                key: request.key,
-                value: request.value,
-            }],
-        });
-        match self.write(request.header.as_ref(), op).await {
+        let (header, op) = self.put_op(request.into_inner())?;
+        match self.write(header.as_ref(), op).await {
             Ok(Ok(_)) => Ok(Response::new(proto::PutResponse::default())),
             Ok(Err(error)) => Ok(Response::new(proto::PutResponse::default_with_error(error))),
             Err(refusal) => refuse!(refusal, proto::PutResponse),
@@ -378,18 +490,8 @@ impl Kv for KvService {
         &self,
         request: Request<proto::DeleteRequest>,
     ) -> Result<Response<proto::DeleteResponse>, Status> {
-        let request = request.into_inner();
-        self.check_size(&request)?;
-        validate::key(&request.key)?;
-        let op = Op::Batch(proto::BatchPutRequest {
-            header: None,
-            mutations: vec![proto::Mutation {
-                op: proto::mutation::Op::Delete as i32,
-                key: request.key,
-                value: Default::default(),
-            }],
-        });
-        match self.write(request.header.as_ref(), op).await {
+        let (header, op) = self.delete_op(request.into_inner())?;
+        match self.write(header.as_ref(), op).await {
             Ok(Ok(_)) => Ok(Response::new(proto::DeleteResponse::default())),
             Ok(Err(error)) => Ok(Response::new(proto::DeleteResponse::default_with_error(
                 error,
@@ -497,21 +599,8 @@ impl Kv for KvService {
         &self,
         request: Request<proto::BatchPutRequest>,
     ) -> Result<Response<proto::BatchPutResponse>, Status> {
-        let mut request = request.into_inner();
-        self.check_size(&request)?;
-        validate::batch_len(request.mutations.len())?;
-        for mutation in &request.mutations {
-            validate::key(&mutation.key)?;
-            validate::value(&mutation.value)?;
-            if proto::mutation::Op::try_from(mutation.op).is_err() {
-                return Err(Status::invalid_argument(format!(
-                    "unknown mutation op {} (allowed: OP_PUT, OP_DELETE)",
-                    mutation.op
-                )));
-            }
-        }
-        let header = request.header.take();
-        match self.write(header.as_ref(), Op::Batch(request)).await {
+        let (header, op) = self.batch_put_op(request.into_inner())?;
+        match self.write(header.as_ref(), op).await {
             Ok(Ok(_)) => Ok(Response::new(proto::BatchPutResponse::default())),
             Ok(Err(error)) => Ok(Response::new(proto::BatchPutResponse::default_with_error(
                 error,

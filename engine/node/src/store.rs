@@ -414,22 +414,46 @@ impl Store {
         }
     }
 
-    /// Hands a client write to its range's worker.
+    /// Hands a client write to its range's worker. Refused, the responder comes back
+    /// unanswered when it never reached the worker (no such range, inbox full, store
+    /// stopped), so that the caller can answer the refusal itself.
     pub fn propose(
         &self,
         range: RangeId,
         command: proto::Command,
         respond: Responder,
-    ) -> Result<(), RouteError> {
-        let inbox = self.inbox_for(range)?;
-        self.send_inbound(
-            inbox,
-            Inbound::Write {
-                range,
-                command,
-                respond,
-            },
-        )
+    ) -> Result<(), (RouteError, Option<Responder>)> {
+        let inbox = match self.inbox_for(range) {
+            Ok(inbox) => inbox,
+            Err(error) => return Err((error, Some(respond))),
+        };
+        let returned = |message: Inbound| match message {
+            Inbound::Write { respond, .. } => Some(respond),
+            _ => None,
+        };
+        match inbox.try_send(Inbound::Write {
+            range,
+            command,
+            respond,
+        }) {
+            // Sent after shutdown emptied the inboxes: empty them again (the dropped
+            // responder tells its client the outcome is unknown).
+            Ok(()) if self.is_stopped() => {
+                self.drop_queued();
+                Err((RouteError::Stopped, None))
+            }
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(message)) => {
+                self.shared
+                    .counters
+                    .inbox_full
+                    .fetch_add(1, Ordering::Relaxed);
+                Err((RouteError::Busy, returned(message)))
+            }
+            Err(TrySendError::Disconnected(message)) => {
+                Err((RouteError::Stopped, returned(message)))
+            }
+        }
     }
 
     /// Asks for a linearizable read point on `range`: answered once the local state

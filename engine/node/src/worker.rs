@@ -415,9 +415,7 @@ impl Worker {
                     peer.idle_ticks = 0;
                     self.touched.insert(range);
                 }
-                None => {
-                    let _ = respond.send(Err(range_not_found(range)));
-                }
+                None => respond.send(Err(range_not_found(range))),
             },
             Inbound::Read { range, respond } => {
                 let Some(peer) = self.peers.get_mut(&range) else {
@@ -835,11 +833,11 @@ impl Worker {
             self.compact_logs(compactions);
         }
         for (respond, result) in answers {
-            let _ = respond.send(result);
+            respond.send(result);
         }
         for responders in dropped {
             for respond in responders {
-                let _ = respond.send(Err(proto::Error {
+                respond.send(Err(proto::Error {
                     kind: Some(proto::error::Kind::NotLeader(proto::NotLeader::default())),
                 }));
             }
@@ -945,7 +943,7 @@ impl Worker {
     fn fail_everything(&mut self, why: &str) {
         for peer in self.peers.values_mut() {
             for (_, respond) in peer.writes.drain(..) {
-                let _ = respond.send(Err(internal(why)));
+                respond.send(Err(internal(why)));
             }
             // Proposed entries may still commit under another leader: dropping their
             // responders tells clients the outcome is unknown (never "not applied").
@@ -1045,7 +1043,7 @@ fn propose_writes(peer: &mut Peer, now: Instant, bytes_target: usize) {
     let writes = std::mem::take(&mut peer.writes);
     if !peer.replica.is_leader() {
         for (_, respond) in writes {
-            let _ = respond.send(Err(peer.info.not_leader()));
+            respond.send(Err(peer.info.not_leader()));
         }
         return;
     }
@@ -1083,7 +1081,7 @@ fn propose_writes(peer: &mut Peer, now: Instant, bytes_target: usize) {
         let data = command::encode_entry(commands);
         if let Err(refused) = peer.replica.propose(now, data, responders) {
             for respond in refused.returned {
-                let _ = respond.send(Err(peer.info.not_leader()));
+                respond.send(Err(peer.info.not_leader()));
             }
         }
     }

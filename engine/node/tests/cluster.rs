@@ -747,3 +747,131 @@ async fn many_large_writes_in_one_loop_are_split_over_several_log_writes() {
     assert!(cluster.running().all(|(_, n)| !n.store().is_stopped()));
     cluster.shutdown().await;
 }
+
+/// Puts on a batch-commands stream are proposed on the stream's task and answered by
+/// the worker straight onto the stream. Every request gets exactly one answer, under
+/// its id: applied ones are readable, in-band errors and invalid requests come back as
+/// the unary calls return them, and a write refused at the worker's full inbox is
+/// answered `RESOURCE_EXHAUSTED` (never "outcome unknown") and is not applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_writes_are_answered_once_each_and_refusals_are_not_applied() {
+    use proto::batch_commands_request::{request::Cmd as Req, Request as Item};
+    use proto::batch_commands_response::response::Cmd as Resp;
+    let cluster = Cluster::start_with(3, Vec::new(), |config| {
+        config.store.inbox_messages_max = 8;
+    })
+    .await;
+    cluster.wait_for_leaders().await;
+    let range = cluster.range_of(b"k").await;
+    let leader = cluster.leader_of(RangeId(range.range_id)).unwrap();
+    let mut kv = cluster.kv(leader).await;
+    let header = proto::RequestHeader {
+        range_id: range.range_id,
+        epoch: range.epoch,
+        stale_read: false,
+    };
+    let stale = proto::RequestHeader {
+        epoch: Some(proto::RangeEpoch {
+            version: range.epoch.unwrap_or_default().version + 1,
+            ..range.epoch.unwrap_or_default()
+        }),
+        ..header
+    };
+    let put = |header: proto::RequestHeader, key: Vec<u8>| {
+        Req::Put(proto::PutRequest {
+            header: Some(header),
+            key: key.into(),
+            value: b"v".to_vec().into(),
+        })
+    };
+    let burst = 2000u64;
+    let mut requests: Vec<Item> = (0..burst)
+        .map(|id| Item {
+            id,
+            cmd: Some(put(header, key(id as usize))),
+        })
+        .collect();
+    requests.push(Item {
+        id: burst,
+        cmd: Some(put(stale, b"stale".to_vec())),
+    });
+    requests.push(Item {
+        id: burst + 1,
+        cmd: Some(Req::Delete(proto::DeleteRequest {
+            header: Some(header),
+            key: vec![b'k'; 9000].into(),
+        })),
+    });
+    let (send, outgoing) = tokio::sync::mpsc::channel(1);
+    send.send(proto::BatchCommandsRequest { requests })
+        .await
+        .unwrap();
+    let mut answers = kv
+        .batch_commands(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = std::collections::BTreeMap::new();
+    while got.len() < burst as usize + 2 {
+        let message = answers
+            .message()
+            .await
+            .unwrap()
+            .expect("the stream stays open");
+        for response in message.responses {
+            let id = response.id;
+            assert!(
+                got.insert(id, response).is_none(),
+                "request {id} answered twice"
+            );
+        }
+    }
+    let (mut applied, mut busy) = (Vec::new(), Vec::new());
+    for id in 0..burst {
+        let response = &got[&id];
+        match (&response.cmd, response.status_code) {
+            (Some(Resp::Put(proto::PutResponse { error: None })), 0) => applied.push(id),
+            (None, code) if code == tonic::Code::ResourceExhausted as i32 => busy.push(id),
+            other => panic!(
+                "request {id}: unexpected answer {other:?} {}",
+                response.status_message
+            ),
+        }
+    }
+    assert!(
+        !applied.is_empty() && !busy.is_empty(),
+        "{} applied, {} busy",
+        applied.len(),
+        busy.len()
+    );
+    match &got[&burst].cmd {
+        Some(Resp::Put(proto::PutResponse { error: Some(error) })) => assert!(
+            matches!(error.kind, Some(proto::error::Kind::EpochNotMatch(_))),
+            "{error:?}"
+        ),
+        other => panic!("stale epoch: {other:?}"),
+    }
+    let invalid = &got[&(burst + 1)];
+    assert_eq!(invalid.status_code, tonic::Code::InvalidArgument as i32);
+    assert!(
+        invalid.status_message.contains("key_bytes_max=8192"),
+        "{}",
+        invalid.status_message
+    );
+    for id in applied {
+        assert_eq!(
+            cluster.get(&key(id as usize)).await,
+            Some(b"v".to_vec()),
+            "{id}"
+        );
+    }
+    for id in busy {
+        assert_eq!(
+            cluster.get(&key(id as usize)).await,
+            None,
+            "refused {id} was applied"
+        );
+    }
+    drop(send);
+    cluster.shutdown().await;
+}

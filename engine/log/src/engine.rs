@@ -373,6 +373,9 @@ pub(crate) struct Shared {
     /// The threads that run completions: the completion thread and the writer.
     pub completion_thread: std::sync::OnceLock<std::thread::ThreadId>,
     pub writer_thread: std::sync::OnceLock<std::thread::ThreadId>,
+    /// Cached bytes dropped by `LogEngine::release_cache` (outside the writer's lock),
+    /// not yet taken off the writer's count.
+    pub cache_released: std::sync::atomic::AtomicUsize,
 }
 
 /// An entry from the cache, or one to read: its index, location and segment file
@@ -888,6 +891,7 @@ impl LogEngine {
             caller_held: AtomicBool::new(false),
             leading: AtomicBool::new(false),
             wake_at_queued: std::sync::atomic::AtomicUsize::new(1),
+            cache_released: std::sync::atomic::AtomicUsize::new(0),
         });
         let writer =
             writer::Writer::start(shared.clone(), backend.as_ref(), recovered.next_sequence)?;
@@ -1042,6 +1046,22 @@ impl LogEngine {
         };
         shared.sync_waiters.fetch_sub(1, Ordering::SeqCst);
         result
+    }
+
+    /// Drops `range`'s cached entries up to `through` (inclusive): its user will not
+    /// read them again soon (a raft worker: applied here and, on a leader, held by
+    /// every follower); a read of them then goes to the segment files. The cache then
+    /// holds only what is in flight, so its memory is freed and reused while hot,
+    /// instead of filling `cache_bytes_max` with fresh pages that each cost a fault
+    /// and a zeroing. The cache stays a suffix of the log.
+    pub fn release_cache(&self, range: RangeId, through: u64) {
+        let shared = self.shared();
+        if let Some(log) = shared.range(range) {
+            let freed = lock(&log).evict_cache_through(through);
+            if freed > 0 {
+                shared.cache_released.fetch_add(freed, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Drops `range`'s entries before `first_index` (they are applied and no longer

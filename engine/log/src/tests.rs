@@ -548,6 +548,50 @@ mod conformance {
         assert_eq!(some, entries(range, 1, some.len() as u64));
     }
 
+    /// `release_cache` drops a prefix of the cached entries (reads of them go to
+    /// disk and return the same entries), later appends are cached after what is
+    /// left, and the bytes released are taken off the cache's budget: with a budget
+    /// that holds either of two appends but not both, the second append all stays
+    /// cached once the first is released.
+    pub fn released_entries_are_read_from_disk_and_free_the_budget(kind: &str, io: LogIo) {
+        let store = store(kind);
+        let range = RangeId(6);
+        let bytes = |from: u64, to: u64| -> usize {
+            (from..=to)
+                .map(|i| crate::index::cached_bytes(&entry(range, i)))
+                .sum()
+        };
+        // Either append fits alone; both together do not.
+        let budget = bytes(1, 20).max(bytes(21, 40));
+        let engine = open(
+            &store,
+            LogConfig {
+                cache_bytes_max: budget,
+                ..small_config(io)
+            },
+        );
+        let cached = |engine: &LogEngine| {
+            engine
+                .shared()
+                .range(range)
+                .map_or(0, |log| log.lock().unwrap().cached_entries())
+        };
+        append(&engine, range, 1, 20);
+        assert_eq!(cached(&engine), 20);
+        engine.release_cache(range, 12);
+        assert_eq!(cached(&engine), 8, "13..=20 left");
+        assert_log(&engine, range, 1, 20);
+        engine.release_cache(range, 20);
+        assert_eq!(cached(&engine), 0);
+        append(&engine, range, 21, 40);
+        assert_eq!(cached(&engine), 20, "the released bytes left the budget");
+        assert_log(&engine, range, 1, 40);
+        engine.release_cache(range, u64::MAX);
+        append(&engine, range, 41, 42);
+        assert_eq!(cached(&engine), 2);
+        assert_log(&engine, range, 1, 42);
+    }
+
     pub fn raft_storage_view(kind: &str, io: LogIo) {
         use raft::Storage as _;
         let store = store(kind);
@@ -614,6 +658,10 @@ mod conformance {
                 #[test]
                 fn reads_from_disk_once_evicted() {
                     super::reads_from_disk_once_evicted($kind, $io);
+                }
+                #[test]
+                fn released_entries_are_read_from_disk_and_free_the_budget() {
+                    super::released_entries_are_read_from_disk_and_free_the_budget($kind, $io);
                 }
                 #[test]
                 fn raft_storage_view() {

@@ -1142,6 +1142,7 @@ impl Writer {
     }
 
     fn evict_cache(&mut self) {
+        self.cache_bytes -= self.shared.cache_released.swap(0, Ordering::Relaxed) as isize;
         let budget = self.shared.config.cache_bytes_max as isize;
         while self.cache_bytes > budget || self.cache_queue.len() > CACHE_QUEUE_ITEMS_MAX {
             let Some((range, through)) = self.cache_queue.pop_front() else {

@@ -848,6 +848,15 @@ impl Worker {
                 peer.replica.on_applied(applied, &mut reads);
                 peer.info.applied.store(applied, Ordering::Relaxed);
                 self.touched.insert(range);
+                // Entries applied here (and, on a leader, held by every follower) are
+                // read no more: the log's cache keeps only what is in flight.
+                let mut through = applied;
+                if peer.replica.is_leader() {
+                    for (_, progress) in peer.replica.raw.raft.prs().iter() {
+                        through = through.min(progress.matched);
+                    }
+                }
+                self.shared.log.release_cache(range, through);
             }
         }
         for respond in reads {

@@ -800,7 +800,7 @@ os.execv(sys.argv[1], sys.argv[1:])
         "suite under seccomp failed:\n{stdout}\n{stderr}"
     );
     assert!(
-        stdout.contains("test result: ok. 12 passed"),
+        stdout.contains("test result: ok. 13 passed"),
         "the whole auto suite ran: {stdout}"
     );
     // And io_uring really is denied there.

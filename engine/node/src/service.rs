@@ -216,14 +216,7 @@ impl KvService {
         self.check_size(&request)?;
         validate::key(&request.key)?;
         validate::value(&request.value)?;
-        let op = Op::Batch(proto::BatchPutRequest {
-            header: None,
-            mutations: vec![proto::Mutation {
-                op: proto::mutation::Op::Put as i32,
-                key: request.key,
-                value: request.value,
-            }],
-        });
+        let op = one_mutation(proto::mutation::Op::Put, request.key, request.value);
         Ok((request.header, op))
     }
 
@@ -231,14 +224,7 @@ impl KvService {
     fn delete_op(&self, request: proto::DeleteRequest) -> WriteOp {
         self.check_size(&request)?;
         validate::key(&request.key)?;
-        let op = Op::Batch(proto::BatchPutRequest {
-            header: None,
-            mutations: vec![proto::Mutation {
-                op: proto::mutation::Op::Delete as i32,
-                key: request.key,
-                value: Default::default(),
-            }],
-        });
+        let op = one_mutation(proto::mutation::Op::Delete, request.key, Default::default());
         Ok((request.header, op))
     }
 
@@ -334,6 +320,22 @@ with_error!(
     proto::CompareAndSwapResponse,
     proto::DeleteRangeResponse
 );
+
+/// A batch of one mutation (what a put or a delete proposes).
+fn one_mutation(
+    op: proto::mutation::Op,
+    key: prost::bytes::Bytes,
+    value: prost::bytes::Bytes,
+) -> Op {
+    Op::Batch(proto::BatchPutRequest {
+        header: None,
+        mutations: vec![proto::Mutation {
+            op: op as i32,
+            key,
+            value,
+        }],
+    })
+}
 
 /// A write's header and the batch to propose, or why it is refused.
 type WriteOp = Result<(Option<proto::RequestHeader>, Op), Status>;

@@ -564,6 +564,27 @@ async fn idle_ranges_quiesce_wake_on_requests_and_survive_their_leader_store() {
     cluster.shutdown().await;
 }
 
+/// The range of key `k`, a client of its leader, and a header for it.
+async fn leader_of_k(
+    cluster: &Cluster,
+) -> (
+    rangekv_rpc::RangeDescriptor,
+    proto::kv_client::KvClient<tonic::transport::Channel>,
+    proto::RequestHeader,
+) {
+    let range = cluster.range_of(b"k").await;
+    let Some(leader) = cluster.leader_of(RangeId(range.range_id)) else {
+        panic!("range {} has no leader", range.range_id);
+    };
+    let kv = cluster.kv(leader).await;
+    let header = proto::RequestHeader {
+        range_id: range.range_id,
+        epoch: range.epoch,
+        stale_read: false,
+    };
+    (range, kv, header)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_over_the_configured_size_is_refused_naming_the_limit() {
     let limit = 2 << 20;
@@ -571,14 +592,7 @@ async fn a_request_over_the_configured_size_is_refused_naming_the_limit() {
         config.request_bytes_max = limit;
     })
     .await;
-    let range = cluster.range_of(b"k").await;
-    let leader = cluster.leader_of(RangeId(range.range_id)).unwrap();
-    let mut kv = cluster.kv(leader).await;
-    let header = proto::RequestHeader {
-        range_id: range.range_id,
-        epoch: range.epoch,
-        stale_read: false,
-    };
+    let (_, mut kv, header) = leader_of_k(&cluster).await;
     let big = |i: u8| proto::Mutation {
         op: 0,
         key: vec![b'k', i].into(),
@@ -762,14 +776,7 @@ async fn streamed_writes_are_answered_once_each_and_refusals_are_not_applied() {
     })
     .await;
     cluster.wait_for_leaders().await;
-    let range = cluster.range_of(b"k").await;
-    let leader = cluster.leader_of(RangeId(range.range_id)).unwrap();
-    let mut kv = cluster.kv(leader).await;
-    let header = proto::RequestHeader {
-        range_id: range.range_id,
-        epoch: range.epoch,
-        stale_read: false,
-    };
+    let (range, mut kv, header) = leader_of_k(&cluster).await;
     let stale = proto::RequestHeader {
         epoch: Some(proto::RangeEpoch {
             version: range.epoch.unwrap_or_default().version + 1,

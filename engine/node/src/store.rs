@@ -395,49 +395,19 @@ impl Store {
     }
 
     fn send_inbound(&self, sender: &Sender<Inbound>, message: Inbound) -> Result<(), RouteError> {
+        self.try_send_inbound(sender, message)
+            .map_err(|(error, _)| error)
+    }
+
+    /// `send_inbound`, handing back a message that was not queued.
+    fn try_send_inbound(
+        &self,
+        sender: &Sender<Inbound>,
+        message: Inbound,
+    ) -> Result<(), (RouteError, Option<Box<Inbound>>)> {
         match sender.try_send(message) {
             // Sent after shutdown emptied the inboxes: empty them again, so that nothing
             // waits on a worker that is gone (the flag is set before shutdown empties).
-            Ok(()) if self.is_stopped() => {
-                self.drop_queued();
-                Err(RouteError::Stopped)
-            }
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => {
-                self.shared
-                    .counters
-                    .inbox_full
-                    .fetch_add(1, Ordering::Relaxed);
-                Err(RouteError::Busy)
-            }
-            Err(TrySendError::Disconnected(_)) => Err(RouteError::Stopped),
-        }
-    }
-
-    /// Hands a client write to its range's worker. Refused, the responder comes back
-    /// unanswered when it never reached the worker (no such range, inbox full, store
-    /// stopped), so that the caller can answer the refusal itself.
-    pub fn propose(
-        &self,
-        range: RangeId,
-        command: proto::Command,
-        respond: Responder,
-    ) -> Result<(), (RouteError, Option<Responder>)> {
-        let inbox = match self.inbox_for(range) {
-            Ok(inbox) => inbox,
-            Err(error) => return Err((error, Some(respond))),
-        };
-        let returned = |message: Inbound| match message {
-            Inbound::Write { respond, .. } => Some(respond),
-            _ => None,
-        };
-        match inbox.try_send(Inbound::Write {
-            range,
-            command,
-            respond,
-        }) {
-            // Sent after shutdown emptied the inboxes: empty them again (the dropped
-            // responder tells its client the outcome is unknown).
             Ok(()) if self.is_stopped() => {
                 self.drop_queued();
                 Err((RouteError::Stopped, None))
@@ -448,12 +418,38 @@ impl Store {
                     .counters
                     .inbox_full
                     .fetch_add(1, Ordering::Relaxed);
-                Err((RouteError::Busy, returned(message)))
+                Err((RouteError::Busy, Some(Box::new(message))))
             }
             Err(TrySendError::Disconnected(message)) => {
-                Err((RouteError::Stopped, returned(message)))
+                Err((RouteError::Stopped, Some(Box::new(message))))
             }
         }
+    }
+
+    /// Hands a client write to its range's worker. Refused, the responder comes back
+    /// unanswered when it never reached the worker (no such range, inbox full, store
+    /// stopped), so that the caller can answer the refusal itself; a write queued
+    /// after the store stopped is dropped (its client learns the outcome is unknown).
+    pub fn propose(
+        &self,
+        range: RangeId,
+        command: proto::Command,
+        respond: Responder,
+    ) -> Result<(), (RouteError, Option<Responder>)> {
+        let inbox = match self.inbox_for(range) {
+            Ok(inbox) => inbox,
+            Err(error) => return Err((error, Some(respond))),
+        };
+        let write = Inbound::Write {
+            range,
+            command,
+            respond,
+        };
+        self.try_send_inbound(inbox, write)
+            .map_err(|(error, returned)| match returned.map(|message| *message) {
+                Some(Inbound::Write { respond, .. }) => (error, Some(respond)),
+                _ => (error, None),
+            })
     }
 
     /// Asks for a linearizable read point on `range`: answered once the local state

@@ -2,7 +2,7 @@
 //! one message (as many as are queued when the sender gets to them), and answers come
 //! back matched by id. A per-request RPC would otherwise cap throughput.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -24,7 +24,7 @@ const BATCH_CALLS_MAX: usize = 1024;
 /// queue leave in the same message. Below it (light load) a call leaves at once.
 const GATHER_AFTER_WAITING_CALLS: usize = 8;
 
-type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply, Status>>>>>;
+type Waiters = Arc<Mutex<FxHashMap<u64, oneshot::Sender<Result<Reply, Status>>>>>;
 
 struct Call {
     cmd: Cmd,
@@ -92,7 +92,7 @@ async fn run(
             return; // queued calls see a closed channel: not sent
         }
     };
-    let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
+    let waiters: Waiters = Arc::new(Mutex::new(FxHashMap::default()));
     let reader = {
         let (waiters, broken) = (waiters.clone(), broken.clone());
         tokio::spawn(async move {

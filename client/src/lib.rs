@@ -22,7 +22,9 @@
 
 mod batch;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -187,7 +189,7 @@ struct Inner {
     config: Config,
     cache: Mutex<RangeCache>,
     /// Store id → (address, batch-commands stream), one per store.
-    stores: Mutex<HashMap<u64, (String, Conn)>>,
+    stores: Mutex<FxHashMap<u64, (String, Conn)>>,
     /// The PD connection, shared by every call (HTTP/2 multiplexes them); dropped
     /// when a call finds it unavailable, so the next one tries every endpoint again.
     pd: Mutex<Option<Channel>>,
@@ -294,7 +296,7 @@ impl Client {
                 pd_endpoints: pd_endpoints.iter().map(|e| e.to_string()).collect(),
                 config,
                 cache: Mutex::new(RangeCache::default()),
-                stores: Mutex::new(HashMap::new()),
+                stores: Mutex::new(FxHashMap::default()),
                 pd: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
             }),
@@ -650,7 +652,7 @@ impl Client {
     /// The values of `keys` that exist, in request order.
     pub async fn batch_get(&self, keys: &[Vec<u8>]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         check(&keys.iter().map(|k| &k[..]).collect::<Vec<_>>(), &[])?;
-        let mut found = HashMap::new();
+        let mut found = FxHashMap::default();
         for (key, group) in self.group_by_range(keys.to_vec(), |k| k.clone()).await? {
             let group: Vec<bytes::Bytes> = group.into_iter().map(Into::into).collect();
             let pairs = self

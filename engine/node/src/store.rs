@@ -1,7 +1,7 @@
 //! The store: every range replica on this node, sharded over a fixed pool of worker
 //! threads, and the routing of requests and raft messages to them.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -184,7 +184,7 @@ pub(crate) struct StoreShared {
     pub config: StoreConfig,
     pub log: LogEngine,
     pub state: Arc<StateMachine>,
-    pub ranges: RwLock<HashMap<RangeId, Arc<RangeInfo>>>,
+    pub ranges: RwLock<FxHashMap<RangeId, Arc<RangeInfo>>>,
     pub transport: Arc<dyn Transport>,
     pub counters: StoreCounters,
     /// Set when the store stops: at shutdown, or when the log engine failed. It serves nothing after.
@@ -192,18 +192,18 @@ pub(crate) struct StoreShared {
     pub fatal: Box<dyn Fn(String) + Send + Sync>,
     /// When each other store's last tick batch arrived: the store-level liveness
     /// that wakes quiesced followers of a silent leader's store.
-    pub last_heard: Mutex<HashMap<StoreId, Instant>>,
+    pub last_heard: Mutex<FxHashMap<StoreId, Instant>>,
 }
 
 impl StoreShared {
     /// Other stores that sent no tick batch within `within` (stores never heard from
     /// count as heard when this one `started`).
-    pub fn silent_stores(&self, within: Duration, started: Instant) -> HashSet<StoreId> {
+    pub fn silent_stores(&self, within: Duration, started: Instant) -> FxHashSet<StoreId> {
         if started.elapsed() < within {
-            return HashSet::new();
+            return FxHashSet::default();
         }
         let heard = self.last_heard.lock().unwrap_or_else(|p| p.into_inner());
-        let mut silent: HashSet<StoreId> = self
+        let mut silent: FxHashSet<StoreId> = self
             .transport
             .known_stores()
             .into_iter()
@@ -257,12 +257,12 @@ impl Store {
             config: config.clone(),
             log,
             state,
-            ranges: RwLock::new(HashMap::new()),
+            ranges: RwLock::new(FxHashMap::default()),
             transport,
             counters: StoreCounters::default(),
             stopped: AtomicBool::new(false),
             fatal,
-            last_heard: Mutex::new(HashMap::new()),
+            last_heard: Mutex::new(FxHashMap::default()),
         });
         let mut inboxes = Vec::new();
         let mut drains = Vec::new();

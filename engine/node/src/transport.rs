@@ -5,7 +5,7 @@
 //! without a ReadIndex context are held for the tick batch, which goes to every
 //! known store once per tick, empty or not: the store-level liveness signal.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -69,8 +69,8 @@ pub struct GrpcTransport {
     store_id: StoreId,
     pd: String,
     runtime: tokio::runtime::Handle,
-    outboxes: Mutex<HashMap<StoreId, Outbox>>,
-    links: Mutex<HashMap<StoreId, Link>>,
+    outboxes: Mutex<FxHashMap<StoreId, Outbox>>,
+    links: Mutex<FxHashMap<StoreId, Link>>,
     unreachable: OnceLock<Box<dyn Fn(StoreId) + Send + Sync>>,
     message_bytes_max: usize,
     stopped: std::sync::atomic::AtomicBool,
@@ -88,8 +88,8 @@ impl GrpcTransport {
             store_id,
             pd,
             runtime,
-            outboxes: Mutex::new(HashMap::new()),
-            links: Mutex::new(HashMap::new()),
+            outboxes: Mutex::new(FxHashMap::default()),
+            links: Mutex::new(FxHashMap::default()),
             unreachable: OnceLock::new(),
             message_bytes_max,
             stopped: std::sync::atomic::AtomicBool::new(false),

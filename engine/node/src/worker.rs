@@ -4,7 +4,9 @@
 //! → **one** log write for all of them (persisted asynchronously) → send → apply
 //! committed entries in one RocksDB batch → answer clients.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -77,7 +79,7 @@ struct Peer {
     replica: Replica<PeerStorage, Proposal, ReadResponder>,
     info: Arc<RangeInfo>,
     descriptor: RangeDescriptor,
-    store_of: HashMap<u64, StoreId>,
+    store_of: FxHashMap<u64, StoreId>,
     writes: Vec<(proto::Command, Responder)>,
     /// Log writes holding a `Ready` of this range that are not durable yet.
     persisting: usize,
@@ -117,15 +119,15 @@ pub(crate) struct Worker {
     inbox: Receiver<Inbound>,
     control: Receiver<Control>,
     control_sender: Sender<Control>,
-    peers: HashMap<RangeId, Peer>,
+    peers: FxHashMap<RangeId, Peer>,
     /// Ranges with something to do this iteration.
-    touched: HashSet<RangeId>,
+    touched: FxHashSet<RangeId>,
     /// Ranges not quiesced: the ones ticked.
-    awake: HashSet<RangeId>,
+    awake: FxHashSet<RangeId>,
     persisting: VecDeque<Persisting>,
     /// Applied log compactions waiting for the state machine's flush, per range:
     /// (index, term, deferred since, flush asked).
-    deferred_compactions: HashMap<RangeId, (u64, u64, Instant, bool)>,
+    deferred_compactions: FxHashMap<RangeId, (u64, u64, Instant, bool)>,
     next_seq: u64,
     next_tick: Instant,
     shutdown: bool,
@@ -169,11 +171,11 @@ impl Worker {
             inbox,
             control,
             control_sender,
-            peers: HashMap::new(),
-            touched: HashSet::new(),
-            awake: HashSet::new(),
+            peers: FxHashMap::default(),
+            touched: FxHashSet::default(),
+            awake: FxHashSet::default(),
             persisting: VecDeque::new(),
-            deferred_compactions: HashMap::new(),
+            deferred_compactions: FxHashMap::default(),
             next_seq: 1,
             next_tick,
             shutdown: false,

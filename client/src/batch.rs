@@ -2,11 +2,11 @@
 //! one message (as many as are queued when the sender gets to them), and answers come
 //! back matched by id. A per-request RPC would otherwise cap throughput.
 
-use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rangekv_rpc::proto::{self, kv_client::KvClient};
+use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;

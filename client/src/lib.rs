@@ -22,15 +22,14 @@
 
 mod batch;
 
-use std::collections::BTreeMap;
-
-use rustc_hash::FxHashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use rangekv_rpc::proto;
 use rangekv_rpc::proto::{kv_client::KvClient, placement_client::PlacementClient};
 use rangekv_rpc::RangeDescriptor;
+use rustc_hash::FxHashMap;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -652,7 +651,8 @@ impl Client {
     /// The values of `keys` that exist, in request order.
     pub async fn batch_get(&self, keys: &[Vec<u8>]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         check(&keys.iter().map(|k| &k[..]).collect::<Vec<_>>(), &[])?;
-        let mut found = FxHashMap::default();
+        // Keyed by the caller's keys: SipHash, not Fx, so chosen keys cannot collide.
+        let mut found = HashMap::new();
         for (key, group) in self.group_by_range(keys.to_vec(), |k| k.clone()).await? {
             let group: Vec<bytes::Bytes> = group.into_iter().map(Into::into).collect();
             let pairs = self

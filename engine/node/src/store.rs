@@ -1,7 +1,6 @@
 //! The store: every range replica on this node, sharded over a fixed pool of worker
 //! threads, and the routing of requests and raft messages to them.
 
-use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -15,6 +14,7 @@ use rangekv_rpc::proto;
 use rangekv_rpc::RangeDescriptor;
 use rangekv_state::StateMachine;
 use rangekv_types::{RangeId, StoreId};
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::command::Responder;
 use crate::transport::Transport;

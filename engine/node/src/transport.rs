@@ -5,13 +5,13 @@
 //! without a ReadIndex context are held for the tick batch, which goes to every
 //! known store once per tick, empty or not: the store-level liveness signal.
 
-use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use rangekv_rpc::proto::{self, placement_client::PlacementClient, raft_client::RaftClient};
 use rangekv_types::StoreId;
+use rustc_hash::FxHashMap;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 

@@ -5,8 +5,6 @@
 //! committed entries in one RocksDB batch → answer clients.
 
 use std::collections::VecDeque;
-
-use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,6 +20,7 @@ use rangekv_rpc::proto;
 use rangekv_rpc::RangeDescriptor;
 use rangekv_state::ApplyState;
 use rangekv_types::{RangeId, StoreId};
+use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::oneshot;
 
 use crate::command::{self, CommandResult, Responder};

@@ -8,7 +8,6 @@
 //! - `writer`: the group-commit loop, pipelined; io_uring (`uring`) links each group's
 //!   write to its `fdatasync`; the portable writer uses `pwrite` + `fdatasync`.
 //! - `index`: per range, where each entry lives, its hard state, and a cache.
-//! - [`RangeStorage`]: `raft::Storage` over one range of the log.
 //!
 //! Boundary: knows raft-rs's `Entry`/`HardState` and files; knows nothing of RocksDB,
 //! gRPC or tokio. Invariants: a completion reports success only after the group's
@@ -22,12 +21,10 @@ pub mod file;
 pub mod format;
 mod index;
 pub mod sim;
-mod storage;
 mod uring;
 mod writer;
 
 pub use engine::{LogBatch, LogConfig, LogEngine, LogError, LogIo, LogStats, ReadError};
-pub use storage::RangeStorage;
 
 use std::sync::atomic::Ordering::Relaxed;
 

@@ -2,10 +2,11 @@
 //! applied to the state machine.
 
 use prost::Message as _;
+use rangekv_raftstore::{AdminEffect, Fatal};
 use rangekv_rpc::proto::{self, command::Op, mutation};
 use rangekv_rpc::RangeDescriptor;
 use rangekv_state::ApplyBatch;
-use rangekv_types::limits;
+use rangekv_types::{limits, RangeId};
 
 /// What an applied write reports back to its client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,13 +256,45 @@ pub fn apply_command(
     }
 }
 
-/// Decodes an entry's data. A committed entry that does not decode applies as
-/// nothing on every replica alike (its proposals get an error). Decoded from the
-/// entry's own `Bytes`, so keys and values are slices of it, not copies.
+/// Decodes an entry's data, from the entry's own `Bytes`, so keys and values are
+/// slices of it, not copies.
 pub fn decode_entry(
     data: &raft::eraftpb::Entry,
 ) -> Result<proto::CommandBatch, prost::DecodeError> {
     proto::CommandBatch::decode(data.data.clone())
+}
+
+/// Applies one committed entry to `batch`: one answer per command, in order; a log
+/// compaction also as an [`AdminEffect`]. An entry that does not decode is
+/// [`Fatal`]: applying it as nothing on this replica while another (a different
+/// build, a bit flip) applied it would let the replicas diverge silently.
+pub fn apply_entry(
+    batch: &mut ApplyBatch<'_>,
+    descriptor: &RangeDescriptor,
+    range: RangeId,
+    entry: &raft::eraftpb::Entry,
+    answers: &mut Vec<CommandResult>,
+    effects: &mut Vec<AdminEffect>,
+) -> Result<(), Fatal> {
+    let decoded = decode_entry(entry).map_err(|error| Fatal::Unappliable {
+        range,
+        index: entry.index,
+        reason: format!("does not decode: {error}"),
+    })?;
+    for command in &decoded.commands {
+        if let Some(Op::CompactLog(compact)) = &command.op {
+            effects.push(AdminEffect::CompactLog {
+                index: compact.index,
+                term: compact.term,
+            });
+        }
+        answers.push(apply_command(batch, command, descriptor).map_err(state_failed)?);
+    }
+    Ok(())
+}
+
+pub(crate) fn state_failed(error: rangekv_state::StateError) -> Fatal {
+    Fatal::StateMachine(error.to_string())
 }
 
 pub fn encode_entry(commands: Vec<proto::Command>) -> Vec<u8> {
@@ -272,6 +305,74 @@ pub fn encode_entry(commands: Vec<proto::Command>) -> Vec<u8> {
 mod tests {
     use super::*;
     use proto::batch_commands_response::response::Cmd;
+
+    fn entry(index: u64, data: Vec<u8>) -> raft::eraftpb::Entry {
+        raft::eraftpb::Entry {
+            index,
+            term: 1,
+            data: data.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Before, an entry that did not decode applied as nothing (its proposals got an
+    /// error): a replica that could decode it would have diverged silently.
+    #[test]
+    fn a_committed_entry_that_does_not_decode_is_fatal_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = rangekv_state::StateMachine::open(dir.path()).unwrap();
+        let descriptor = RangeDescriptor {
+            range_id: 1,
+            epoch: Some(proto::RangeEpoch::default()),
+            ..Default::default()
+        };
+        let put = proto::Command {
+            epoch: descriptor.epoch,
+            op: Some(Op::Batch(proto::BatchPutRequest {
+                header: None,
+                mutations: vec![proto::Mutation {
+                    op: mutation::Op::Put as i32,
+                    key: b"k".to_vec().into(),
+                    value: b"v".to_vec().into(),
+                }],
+            })),
+        };
+        let compact = proto::Command {
+            epoch: None,
+            op: Some(Op::CompactLog(proto::CompactLog { index: 4, term: 1 })),
+        };
+        let mut batch = state.batch();
+        let (mut answers, mut effects) = (Vec::new(), Vec::new());
+        let good = entry(5, encode_entry(vec![put, compact]));
+        apply_entry(
+            &mut batch,
+            &descriptor,
+            RangeId(1),
+            &good,
+            &mut answers,
+            &mut effects,
+        )
+        .unwrap();
+        assert_eq!(answers, vec![Ok(WriteResult::Done), Ok(WriteResult::Done)]);
+        assert_eq!(effects, vec![AdminEffect::CompactLog { index: 4, term: 1 }]);
+
+        // Field 1 (commands), length-delimited, claiming more bytes than there are.
+        let garbage = entry(6, vec![0x0a, 0xff, 0x01, 0x02]);
+        let error = apply_entry(
+            &mut batch,
+            &descriptor,
+            RangeId(1),
+            &garbage,
+            &mut answers,
+            &mut effects,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(error, Fatal::Unappliable { index: 6, .. }),
+            "{error}"
+        );
+        assert_eq!(answers.len(), 2, "nothing answered for the bad entry");
+    }
 
     #[test]
     fn a_streamed_write_is_answered_once_unknown_when_dropped_and_silent_when_disarmed() {

@@ -19,6 +19,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
+use crate::error::NodeError;
 use crate::service::{KvService, RaftService};
 use crate::store::{Store, StoreConfig};
 use crate::transport::GrpcTransport;
@@ -142,7 +143,7 @@ impl Node {
 async fn connect_pd(
     endpoint: &str,
     patience: Duration,
-) -> anyhow::Result<PlacementClient<Channel>> {
+) -> Result<PlacementClient<Channel>, NodeError> {
     let deadline = tokio::time::Instant::now() + patience;
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -153,19 +154,24 @@ async fn connect_pd(
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
-            Err(error) => anyhow::bail!("cannot reach PD at {endpoint}: {error}"),
+            Err(error) => {
+                return Err(NodeError::PlacementUnreachable {
+                    endpoint: endpoint.to_string(),
+                    error,
+                })
+            }
         }
     }
 }
 
 /// Starts a node. Returns once it is registered with PD and serving.
-pub async fn start(config: NodeConfig) -> anyhow::Result<Node> {
+pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
     std::fs::create_dir_all(&config.data_dir)?;
     let state_dir = config.data_dir.join("state");
     let log_dir = config.data_dir.join("raft-log");
     std::fs::create_dir_all(&log_dir)?;
     let log_config = config.log.clone();
-    let (state, log) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+    let (state, log) = tokio::task::spawn_blocking(move || -> Result<_, NodeError> {
         let state = StateMachine::open(&state_dir)?;
         let log = LogEngine::open(Arc::new(DiskFileSystem::open(&log_dir)?), log_config)?;
         Ok((Arc::new(state), log))

@@ -17,8 +17,10 @@ use rangekv_types::{RangeId, StoreId};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::command::Responder;
+use crate::message::{Control, Inbound};
 use crate::transport::Transport;
-use crate::worker::{Control, HeartbeatKind, Inbound, Worker};
+use crate::worker::Worker;
+use rangekv_raftstore::HeartbeatKind;
 
 /// Settings of the store driver. Units last.
 #[derive(Debug, Clone)]
@@ -59,20 +61,6 @@ impl Default for StoreConfig {
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(0x5EED),
         }
-    }
-}
-
-impl StoreConfig {
-    pub fn election_timeout(&self) -> Duration {
-        self.tick_interval * self.replica.election_timeout_ticks as u32
-    }
-
-    /// How long a leader serves reads from its lease after a quorum confirmed it.
-    /// A follower that heard from the leader waits at least `election_timeout_ticks - 1`
-    /// ticks before voting for another (check-quorum); one more tick is the margin for
-    /// clock-rate differences and tick jitter.
-    pub fn lease_duration(&self) -> Duration {
-        self.tick_interval * self.replica.election_timeout_ticks.saturating_sub(2) as u32
     }
 }
 
@@ -248,7 +236,7 @@ impl Store {
         state: Arc<StateMachine>,
         transport: Arc<dyn Transport>,
         fatal: Box<dyn Fn(String) + Send + Sync>,
-    ) -> anyhow::Result<Arc<Store>> {
+    ) -> Result<Arc<Store>, crate::NodeError> {
         let workers = config.workers.max(1);
         // Fix the origin of published leases before any worker publishes one.
         let _ = clock_base();
@@ -278,9 +266,8 @@ impl Store {
         }
         let mut descriptors = Vec::new();
         for (range, raw) in shared.state.descriptors()? {
-            let descriptor = RangeDescriptor::decode(&raw[..]).map_err(|e| {
-                anyhow::anyhow!("descriptor of {range} in the state machine does not decode: {e}")
-            })?;
+            let descriptor = RangeDescriptor::decode(&raw[..])
+                .map_err(|error| crate::NodeError::Descriptor { range, error })?;
             descriptors.push(descriptor);
         }
         let mut threads = Vec::new();

@@ -242,14 +242,14 @@ impl GrpcTransport {
         });
     }
 
-    async fn resolve(&self, to: StoreId) -> anyhow::Result<String> {
+    async fn resolve(&self, to: StoreId) -> Result<String, crate::NodeError> {
         let mut client = PlacementClient::connect(self.pd.clone()).await?;
         let store = client
             .get_store(proto::GetStoreRequest { store_id: to.get() })
             .await?
             .into_inner()
             .store
-            .ok_or_else(|| anyhow::anyhow!("PD does not know {to}"))?;
+            .ok_or(crate::NodeError::UnknownStore(to))?;
         Ok(store.address)
     }
 }
@@ -271,7 +271,7 @@ async fn run_link(
             let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
                 .connect_timeout(Duration::from_secs(1))
                 .tcp_nodelay(true);
-            anyhow::Ok(endpoint.connect().await?)
+            Ok::<_, crate::NodeError>(endpoint.connect().await?)
         }
         .await;
         drop(strong);

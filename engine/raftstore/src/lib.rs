@@ -1,14 +1,41 @@
-//! The replication core: one range replica ([`replica::Replica`]) is a raft-rs
-//! `RawNode` plus its pending proposals, reads and leader lease; the store driver
-//! (`rangekv-node`) runs many of them.
+//! The replication core: everything a store does with its raft groups that is not
+//! I/O. A [`driver::Driver`] is the loop body of one store worker: it holds the
+//! [`peer::Peer`]s of the worker's ranges and runs the raft protocol over them — each
+//! concern in its own module under [`operation`], in the manner of TiKV
+//! raftstore-v2: propose batching (`write`), Ready handling into one store-level log
+//! write (`ready`), apply and outcome matching (`apply`), log compaction
+//! (`compact_log`), quiescence (`quiesce`), leadership transfer
+//! (`transfer_leader`). Split, membership change and snapshot land as
+//! `split`, `conf_change` and `snapshot` beside them.
 //!
-//! Boundary: this crate performs no I/O and knows nothing of tokio, gRPC, RocksDB or
-//! io_uring. Time arrives from the caller (ticks and `Instant`s), so the same code
-//! runs in production and in a seeded in-memory simulation.
+//! The caller names its types with [`Types`] and supplies I/O through [`Host`]: sending raft messages and
+//! coalesced heartbeats, submitting log writes, the state machine's apply batch,
+//! answering clients. The durable log is read through [`storage::LogRead`], under
+//! the unstable-entries overlay [`storage::PeerStorage`]. The storage node
+//! (`rangekv-node`) and the seeded simulation (`tests/sim.rs`) implement them; the
+//! protocol itself exists once, here.
+//!
+//! Boundary: this crate performs no I/O, reads no clock and knows nothing of tokio,
+//! gRPC, RocksDB or io_uring (its `Cargo.toml` has none of them). Time arrives from
+//! the caller (`Instant`s, ticks), randomness from a seed.
 
+pub mod driver;
+pub mod host;
+pub mod operation;
+pub mod peer;
 pub mod replica;
+pub mod storage;
+
+use std::time::Duration;
 
 use rangekv_types::PeerId;
+
+pub use driver::Driver;
+pub use host::{
+    AdminEffect, Fatal, Heartbeat, HeartbeatKind, Host, LogWrite, RangeView, Refusal, Types,
+};
+pub use peer::{Peer, PeerStatus, ReplicaSpec};
+pub use storage::{LogRead, PeerStorage};
 
 /// Timing and flow-control settings of every range replica on a store. Units last.
 #[derive(Debug, Clone)]
@@ -63,6 +90,60 @@ impl ReplicaConfig {
     }
 }
 
+/// Settings of one store's replication core (every worker's [`Driver`]). Units last.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub replica: ReplicaConfig,
+    /// The time one raft tick stands for (the caller ticks; the core reads no clock).
+    pub tick_interval: Duration,
+    /// Idle ranges stop ticking (see ARCHITECTURE.md "Quiescence").
+    pub quiesce: bool,
+    /// Ticks without a proposal or read before a leader quiesces its range.
+    pub quiesce_after_ticks: u32,
+    /// A leader proposes log compaction once at least this many applied entries, held
+    /// by every follower, can be dropped.
+    pub log_gc_entries: u64,
+    /// A log compaction waiting for the state machine's flush asks for one after this
+    /// long (a busy store flushes by itself far sooner; an idle one would never).
+    pub log_gc_flush_after: Duration,
+    /// Payload bytes one loop proposes per range and hands to one log write.
+    pub loop_bytes_target: usize,
+    /// One raft entry holds client commands up to about this many bytes.
+    pub entry_bytes_target: usize,
+    /// Seeds every replica's randomized election timeouts (mixed with its peer id).
+    pub election_seed: u64,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            replica: ReplicaConfig::default(),
+            tick_interval: Duration::from_millis(100),
+            quiesce: true,
+            quiesce_after_ticks: 20,
+            log_gc_entries: 4096,
+            log_gc_flush_after: Duration::from_secs(10),
+            loop_bytes_target: 32 * 1024 * 1024,
+            entry_bytes_target: 4 * 1024 * 1024,
+            election_seed: 0x5EED,
+        }
+    }
+}
+
+impl CoreConfig {
+    pub fn election_timeout(&self) -> Duration {
+        self.tick_interval * self.replica.election_timeout_ticks as u32
+    }
+
+    /// How long a leader serves reads from its lease after a quorum confirmed it.
+    /// A follower that heard from the leader waits at least `election_timeout_ticks - 1`
+    /// ticks before voting for another (check-quorum); one more tick is the margin for
+    /// clock-rate differences and tick jitter.
+    pub fn lease_duration(&self) -> Duration {
+        self.tick_interval * self.replica.election_timeout_ticks.saturating_sub(2) as u32
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,6 +154,8 @@ mod tests {
         assert_eq!(config.id, 3);
         assert!(config.pre_vote && config.check_quorum);
         assert!(config.heartbeat_tick < config.election_tick);
+        let core = CoreConfig::default();
+        assert!(core.lease_duration() < core.election_timeout());
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub struct NotLeader<T> {
 }
 
 pub struct Replica<S: Storage, P, R> {
-    pub raw: RawNode<S>,
+    pub(crate) raw: RawNode<S>,
     proposals: VecDeque<Pending<P>>,
     /// Reads gathered in this loop iteration; sent as one ReadIndex by `flush_reads`.
     reads_gathering: Vec<R>,
@@ -188,7 +188,11 @@ impl<S: Storage, P, R> Replica<S, P, R> {
             });
         }
         let index = self.raw.raft.raft_log.last_index();
-        debug_assert_eq!(index, before + 1);
+        assert_eq!(index, before + 1, "a proposal appends exactly one entry");
+        assert!(
+            self.proposals.back().is_none_or(|p| p.index < index),
+            "proposals are matched by index: each index awaits one"
+        );
         self.proposals.push_back(Pending {
             index,
             term: self.raw.raft.term,
@@ -222,6 +226,19 @@ impl<S: Storage, P, R> Replica<S, P, R> {
             return Some(pending.callback);
         }
         None
+    }
+
+    /// The term of the entry at `index`, if the log still holds it.
+    pub fn term_of(&self, index: u64) -> Option<u64> {
+        self.raw.raft.raft_log.term(index).ok()
+    }
+
+    /// On a leader, the highest index every member of the group holds.
+    pub fn matched_by_all(&self) -> Option<u64> {
+        if !self.is_leader() {
+            return None;
+        }
+        self.raw.raft.prs().iter().map(|(_, p)| p.matched).min()
     }
 
     /// Takes proposals the caller knows can never apply here (replica removed).
@@ -353,6 +370,14 @@ impl<S: Storage, P, R> Replica<S, P, R> {
     /// Records that entries up to `applied` are applied; returns the reads that can
     /// now be served.
     pub fn on_applied(&mut self, applied: u64, ready_reads: &mut Vec<R>) {
+        let log = &self.raw.raft.raft_log;
+        assert!(
+            self.applied <= applied && applied <= log.committed && log.committed <= log.last_index(),
+            "applied only grows and applied <= committed <= last: {} -> {applied}, committed {}, last {}",
+            self.applied,
+            log.committed,
+            log.last_index()
+        );
         self.applied = applied;
         self.raw.advance_apply_to(applied);
         self.release_reads(ready_reads);

@@ -8,7 +8,7 @@
 //!   log writes, the transport, the RocksDB apply batch, responders.
 //! - `message`: what reaches a worker (its inbox and control channel).
 //! - [`storage`]: the log engine as the core reads it (`LogRead`).
-//! - [`error`]: [`NodeError`].
+//! - [`error`]: the crate's error type, [`NodeError`].
 //! - [`command`]: client writes as raft commands; their checks and their apply.
 //! - [`transport`]: batched store-to-store gRPC streams, coalesced heartbeats.
 //! - [`service`]: the `Kv` and `Raft` gRPC services.

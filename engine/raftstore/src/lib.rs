@@ -19,6 +19,8 @@
 //! gRPC, RocksDB or io_uring (its `Cargo.toml` has none of them). Time arrives from
 //! the caller (`Instant`s, ticks), randomness from a seed.
 
+#[cfg(test)]
+mod core_tests;
 pub mod driver;
 pub mod host;
 pub mod operation;

@@ -1402,7 +1402,7 @@ const FILL_CHUNK: usize = 1 << 20;
 /// must also commit that conversion through the filesystem's journal; a filled
 /// segment's syncs flush data only. Measured on this VM: 89 against 145 µs for a lone
 /// 16 KiB write + fdatasync, 186 against 285 µs with three files syncing at once
-/// (ARCHITECTURE.md "Raft log engine").
+/// (bench/README.md, "Moved from ARCHITECTURE.md").
 fn prepare_segment(
     fs: &dyn FileSystem,
     sequence: u64,

@@ -30,7 +30,7 @@ pub struct StoreConfig {
     pub replica: ReplicaConfig,
     /// Requests and raft messages queued per worker before `ServerBusy`.
     pub inbox_messages_max: usize,
-    /// Idle ranges stop ticking (see ARCHITECTURE.md "Quiescence").
+    /// Idle ranges stop ticking (see `rangekv_raftstore::operation::quiesce`).
     pub quiesce: bool,
     /// Ticks without a proposal or read before a leader quiesces its range.
     pub quiesce_after_ticks: u32,

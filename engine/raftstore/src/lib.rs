@@ -98,7 +98,7 @@ pub struct CoreConfig {
     pub replica: ReplicaConfig,
     /// The time one raft tick stands for (the caller ticks; the core reads no clock).
     pub tick_interval: Duration,
-    /// Idle ranges stop ticking (see ARCHITECTURE.md "Quiescence").
+    /// Idle ranges stop ticking (see `operation::quiesce`).
     pub quiesce: bool,
     /// Ticks without a proposal or read before a leader quiesces its range.
     pub quiesce_after_ticks: u32,

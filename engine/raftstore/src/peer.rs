@@ -53,7 +53,7 @@ pub struct Peer<T: Types> {
     /// Log writes holding a `Ready` of this range that are not durable yet.
     pub(crate) persisting: usize,
     /// Votes are refused until then: a reopened replica may have acknowledged a
-    /// leader whose lease is still running (see ARCHITECTURE.md "Reads").
+    /// leader whose lease is still running (see `operation::quiesce`).
     pub(crate) votes_refused_until: Option<Instant>,
     /// Not ticked and sending nothing until woken (see `operation::quiesce`).
     pub(crate) quiesced: bool,
@@ -157,6 +157,13 @@ impl<T: Types> Peer<T> {
             .raft
             .raft_log
             .slice(low, high, None, GetEntriesContext::empty(false))
+    }
+
+    /// Raft's election timer: (ticks elapsed, this term's randomized timeout). Read
+    /// only, for the simulation's targeted faults.
+    pub fn election_timer(&self) -> (usize, usize) {
+        let raft = &self.replica.raw.raft;
+        (raft.election_elapsed, raft.randomized_election_timeout())
     }
 
     pub fn log(&self) -> &T::Log {

@@ -166,6 +166,22 @@ impl<T: Types> Peer<T> {
         (raft.election_elapsed, raft.randomized_election_timeout())
     }
 
+    /// On a leader, every member's replication progress as raft-rs tracks it: (peer,
+    /// matched index, next index to send); empty elsewhere. Read only, for the
+    /// simulation's invariants.
+    pub fn progress(&self) -> Vec<(u64, u64, u64)> {
+        if !self.replica.is_leader() {
+            return Vec::new();
+        }
+        self.replica
+            .raw
+            .raft
+            .prs()
+            .iter()
+            .map(|(id, progress)| (*id, progress.matched, progress.next_idx))
+            .collect()
+    }
+
     pub fn log(&self) -> &T::Log {
         self.replica.raw.store().log()
     }

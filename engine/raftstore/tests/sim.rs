@@ -1,46 +1,64 @@
-//! Deterministic seeded simulation of one range replicated over 3 or 5 nodes.
+//! Deterministic seeded simulation of stores running the replication core.
 //!
-//! The code under test is `rangekv_raftstore::replica::Replica` and raft-rs, driven
-//! as `engine/node/src/worker.rs` drives them, over an in-memory log, state machine
-//! and network, all on one thread, on a virtual clock, from one seed.
+//! The code under test is the core's own: each simulated store runs a
+//! `rangekv_raftstore::Driver` with a `Peer` (raft-rs under `Replica`, over
+//! `PeerStorage`) per range, as `engine/node/src/worker.rs` does; the simulation
+//! supplies only the I/O, through `Host` and `LogRead`, all on one thread, on a
+//! virtual clock, from one seed. Each world has 3 or 5 stores and 1–3 ranges (mostly
+//! 2 or 3), every range replicated on every store (peer id = store id).
 //!
-//! - `sim/driver.rs` mirrors worker.rs for one range per store, step by step and in
-//!   its order: `open_range` (raft config from `ReplicaConfig`, applied index from the
-//!   state machine, votes refused for an election timeout after a reopen), `run`
-//!   (`wait_and_drain` → `tick_all` → `process`), `on_inbound` (writes gathered; reads
-//!   through `Replica::read`: lease → answered at once, else gathered), `step`,
-//!   `process` (`propose_writes` as one entry, `flush_reads`; `ready()`; `on_role`;
-//!   `take_messages` sent at once; `on_read_states` → reads answered; committed entries
-//!   taken; entries and hard state handed to one log write, `append_unstable(seq)`;
-//!   `advance_append_async`; a Ready with nothing to persist and no write in flight
-//!   is persisted at once, else it rides with the write and its
-//!   `persisted_messages` wait), `submit`, `on_persisted` (`on_durable`,
-//!   `on_persist_ready`, held messages sent), `apply` (`take_outcome` per entry, one
-//!   apply batch with the applied index, answers, dropped proposals → NotLeader,
-//!   `on_applied` → reads answered from the state machine).
-//! - `sim/storage.rs`: the log, durable and unsynced (writes complete in order after
-//!   a seeded delay; a crash keeps a seeded prefix of the writes in flight — those
-//!   that reached the disk unacknowledged — and loses the rest), under a copy of
-//!   `PeerStorage`'s unstable overlay.
-//! - State machine: the keys and the applied index move together in one apply batch,
-//!   which (like RocksDB's `ApplyBatch`, written without sync) a crash may lose: it
-//!   keeps a seeded prefix of the batches since the last background flush (every
-//!   0.3–2 s). The restarted replica re-applies from the log above what survived.
-//! - `sim/world.rs`: the event queue (virtual time, seeded message delays: most
-//!   0.1–5 ms, some up to 100 or 800 ms, so reordering), drops and duplicates, node
-//!   loops, crash and restart, end of run (heal, final write and read, convergence,
-//!   linearizability).
-//! - `sim/faults.rs`: partitions (isolated node, minority/majority split, one link
+//! - `sim/store.rs`: the store's runtime, as worker.rs: `Peer::open` per range
+//!   (applied index from the state machine; `reopened` after a crash), the loop
+//!   (drain log completions and the inbox into `on_persisted` / `on_raft` /
+//!   `on_heartbeats` / `on_write` / `on_read`, `tick` when due with the stores silent
+//!   for an election timeout — `StoreShared::silent_stores` —, `process`); its
+//!   transport: raft messages and urgent (ReadIndex) heartbeats leave at `flush`,
+//!   one batch per destination store; the other heartbeats, responses and quiesce
+//!   notices with the store's tick batch, sent to every other store each tick, empty
+//!   or not; any batch received marks its sender heard from. A packet to a store that
+//!   is down reports it unreachable (`on_unreachable`). Local-only raft message types
+//!   are refused at the edge; leader transfers go through `Driver::transfer_leader`.
+//! - `sim/host.rs`: `Types` (commands and compaction in a hand encoding, decoded
+//!   without panics: an entry that does not decode is `Fatal`) and `Host`: log
+//!   writes, the apply batch into an in-memory state machine (per range: keys and
+//!   applied index together), written without sync — a crash keeps a seeded prefix
+//!   of the batches since the last flush, which runs in the background every
+//!   0.3–2 s or 1–5 s, or 1–50 ms after the core asks (`request_flush`);
+//!   `durable_applied` is the flushed applied index. Client answers and refusals.
+//! - `sim/log.rs`: the store's log engine, shared by its ranges: per range, entries
+//!   after a compaction point and the hard state, durable; writes complete in order
+//!   after a seeded delay (compaction-only writes too); a crash keeps a seeded
+//!   prefix of the writes in flight — those that reached the disk unacknowledged —
+//!   and loses the rest.
+//! - Core settings per world: quiescence on after 3–8 idle ticks, log compaction
+//!   every 8–32 entries, a flush asked for after 0.2–1.5 s; sometimes small entry
+//!   and loop byte targets (several entries per range per loop, several log writes
+//!   per loop), sometimes slower loops (what arrives within 4 ms is handled in one
+//!   iteration, so one log write carries several ranges more often).
+//! - `sim/world.rs`: the event queue (virtual time, seeded packet delays: most
+//!   0.1–5 ms, some up to 100 or 800 ms, so reordering), drops and duplicates of whole
+//!   batches, crash and restart, end of run (heal, a final write and read in every
+//!   range, convergence of every range, linearizability).
+//! - `sim/faults.rs`: partitions (isolated store, minority/majority split, one link
 //!   cut both ways, one way), crash and restart, leader transfer (sometimes the old
-//!   leader is isolated just after), lossy and slow windows, and a targeted "lease
-//!   steal" (the reopen rule above).
+//!   leader is isolated just after), lossy and slow windows, a targeted "lease steal"
+//!   (the vote refusal after a reopen), idle windows (no client traffic: ranges
+//!   quiesce) and crashes of a quiesced range's leader (its followers must hasten
+//!   their election).
 //! - `sim/clients.rs`: 3–5 processes, get / put / delete / CAS with unique values,
-//!   `failed` / `unknown` as a client of the real store would know them.
-//! - `sim/invariants.rs`, after every step: one leader per term, no double votes (and
-//!   votes durable before they leave), MsgAppend entries follow their index, log
-//!   matching, committed entries never change, applied ≤ committed ≤ last (and
-//!   applied ≤ persisted), equal state machines on every applied prefix, durable
-//!   terms never go back.
+//!   each key routed to its range with a leader guess per range, `failed` / `unknown`
+//!   as a client of the real store would know them.
+//! - `sim/invariants.rs`, per range, after every step (on the stores the step
+//!   touched): one leader per term, no double votes (and votes durable before they
+//!   leave), MsgAppend entries follow their index, log matching, committed entries
+//!   never change, applied ≤ committed ≤ last (and applied ≤ persisted), equal state
+//!   machines on every applied prefix, durable terms never go back, the durable log
+//!   starts at most one past the flushed applied index (and after a crash at most one
+//!   past the applied index that survived, which is at most its last index), a quiesced
+//!   follower does not sleep through its leader's store's silence, a lease is only
+//!   published by a leader, and no follower needs a snapshot (there are none): a
+//!   leader's next index for each follower stays past its log's compaction point. A
+//!   `Fatal` from the core (e.g. `Snapshot`) fails the seed.
 //!
 //! Environment:
 //! - `SEED=n`: run only seed n, printing every step (replay of a failure).
@@ -49,22 +67,25 @@
 //!   of virtual time); raise it for a longer local run.
 //! - `SIM_THREADS=j`: seeds run on j threads (default: up to 2).
 //!
-//! Not modeled: quiescence, heartbeat coalescing, `report_unreachable`, log
-//! compaction and snapshots, membership changes and splits (so no epochs), clock
-//! drift between nodes, torn log writes (the log engine's own tests cover them).
+//! Not modeled: snapshots, membership changes and splits (so no epochs), reads
+//! served off the worker from a published lease (`RangeInfo`), clock drift between
+//! stores, torn log writes (the log engine's own tests cover them), several workers
+//! per store, a full inbox (`ServerBusy`), message loss inside a batch.
 
 #[path = "sim/clients.rs"]
 mod clients;
-#[path = "sim/driver.rs"]
-mod driver;
 #[path = "sim/faults.rs"]
 mod faults;
+#[path = "sim/host.rs"]
+mod host;
 #[path = "sim/invariants.rs"]
 mod invariants;
+#[path = "sim/log.rs"]
+mod log;
 #[path = "sim/rng.rs"]
 mod rng;
-#[path = "sim/storage.rs"]
-mod storage;
+#[path = "sim/store.rs"]
+mod store;
 #[path = "sim/world.rs"]
 mod world;
 
@@ -90,6 +111,76 @@ fn options(seed: u64) -> Options {
         opts.chaos_ticks = steps;
     }
     opts
+}
+
+/// What the core did over a set of seeds, from the runs' counters.
+#[derive(Debug, Default)]
+struct Coverage {
+    /// Seeds showing each: a log write with appends of two ranges or more; a replica
+    /// quiescing, and one waking; a hastened election; a compaction point written
+    /// (a first index past 1); a batch with heartbeats of two ranges or more.
+    multi_range_writes: u64,
+    quiesced: u64,
+    woken: u64,
+    hastened: u64,
+    compacted: u64,
+    coalesced: u64,
+    /// Totals.
+    writes_multi_range: u64,
+    quiesces: u64,
+    wakes: u64,
+    hastened_elections: u64,
+    compactions: u64,
+    first_index_max: u64,
+    flush_requests: u64,
+    tick_batches: u64,
+    coalesced_batches: u64,
+    heartbeats: u64,
+    unreachable: u64,
+}
+
+impl Coverage {
+    fn add(&mut self, summary: &Summary) {
+        self.multi_range_writes += u64::from(summary.multi_range_writes > 0);
+        self.quiesced += u64::from(summary.quiesced > 0);
+        self.woken += u64::from(summary.woken > 0);
+        self.hastened += u64::from(summary.hastened > 0);
+        self.compacted += u64::from(summary.compactions > 0 && summary.first_index_max > 1);
+        self.coalesced += u64::from(summary.coalesced_batches > 0);
+        self.writes_multi_range += summary.multi_range_writes;
+        self.quiesces += summary.quiesced;
+        self.wakes += summary.woken;
+        self.hastened_elections += summary.hastened;
+        self.compactions += summary.compactions;
+        self.first_index_max = self.first_index_max.max(summary.first_index_max);
+        self.flush_requests += summary.flush_requests;
+        self.tick_batches += summary.tick_batches;
+        self.coalesced_batches += summary.coalesced_batches;
+        self.heartbeats += summary.heartbeats;
+        self.unreachable += summary.unreachable;
+    }
+}
+
+impl std::fmt::Display for Coverage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} multi-range log writes, {} quiesced and {} woken replicas, {} hastened elections, \
+             {} compaction points written (first index up to {}), {} flushes asked, {} tick batches, \
+             {} batches coalescing heartbeats of several ranges ({} heartbeats), {} unreachable reports",
+            self.writes_multi_range,
+            self.quiesces,
+            self.wakes,
+            self.hastened_elections,
+            self.compactions,
+            self.first_index_max,
+            self.flush_requests,
+            self.tick_batches,
+            self.coalesced_batches,
+            self.heartbeats,
+            self.unreachable
+        )
+    }
 }
 
 /// One seed; a panic (in raft-rs, the replica or the harness) is a failure too.
@@ -178,6 +269,8 @@ fn simulation() {
     let mut failures = Vec::new();
     let (mut ops, mut ok, mut unknown, mut steps, mut slowest) = (0, 0, 0, 0, (0.0, 0));
     let (mut five, mut check_ms) = (0, 0);
+    let mut ranges = [0; 4];
+    let mut coverage = Coverage::default();
     let mut faults = std::collections::BTreeMap::new();
     for (seed, result, seconds) in results {
         if seconds > slowest.0 {
@@ -190,7 +283,9 @@ fn simulation() {
                 unknown += summary.unknown;
                 steps += summary.steps;
                 five += usize::from(summary.nodes == 5);
+                ranges[summary.ranges.min(3)] += 1;
                 check_ms = check_ms.max(summary.check_ms);
+                coverage.add(&summary);
                 for (fault, n) in summary.faults {
                     *faults.entry(fault).or_insert(0) += n;
                 }
@@ -201,8 +296,9 @@ fn simulation() {
     println!(
         "{count} seeds from {base} in {elapsed:.1}s on {threads} threads (slowest: seed {} {:.2}s; \
          longest linearizability check {check_ms} ms); {five} worlds of 5 nodes, the rest of 3; \
-         {steps} steps, {ops} client ops ({ok} ok, {unknown} unknown); faults {faults:?}",
-        slowest.1, slowest.0
+         worlds of 1/2/3 ranges: {}/{}/{}; {steps} steps, {ops} client ops ({ok} ok, {unknown} unknown); \
+         faults {faults:?}; core: {coverage}",
+        slowest.1, slowest.0, ranges[1], ranges[2], ranges[3]
     );
     if let Some(first) = failures.first().cloned() {
         let seeds: Vec<u64> = failures.iter().map(|f| f.seed).collect();
@@ -256,5 +352,94 @@ fn reads_without_lease_or_read_index_are_caught() {
             .iter()
             .any(|(_, what)| what.contains("not linearizable")),
         "no seed caught the broken reads: {caught:?}"
+    );
+}
+
+/// The checks bite: with the state machine's applied index reported durable before
+/// it is flushed, log compaction outruns the flush, which the flushed-applied-index
+/// check (or a crash's replay check) must catch in some seed.
+#[test]
+fn compaction_past_the_flushed_applied_index_is_caught() {
+    let mut caught = Vec::new();
+    for seed in 0..8 {
+        let mut opts = options(seed);
+        opts.buggy_durable_applied = true;
+        if let Err(failure) = run(opts) {
+            caught.push((seed, failure.what));
+        }
+    }
+    println!(
+        "early compaction caught in {} of 8 seeds: {:?}",
+        caught.len(),
+        caught.iter().map(|c| c.0).collect::<Vec<_>>()
+    );
+    assert!(
+        caught
+            .iter()
+            .any(|(_, what)| what.contains("past the flushed applied index")),
+        "no seed caught the early compaction: {caught:?}"
+    );
+}
+
+/// The checks bite: with stores that never report silent stores to their driver,
+/// the quiesced followers of a crashed leader sleep on, which the silent-leader check
+/// must catch in some seed.
+#[test]
+fn quiesced_followers_deaf_to_a_silent_leader_are_caught() {
+    let mut caught = Vec::new();
+    for seed in 0..8 {
+        let mut opts = options(seed);
+        opts.buggy_deaf_to_silence = true;
+        if let Err(failure) = run(opts) {
+            caught.push((seed, failure.what));
+        }
+    }
+    println!(
+        "deaf followers caught in {} of 8 seeds: {:?}",
+        caught.len(),
+        caught.iter().map(|c| c.0).collect::<Vec<_>>()
+    );
+    assert!(
+        caught.iter().any(|(_, what)| what.contains("still asleep")),
+        "no seed caught the deaf followers: {caught:?}"
+    );
+}
+
+/// The simulation reaches what the store-level core adds: several ranges sharing one
+/// log write, heartbeats of several ranges in one batch, ranges quiescing and waking
+/// (a crashed quiesced leader's followers hastening their election), and log
+/// compaction under the flushed-applied-index rule.
+#[test]
+fn the_simulation_exercises_batching_quiescence_and_compaction() {
+    let mut coverage = Coverage::default();
+    let mut failures = Vec::new();
+    for seed in 0..6 {
+        match run(options(seed)) {
+            Ok(summary) => coverage.add(&summary),
+            Err(failure) => failures.push(failure),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures[0]);
+    println!("{coverage:?}");
+    assert!(
+        coverage.multi_range_writes > 0,
+        "no log write of two ranges: {coverage:?}"
+    );
+    assert!(
+        coverage.coalesced > 0,
+        "no batch of heartbeats of two ranges: {coverage:?}"
+    );
+    assert!(
+        coverage.quiesced > 0 && coverage.woken > 0,
+        "no range quiesced and woke: {coverage:?}"
+    );
+    assert!(coverage.hastened > 0, "no hastened election: {coverage:?}");
+    assert!(
+        coverage.compacted > 0,
+        "no log compacted on a disk: {coverage:?}"
+    );
+    assert!(
+        coverage.flush_requests > 0,
+        "no flush asked for a compaction: {coverage:?}"
     );
 }

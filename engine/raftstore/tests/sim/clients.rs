@@ -1,19 +1,23 @@
-//! Client processes: each runs one operation at a time against the node it believes
-//! leads, and records it in the `History` with virtual call and return times.
+//! Client processes: each runs one operation at a time, routed to the range of its
+//! key and sent to the store it believes leads that range (one guess per range), and
+//! records it in the `History` with virtual call and return times.
 //!
 //! Every attempt is its own operation with its own unique value, so an attempt
 //! recorded as `failed` that did take effect shows up as a value nobody wrote.
-//! - `NotLeader` (refused before proposing, or the proposal's index was taken by
-//!   another entry: `Replica::take_outcome`'s promise) and a refused connection:
-//!   `failed`, certainly no effect; the client retries elsewhere.
-//! - The node crashed while holding the request, or the client timed out: a write is
-//!   `unknown` (it may still commit), a read `failed` (a read has no effect).
+//! - `NotLeader` (the core's `Refusal::NotLeader`, refused before proposing, or
+//!   `Refusal::Dropped`, the proposal's index taken by another entry) and a refused
+//!   connection: `failed`, certainly no effect; the client retries elsewhere.
+//! - The node crashed while holding the request, the core abandoned the write (its
+//!   leader lost its quorum), or the client timed out: a write is `unknown` (it may
+//!   still commit), a read `failed` (a read has no effect).
 
 use std::collections::{BTreeMap, VecDeque};
 
 use rangekv_check::{Op, OpId, OpResult};
 
-use super::world::{Cmd, Event, Inbound, Phase, World, MS};
+use super::host::Cmd;
+use super::store::Inbound;
+use super::world::{range_id, Event, Phase, World, MS};
 
 /// A client's patience: then a write's outcome is unknown.
 const CLIENT_TIMEOUT: u64 = 3_000 * MS;
@@ -43,6 +47,8 @@ pub struct Request {
     pub client: usize,
     pub op: OpId,
     pub node: usize,
+    /// The range (index) of the key.
+    pub range: usize,
     pub kind: ReqKind,
 }
 
@@ -55,10 +61,10 @@ pub enum Scripted {
 pub struct Client {
     pub process: u64,
     pub current: Option<u64>,
-    /// The node this client sends to (its idea of the leader).
-    pub guess: usize,
-    /// Whether `guess` came from a node naming the leader.
-    pub guess_hinted: bool,
+    /// Per range, the node this client sends to (its idea of the leader).
+    pub guess: Vec<usize>,
+    /// Per range, whether `guess` came from a node naming the leader.
+    pub guess_hinted: Vec<bool>,
     pub counter: u64,
     /// The last value this client saw per key (CAS expectations).
     pub seen: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
@@ -69,12 +75,12 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(process: u64, guess: usize) -> Self {
+    pub fn new(process: u64, guess: usize, ranges: usize) -> Self {
         Client {
             process,
             current: None,
-            guess,
-            guess_hinted: false,
+            guess: vec![guess; ranges],
+            guess_hinted: vec![false; ranges],
             counter: 0,
             seen: BTreeMap::new(),
             active: true,
@@ -103,6 +109,12 @@ impl World {
         if scripted.is_none() && !self.clients[c].active {
             return;
         }
+        if scripted.is_none() && self.now < self.idle_until {
+            // An idle window: nothing to do until it ends.
+            let at = self.idle_until + self.client_rng.range(0, 150 * MS);
+            self.schedule(at, Event::ClientGo(c));
+            return;
+        }
 
         let (key, op, kind) = match scripted {
             Some(Scripted::Put(key)) => {
@@ -116,7 +128,8 @@ impl World {
             Some(Scripted::Get(key)) => (key.clone(), Op::Get, ReqKind::Read(key)),
             None => self.random_op(c),
         };
-        let mut node = self.clients[c].guess;
+        let range = self.range_of(&key);
+        let mut node = self.clients[c].guess[range];
         // Now and then a client tries another node (a load balancer, a stale cache).
         if self.client_rng.chance(100) {
             node = self.client_rng.below(self.nodes.len() as u64) as usize;
@@ -132,8 +145,9 @@ impl World {
         self.next_req += 1;
         self.log(|| {
             format!(
-                "client {process} r{req} → n{}: {} {op:?}",
+                "client {process} r{req} → n{} {}: {} {op:?}",
                 node + 1,
+                range_id(range),
                 String::from_utf8_lossy(&key)
             )
         });
@@ -143,6 +157,7 @@ impl World {
                 client: c,
                 op: op_id,
                 node,
+                range,
                 kind,
             },
         );
@@ -197,9 +212,10 @@ impl World {
             return;
         };
         let node = request.node;
+        let range = range_id(request.range);
         let inbound = match &request.kind {
-            ReqKind::Read(_) => Inbound::Read(req),
-            ReqKind::Write(command) => Inbound::Write(command.clone(), req),
+            ReqKind::Read(_) => Inbound::Read(range, req),
+            ReqKind::Write(command) => Inbound::Write(range, command.clone(), req),
         };
         let Some(live) = self.nodes[node].live.as_mut() else {
             let delay = self.client_delay();
@@ -239,12 +255,14 @@ impl World {
         let ReqKind::Read(key) = &request.kind else {
             panic!("r{req} is not a read");
         };
-        let value = self.nodes[node].sm.kv.get(key).cloned();
-        let applied = self.nodes[node].sm.applied;
+        let range = request.range;
+        let value = self.nodes[node].sm[range].kv.get(key).cloned();
+        let applied = self.nodes[node].sm[range].applied;
         self.log(|| {
             format!(
-                "n{} serves read r{req} at applied {applied}: {:?}",
+                "n{} serves read r{req} at {} applied {applied}: {:?}",
                 node + 1,
+                range_id(range),
                 value.as_deref().map(String::from_utf8_lossy)
             )
         });
@@ -268,10 +286,9 @@ impl World {
         let now = self.now;
         let key = match &request.kind {
             ReqKind::Read(key) => key.clone(),
-            ReqKind::Write(Cmd::Put { key, .. })
-            | ReqKind::Write(Cmd::Delete { key })
-            | ReqKind::Write(Cmd::Cas { key, .. }) => key.clone(),
+            ReqKind::Write(command) => command.key().to_vec(),
         };
+        let range = request.range;
         let mut retry_soon = false;
         match reply {
             Reply::Written => {
@@ -312,24 +329,24 @@ impl World {
                     }
                     _ => (self.other_node(request.node), false),
                 };
-                self.clients[c].guess = guess;
-                self.clients[c].guess_hinted = hinted;
+                self.clients[c].guess[range] = guess;
+                self.clients[c].guess_hinted[range] = hinted;
                 retry_soon = true;
             }
             Reply::Refused => {
                 self.history.failed(request.op);
-                self.clients[c].guess = self.other_node(request.node);
-                self.clients[c].guess_hinted = false;
+                self.clients[c].guess[range] = self.other_node(request.node);
+                self.clients[c].guess_hinted[range] = false;
                 retry_soon = true;
             }
             Reply::Lost => {
                 if matches!(request.kind, ReqKind::Read(_)) {
                     self.history.failed(request.op);
                 }
-                self.clients[c].guess = self.other_node(request.node);
+                self.clients[c].guess[range] = self.other_node(request.node);
             }
         }
-        self.client_next(c, retry_soon);
+        self.client_next(c, retry_soon.then_some(range));
     }
 
     pub fn client_timeout(&mut self, c: usize, req: u64) {
@@ -344,8 +361,8 @@ impl World {
         if matches!(request.kind, ReqKind::Read(_)) {
             self.history.failed(request.op);
         }
-        self.clients[c].guess = self.other_node(request.node);
-        self.client_next(c, false);
+        self.clients[c].guess[request.range] = self.other_node(request.node);
+        self.client_next(c, None);
     }
 
     fn other_node(&mut self, not: usize) -> usize {
@@ -353,17 +370,18 @@ impl World {
         (not + 1 + self.client_rng.below(n - 1) as usize) % n as usize
     }
 
-    fn client_next(&mut self, c: usize, retry_soon: bool) {
+    /// `retry_soon`: the range of a refused request, retried shortly.
+    fn client_next(&mut self, c: usize, retry_soon: Option<usize>) {
         if self.clients[c].process >= FINAL_PROCESS && self.clients[c].script.is_empty() {
-            self.log(|| "final write and read done".into());
+            self.log(|| "final writes and reads done".into());
             self.phase = Phase::Settle;
             self.after(3_000 * MS, Event::EndRun);
             return;
         }
-        let think = if retry_soon {
+        let think = if let Some(range) = retry_soon {
             // A refusal naming a leader is retried at once, one naming none (an
             // election under way) after a pause.
-            let hinted = self.clients[c].guess_hinted;
+            let hinted = self.clients[c].guess_hinted[range];
             if hinted {
                 self.client_rng.range(MS, 10 * MS)
             } else {
@@ -376,16 +394,34 @@ impl World {
         self.maybe_start_final();
     }
 
+    /// The range (index) `key` belongs to.
+    pub fn range_of(&self, key: &[u8]) -> usize {
+        let at = self
+            .keys
+            .iter()
+            .position(|k| k == key)
+            .expect("clients use the world's keys");
+        self.key_range[at]
+    }
+
     /// Once the load has stopped and every operation ended, one more client writes a
-    /// value and reads it back: the system works again after healing.
+    /// value in every range and reads it back: the system works again after healing.
     pub fn maybe_start_final(&mut self) {
         if self.phase != Phase::Drain || self.clients.iter().any(|c| c.current.is_some()) {
             return;
         }
         self.phase = Phase::Final;
-        let key = self.keys[0].clone();
-        let mut client = Client::new(FINAL_PROCESS, 0);
-        client.script = VecDeque::from([Scripted::Put(key.clone()), Scripted::Get(key)]);
+        let mut client = Client::new(FINAL_PROCESS, 0, self.ranges);
+        for r in 0..self.ranges {
+            let at = self
+                .key_range
+                .iter()
+                .position(|&range| range == r)
+                .expect("every range has a key");
+            let key = self.keys[at].clone();
+            client.script.push_back(Scripted::Put(key.clone()));
+            client.script.push_back(Scripted::Get(key));
+        }
         self.clients.push(client);
         let c = self.clients.len() - 1;
         self.log(|| "final client starts".into());

@@ -1,26 +1,35 @@
 //! The fault schedule, drawn from the seed as the run goes: partitions (one node
 //! isolated, a majority/minority split, a one-way cut), crashes and restarts, leader
-//! transfers, lossy and slow network windows.
+//! transfers, lossy and slow network windows, idle windows (no client traffic: the
+//! ranges quiesce) and crashes of a quiesced range's leader.
 
-use super::world::{Event, Heal, Phase, World, MS, TICK};
+use raft::StateRole;
+
+use super::world::{range_id, Event, Heal, Phase, World, MS, TICK};
 
 impl World {
-    fn leader(&self) -> Option<usize> {
-        // The leader of the highest term, if several think they lead.
+    /// The leader of range `r` in the highest term, if several think they lead.
+    fn leader(&self, r: usize) -> Option<usize> {
         self.nodes
             .iter()
             .enumerate()
             .filter_map(|(i, n)| {
-                let live = n.live.as_ref()?;
-                live.replica.is_leader().then(|| (live.replica.term(), i))
+                let status = n.live.as_ref()?.status(r);
+                (status.role == StateRole::Leader).then_some((status.term, i))
             })
             .max()
             .map(|(_, i)| i)
     }
 
-    /// A node to hit: the leader half of the time, else any.
+    /// A range to hit.
+    fn pick_range(&mut self) -> usize {
+        self.fault_rng.below(self.ranges as u64) as usize
+    }
+
+    /// A node to hit: some range's leader half of the time, else any.
     fn victim(&mut self) -> usize {
-        match self.leader() {
+        let r = self.pick_range();
+        match self.leader(r) {
             Some(leader) if self.fault_rng.chance(500) => leader,
             _ => self.fault_rng.below(self.nodes.len() as u64) as usize,
         }
@@ -38,7 +47,7 @@ impl World {
         let next = self.fault_rng.range(300 * MS, 2_500 * MS);
         self.after(next, Event::Fault);
         let n = self.nodes.len();
-        let roll = self.fault_rng.below(100);
+        let roll = self.fault_rng.below(108);
         let duration = self.fault_rng.range(300 * MS, 4_000 * MS);
         if roll < 17 {
             if !self.active_faults.insert("partition") {
@@ -57,7 +66,8 @@ impl World {
                 let j = self.fault_rng.below(i as u64 + 1) as usize;
                 nodes.swap(i, j);
             }
-            if let Some(leader) = self.leader() {
+            let r = self.pick_range();
+            if let Some(leader) = self.leader(r) {
                 if self.fault_rng.chance(500) {
                     let at = nodes.iter().position(|&x| x == leader).expect("present");
                     nodes.swap(0, at);
@@ -89,7 +99,8 @@ impl World {
             self.crash(victim);
             self.after(downtime, Event::Restart(victim));
         } else if roll < 55 {
-            let Some(leader) = self.leader() else {
+            let r = self.pick_range();
+            let Some(leader) = self.leader(r) else {
                 return;
             };
             let mut to = self.fault_rng.below(n as u64 - 1) as usize;
@@ -102,7 +113,8 @@ impl World {
             self.count("transfer");
             self.log(|| {
                 format!(
-                    "FAULT transfer leadership n{} → n{}{}",
+                    "FAULT transfer {} leadership n{} → n{}{}",
+                    range_id(r),
                     leader + 1,
                     to + 1,
                     if isolate {
@@ -112,10 +124,9 @@ impl World {
                     }
                 )
             });
-            if let Some(live) = self.nodes[leader].live.as_mut() {
-                live.replica.transfer_leader(to as u64 + 1);
-                live.touched = true;
-            }
+            self.drive(leader, |driver, host| {
+                driver.transfer_leader(range_id(r), to as u64 + 1, host)
+            });
             self.wake_at(leader, self.now);
             if isolate {
                 // Once the TimeoutNow is on its way.
@@ -177,14 +188,14 @@ impl World {
         } else if roll < 93 {
             // Writes pause first, so that the follower cut off stays up to date (reads go
             // on, renewing the leader's lease through ReadIndex).
-            if self.leader().is_none() || self.nodes.len() != 3 || !self.net.oneway.is_empty() {
+            if self.nodes.len() != 3 || !self.net.oneway.is_empty() {
                 return;
             }
             let settle = self.fault_rng.range(100 * MS, 300 * MS);
             self.writes_paused_until = self.now + settle;
             self.log(|| format!("FAULT writes pause for {}ms", settle / MS));
             self.after(settle, Event::LeaseSteal { duration });
-        } else {
+        } else if roll < 100 {
             let from = self.fault_rng.below(n as u64) as usize;
             let mut to = self.fault_rng.below(n as u64 - 1) as usize;
             if to >= from {
@@ -203,7 +214,54 @@ impl World {
                 )
             });
             self.after(duration, Event::Heal(Heal::OneWay(from, to)));
+        } else {
+            // An idle window: no client traffic, so the ranges quiesce; half the time
+            // the leader of a quiesced range then crashes, and its followers must
+            // notice the silence of its store.
+            if self.now < self.idle_until {
+                return;
+            }
+            let length = self.fault_rng.range(1_500 * MS, 5_000 * MS);
+            self.idle_until = self.now + length;
+            self.count("idle");
+            self.log(|| format!("FAULT clients idle for {}ms", length / MS));
+            if self.fault_rng.chance(500) {
+                let quiet = u64::from(self.core.quiesce_after_ticks) * TICK;
+                let at = self.fault_rng.range(quiet + 500 * MS, quiet + 1_500 * MS);
+                let downtime = self.fault_rng.range(1_500 * MS, 3_500 * MS);
+                self.after(at, Event::CrashQuiescedLeader { downtime });
+            }
         }
+    }
+
+    /// Crashes the store leading a quiesced range, for `downtime`.
+    pub fn crash_quiesced_leader(&mut self, downtime: u64) {
+        if self.phase != Phase::Chaos {
+            return;
+        }
+        let n = self.nodes.len();
+        let down = self.nodes.iter().filter(|n| n.live.is_none()).count();
+        if down + 1 > (n - 1) / 2 {
+            return;
+        }
+        let quiesced = (0..self.ranges).find_map(|r| {
+            let leader = self.leader(r)?;
+            self.live(leader).status(r).quiesced.then_some((r, leader))
+        });
+        let Some((r, leader)) = quiesced else {
+            return;
+        };
+        self.count("quiesced-leader-crash");
+        self.log(|| {
+            format!(
+                "FAULT crash n{}, leader of quiesced {}, for {}ms",
+                leader + 1,
+                range_id(r),
+                downtime / MS
+            )
+        });
+        self.crash(leader);
+        self.after(downtime, Event::Restart(leader));
     }
 
     /// Any node but `not`.
@@ -222,7 +280,7 @@ impl World {
         true
     }
 
-    /// Targets the reopened-replica rule (`votes_refused_until` in worker.rs): the
+    /// Targets the reopened-replica rule (`Peer::refuses_vote` in the core): the
     /// leader L is cut from follower A; just before A's election timer fires, the
     /// other follower B (whose acknowledgements keep L's lease) crashes and restarts
     /// at once, and L is cut from B too. B forgot it heard from L: were it to grant
@@ -231,7 +289,8 @@ impl World {
         if self.phase != Phase::Chaos {
             return;
         }
-        let Some(leader) = self.leader() else {
+        let r = self.pick_range();
+        let Some(leader) = self.leader(r) else {
             return;
         };
         if self.nodes.len() != 3 || !self.net.oneway.is_empty() {
@@ -241,28 +300,27 @@ impl World {
         let b = (0..3)
             .find(|&x| x != leader && x != a)
             .expect("three nodes");
-        let Some(live) = self.nodes[a].live.as_ref() else {
-            return;
-        };
-        if self.nodes[b].live.is_none() {
+        if self.nodes[a].live.is_none() || self.nodes[b].live.is_none() {
             return;
         }
         // Only when both followers hold the leader's whole log (else B would refuse A
-        // for being behind, whatever it remembers).
-        let last = |w: &World, i: usize| {
-            w.nodes[i]
-                .live
-                .as_ref()
-                .map(|l| l.replica.raw.raft.raft_log.last_index())
-        };
-        let leader_last = last(self, leader);
-        if last(self, a) != leader_last || last(self, b) != leader_last {
+        // for being behind, whatever it remembers), and A's range is awake (a quiesced
+        // follower does not count down to an election).
+        let status = |w: &World, i: usize| w.live(i).status(r);
+        let leader_last = status(self, leader).last_index;
+        if status(self, a).last_index != leader_last
+            || status(self, b).last_index != leader_last
+            || status(self, a).quiesced
+        {
             return;
         }
-        let raft = &live.replica.raw.raft;
-        let ticks_left = raft
-            .randomized_election_timeout()
-            .saturating_sub(raft.election_elapsed + 1) as u64;
+        let live = self.live(a);
+        let (elapsed, timeout) = live
+            .driver()
+            .peer(range_id(r))
+            .expect("hosted")
+            .election_timer();
+        let ticks_left = timeout.saturating_sub(elapsed + 1) as u64;
         let fires_at = live.next_tick_at + ticks_left * TICK;
         let lead = self.fault_rng.range(MS, 40 * MS);
         let at = fires_at.saturating_sub(lead).max(self.now);
@@ -273,7 +331,8 @@ impl World {
         self.count("lease-steal");
         self.log(|| {
             format!(
-                "FAULT cut n{} ↔ n{}; at {:.1}ms (n{} campaigns at {:.1}ms) crash n{} for {}ms and cut it from n{}",
+                "FAULT {} lease steal: cut n{} ↔ n{}; at {:.1}ms (n{} campaigns at {:.1}ms) crash n{} for {}ms and cut it from n{}",
+                range_id(r),
                 leader + 1,
                 a + 1,
                 at as f64 / 1e6,

@@ -1,15 +1,29 @@
-//! Invariants, checked after every step (and where noted, at the moment something
-//! happens), remembered across the whole run and across crashes.
+//! Invariants, range by range, checked after every step (and where noted, at the
+//! moment something happens), remembered across the whole run and across crashes.
 
 use std::collections::{BTreeMap, HashMap};
 
 use raft::eraftpb::{Entry, Message, MessageType};
-use raft::{GetEntriesContext, StateRole};
+use raft::StateRole;
+use rangekv_raftstore::PeerStatus;
+use rangekv_types::RangeId;
 
-use super::rng::hash_bytes;
-use super::world::World;
+use super::rng::{hash_bytes, Hash};
+use super::world::{range_id, World, MS, TICK};
 
-pub struct Invariants {
+/// Log-matching hashes of one replica's log as raft sees it: `hashes[i]` covers the
+/// entry `base_index + 1 + i` and everything before it; `base_hash` the compaction
+/// point the log was reopened at.
+#[derive(Debug, Default)]
+pub struct Chain {
+    pub base_index: u64,
+    pub base_hash: u64,
+    pub hashes: Vec<u64>,
+}
+
+/// What one range's invariants remember.
+#[derive(Default)]
+pub struct RangeFacts {
     /// term → the one node that led it.
     pub leaders: BTreeMap<u64, u64>,
     /// (voter, term) → the candidate it granted its (durable) vote to.
@@ -17,114 +31,216 @@ pub struct Invariants {
     /// index → (term, data hash) of the entry committed there, once seen committed
     /// anywhere.
     pub committed: BTreeMap<u64, (u64, u64)>,
-    /// index → hash of the state machine after applying up to it.
+    /// index → hash of the range's state machine after applying up to it.
     pub states: BTreeMap<u64, u64>,
     /// (index, term) → chain hash of the log up to that entry (log matching).
     pub chains: HashMap<(u64, u64), u64>,
-    /// Per node, the highest durable term seen (it never goes back, crash or not).
-    pub durable_term: Vec<u64>,
+}
+
+pub struct Invariants {
+    pub ranges: Vec<RangeFacts>,
+    /// Per node and range, the highest durable term seen (it never goes back, crash
+    /// or not).
+    pub durable_term: Vec<Vec<u64>>,
+    /// Per node and range, (term, role) last seen, for the trace.
+    pub roles: Vec<Vec<(u64, StateRole)>>,
 }
 
 impl Invariants {
-    pub fn new(nodes: usize) -> Self {
+    pub fn new(nodes: usize, ranges: usize) -> Self {
         Invariants {
-            leaders: BTreeMap::new(),
-            votes: BTreeMap::new(),
-            committed: BTreeMap::new(),
-            states: BTreeMap::new(),
-            chains: HashMap::new(),
-            durable_term: vec![0; nodes],
+            ranges: (0..ranges).map(|_| RangeFacts::default()).collect(),
+            durable_term: vec![vec![0; ranges]; nodes],
+            roles: vec![vec![(0, StateRole::Follower); ranges]; nodes],
         }
     }
 }
 
 impl World {
-    /// After every step, on every running node.
+    /// After every step, on every store and range the step may have changed.
     pub fn check_invariants(&mut self) {
         for node in 0..self.nodes.len() {
-            if self.failure.is_some() {
-                return;
-            }
-            let id = self.nodes[node].id;
-            let sm_applied = self.nodes[node].sm.applied;
-            let Some(live) = self.nodes[node].live.as_ref() else {
+            if !self.dirty[node] {
                 continue;
-            };
-            let raft = &live.replica.raw.raft;
-            let term = raft.term;
-            // At most one leader per term, over the whole run.
-            if raft.state == StateRole::Leader {
-                let leader = *self.inv.leaders.entry(term).or_insert(id);
-                if leader != id {
-                    self.fail(format!("two leaders in term {term}: n{leader} and n{id}"));
+            }
+            for r in 0..self.ranges {
+                if self.failure.is_some() {
                     return;
                 }
-            }
-            // applied ≤ committed ≤ last, and applied ≤ persisted (raft hands out only
-            // entries that are committed and durable here).
-            let applied = live.replica.applied();
-            let committed = raft.raft_log.committed;
-            let last = raft.raft_log.last_index();
-            let persisted = raft.raft_log.persisted;
-            if applied != sm_applied {
-                self.fail(format!(
-                    "n{id}: replica applied {applied} but state machine applied {sm_applied}"
-                ));
-                return;
-            }
-            if !(applied <= committed && committed <= last && applied <= persisted) {
-                self.fail(format!(
-                    "n{id}: applied {applied}, committed {committed}, last {last}, persisted {persisted}"
-                ));
-                return;
-            }
-            // Durable terms never go back.
-            let durable_term = live.replica.raw.store().log.disk.hard_state.term;
-            if durable_term < self.inv.durable_term[node] {
-                let before = self.inv.durable_term[node];
-                self.fail(format!(
-                    "n{id}: durable term went back from {before} to {durable_term}"
-                ));
-                return;
-            }
-            self.inv.durable_term[node] = durable_term;
-            if term < durable_term {
-                self.fail(format!(
-                    "n{id}: term {term} below its durable term {durable_term}"
-                ));
-                return;
-            }
-            // Committed entries never change: everything up to this node's commit index
-            // (in its log as raft sees it, unstable part included) is what was committed
-            // at that index anywhere, ever.
-            let checked = live.checked_commit;
-            if committed > checked {
-                let entries = raft
-                    .raft_log
-                    .slice(
-                        checked + 1,
-                        committed + 1,
-                        None,
-                        GetEntriesContext::empty(false),
-                    )
-                    .expect("committed entries readable");
-                if let Some(live) = self.nodes[node].live.as_mut() {
-                    live.checked_commit = committed;
-                }
-                for entry in &entries {
-                    self.check_committed(node, entry, "commits");
+                self.check_flushed_applied_rule(node, r);
+                if self.nodes[node].live.is_some() {
+                    self.check_replica(node, r);
                 }
             }
         }
     }
 
-    fn check_committed(&mut self, node: usize, entry: &Entry, doing: &str) {
+    /// The flushed-applied-index rule: the durable log never starts past the entry
+    /// after the state machine's flushed applied index (else a crash would leave
+    /// applied entries that nothing can replay).
+    fn check_flushed_applied_rule(&mut self, node: usize, r: usize) {
+        let range = range_id(r);
+        let first = self.nodes[node]
+            .log
+            .0
+            .borrow()
+            .range(range)
+            .map_or(1, |log| log.first_index());
+        let flushed = self.nodes[node].sm_synced[r].applied;
+        if first > flushed + 1 {
+            self.fail(format!(
+                "n{} {range}: the durable log starts at {first}, past the flushed applied index {flushed} + 1",
+                node + 1
+            ));
+        }
+    }
+
+    fn check_replica(&mut self, node: usize, r: usize) {
+        let id = self.nodes[node].id;
+        let range = range_id(r);
+        let sm_applied = self.nodes[node].sm[r].applied;
+        let status = self.live(node).status(r);
+        if self.logging() && self.inv.roles[node][r] != (status.term, status.role) {
+            self.inv.roles[node][r] = (status.term, status.role);
+            let nodes = self.describe_nodes();
+            self.log(|| {
+                format!(
+                    "n{id} {range} is now {:?} in term {};{nodes}",
+                    status.role, status.term
+                )
+            });
+        }
+        self.check_silent_leader(node, r, &status);
+        let facts = &mut self.inv.ranges[r];
+        // At most one leader per term, over the whole run.
+        if status.role == StateRole::Leader {
+            let leader = *facts.leaders.entry(status.term).or_insert(id);
+            if leader != id {
+                let term = status.term;
+                self.fail(format!(
+                    "{range}: two leaders in term {term}: n{leader} and n{id}"
+                ));
+                return;
+            }
+        }
+        // No follower needs a snapshot (there are none): a leader sends every follower
+        // from past its log's compaction point. Raft would otherwise ask its storage
+        // for a snapshot, be told none is available, and never replicate to it again.
+        if status.role == StateRole::Leader {
+            let peer = self.live(node).driver().peer(range).expect("hosted");
+            let stranded = peer
+                .progress()
+                .into_iter()
+                .find(|&(peer, _, next)| peer != id && next < status.first_index);
+            if let Some((follower, matched, next)) = stranded {
+                let first = status.first_index;
+                self.fail(format!(
+                    "{range}: leader n{id} needs a snapshot for n{follower}: its next index {next} \
+                     (matched {matched}) is below the log's first index {first}"
+                ));
+                return;
+            }
+        }
+        // applied ≤ committed ≤ last, and applied ≤ persisted (raft hands out only
+        // entries that are committed and durable here).
+        let (applied, committed, last, persisted) = (
+            status.applied,
+            status.committed,
+            status.last_index,
+            status.persisted,
+        );
+        if applied != sm_applied {
+            self.fail(format!(
+                "n{id} {range}: replica applied {applied} but state machine applied {sm_applied}"
+            ));
+            return;
+        }
+        if !(applied <= committed && committed <= last && applied <= persisted) {
+            self.fail(format!(
+                "n{id} {range}: applied {applied}, committed {committed}, last {last}, persisted {persisted}"
+            ));
+            return;
+        }
+        // Durable terms never go back.
+        let durable_term = self.nodes[node]
+            .log
+            .0
+            .borrow()
+            .range(range)
+            .map_or(0, |log| log.hard_state.term);
+        let before = self.inv.durable_term[node][r];
+        if durable_term < before {
+            self.fail(format!(
+                "n{id} {range}: durable term went back from {before} to {durable_term}"
+            ));
+            return;
+        }
+        self.inv.durable_term[node][r] = durable_term;
+        if status.term < durable_term {
+            self.fail(format!(
+                "n{id} {range}: term {} below its durable term {durable_term}",
+                status.term
+            ));
+            return;
+        }
+        // Committed entries never change: everything up to this replica's commit
+        // index (in its log as raft sees it, unstable part included) is what was
+        // committed at that index anywhere, ever. What is compacted here was checked
+        // before it was (or on another replica).
+        let from = (self.live(node).checked_commit[r] + 1).max(status.first_index);
+        if committed >= from {
+            let peer = self.live(node).driver().peer(range).expect("hosted");
+            let entries = match peer.entries(from, committed + 1) {
+                Ok(entries) => entries,
+                Err(error) => {
+                    self.fail(format!(
+                        "n{id} {range}: committed entries {from}..={committed} unreadable: {error}"
+                    ));
+                    return;
+                }
+            };
+            self.live_mut(node).checked_commit[r] = committed;
+            for entry in &entries {
+                self.check_committed(node, r, entry, "commits");
+            }
+        }
+    }
+
+    /// A quiesced follower ticks no election timer: once its leader's store has sent
+    /// nothing for an election timeout (counted from this store's start at most), its
+    /// next tick must wake it to campaign (allowing two ticks for the tick phase).
+    fn check_silent_leader(&mut self, node: usize, r: usize, status: &PeerStatus) {
+        let Some(leader) = status.leader.filter(|l| *l != status.id) else {
+            return;
+        };
+        if !status.quiesced || status.role != StateRole::Follower {
+            return;
+        }
+        let live = self.live(node);
+        let heard = live.last_heard[leader as usize - 1].max(live.started_at);
+        let silent = self.now.saturating_sub(heard);
+        let bound = self.core.election_timeout().as_nanos() as u64 + 2 * TICK;
+        if silent > bound {
+            self.fail(format!(
+                "n{} {}: a quiesced follower still asleep though its leader n{leader}'s store has been silent for {} ms",
+                node + 1,
+                range_id(r),
+                silent / MS
+            ));
+        }
+    }
+
+    fn check_committed(&mut self, node: usize, r: usize, entry: &Entry, doing: &str) {
         let id = self.nodes[node].id;
         let seen = (entry.term, hash_bytes(&entry.data));
-        let first = *self.inv.committed.entry(entry.index).or_insert(seen);
+        let first = *self.inv.ranges[r]
+            .committed
+            .entry(entry.index)
+            .or_insert(seen);
         if first != seen {
             self.fail(format!(
-                "n{id} {doing} index {} term {} but term {} was committed there before (data {})",
+                "n{id} {} {doing} index {} term {} but term {} was committed there before (data {})",
+                range_id(r),
                 entry.index,
                 entry.term,
                 first.0,
@@ -137,55 +253,132 @@ impl World {
         }
     }
 
-    /// An entry about to be applied: the next index, and the committed one.
-    pub fn check_applying(&mut self, node: usize, entry: &Entry) {
-        let applied = self.nodes[node].sm.applied;
-        if entry.index != applied + 1 {
+    /// An entry about to be applied: past the last one applied, and the committed
+    /// one. (Entries the core skips, a new leader's empty one, leave gaps.)
+    pub fn check_applying(&mut self, node: usize, r: usize, entry: &Entry) {
+        let applied = self.live(node).batch_applied[r];
+        if entry.index <= applied {
             let id = self.nodes[node].id;
             self.fail(format!(
-                "n{id} applies index {} after {applied}",
+                "n{id} {} applies index {} after {applied}",
+                range_id(r),
                 entry.index
             ));
         }
-        self.check_committed(node, entry, "applies");
+        self.check_committed(node, r, entry, "applies");
     }
 
     /// State machines agree on every applied prefix.
-    pub fn check_applied_state(&mut self, node: usize, index: u64) {
-        let hash = self.nodes[node].sm.hash();
-        let first = *self.inv.states.entry(index).or_insert(hash);
+    pub fn check_applied_state(&mut self, node: usize, r: usize, index: u64) {
+        let hash = self.nodes[node].sm[r].hash();
+        let first = *self.inv.ranges[r].states.entry(index).or_insert(hash);
         if first != hash {
             let id = self.nodes[node].id;
             self.fail(format!(
-                "n{id}: state machine after applying {index} differs from another node's"
+                "n{id} {}: state machine after applying {index} differs from another node's",
+                range_id(r)
             ));
         }
     }
 
     /// Log matching: the entry (index, term) has the same contents and the same log
     /// before it on every node, at any time.
-    pub fn check_chain(&mut self, node: usize, index: u64, term: u64, hash: u64) {
-        let first = *self.inv.chains.entry((index, term)).or_insert(hash);
+    fn check_chain(&mut self, node: usize, r: usize, index: u64, term: u64, hash: u64) {
+        let first = *self.inv.ranges[r]
+            .chains
+            .entry((index, term))
+            .or_insert(hash);
         if first != hash {
             let id = self.nodes[node].id;
             self.fail(format!(
-                "log matching: n{id} holds an entry {index}/t{term} whose data or prefix differs from another node's"
+                "log matching: n{id} {} holds an entry {index}/t{term} whose data or prefix differs from another node's",
+                range_id(r)
             ));
         }
+    }
+
+    /// Log-matching bookkeeping for entries entering `node`'s view of range `r`
+    /// (handed to a log write).
+    pub fn extend_chain(&mut self, node: usize, r: usize, entries: &[Entry]) {
+        let Some(first) = entries.first() else {
+            return;
+        };
+        let chain = &mut self.live_mut(node).chains[r];
+        let have = chain.base_index + chain.hashes.len() as u64;
+        if first.index <= chain.base_index || first.index > have + 1 {
+            let base = chain.base_index;
+            self.fail(format!(
+                "n{} {}: entries from {} appended to a log {}..={have}",
+                node + 1,
+                range_id(r),
+                first.index,
+                base + 1
+            ));
+            return;
+        }
+        chain
+            .hashes
+            .truncate((first.index - chain.base_index - 1) as usize);
+        let mut prev = chain.hashes.last().copied().unwrap_or(chain.base_hash);
+        let mut added = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let mut hash = Hash(prev);
+            hash.u64(entry.index)
+                .u64(entry.term)
+                .u64(entry.entry_type as u64)
+                .bytes(&entry.data);
+            prev = hash.0;
+            added.push((entry.index, entry.term, prev));
+        }
+        chain.hashes.extend(added.iter().map(|a| a.2));
+        for (index, term, hash) in added {
+            self.check_chain(node, r, index, term, hash);
+        }
+    }
+
+    /// The chain of a reopened replica: its durable log, from its compaction point,
+    /// whose own chain hash some replica recorded when the entry was in its log.
+    pub fn rebuild_chain(&mut self, node: usize, r: usize) {
+        let range = range_id(r);
+        let (base_index, base_term, entries) = match self.nodes[node].log.0.borrow().range(range) {
+            Some(log) => (
+                log.truncated_index,
+                log.truncated_term,
+                log.entries.iter().cloned().collect::<Vec<_>>(),
+            ),
+            None => (0, 0, Vec::new()),
+        };
+        let base_hash = if base_index == 0 {
+            0
+        } else if let Some(hash) = self.inv.ranges[r].chains.get(&(base_index, base_term)) {
+            *hash
+        } else {
+            self.fail(format!(
+                "n{} {range}: the log is compacted to {base_index}/t{base_term}, an entry no log ever held",
+                node + 1
+            ));
+            return;
+        };
+        self.live_mut(node).chains[r] = Chain {
+            base_index,
+            base_hash,
+            hashes: Vec::new(),
+        };
+        self.extend_chain(node, r, &entries);
     }
 
     /// What leaves a node: a MsgAppend's entries follow its index (raft-rs 0.7's
     /// `batch_append` broke this, see `ReplicaConfig::raft_config`); a vote granted is
     /// durable before the message leaves (the async-ready contract), and no node
     /// grants two votes in one term, crashes or not.
-    pub fn check_outgoing(&mut self, node: usize, message: &Message) {
+    pub fn check_outgoing(&mut self, node: usize, range: RangeId, message: &Message) {
         let id = self.nodes[node].id;
         if message.msg_type == MessageType::MsgAppend {
             if let Some(first) = message.entries.first() {
                 if first.index != message.index + 1 {
                     let (to, index, from) = (message.to, message.index, first.index);
                     self.fail(format!(
-                        "n{id} sends n{to} a MsgAppend after index {index} whose entries start at {from}"
+                        "n{id} sends n{to} a {range} MsgAppend after index {index} whose entries start at {from}"
                     ));
                 }
             }
@@ -194,28 +387,31 @@ impl World {
         if message.msg_type != MessageType::MsgRequestVoteResponse || message.reject {
             return;
         }
-        let Some(live) = self.nodes[node].live.as_ref() else {
-            return;
-        };
         // (A later write may have moved the durable term on since.)
-        let hs = &live.replica.raw.store().log.disk.hard_state;
+        let hs = self.nodes[node]
+            .log
+            .0
+            .borrow()
+            .range(range)
+            .map(|log| log.hard_state.clone())
+            .unwrap_or_default();
         if hs.term < message.term || (hs.term == message.term && hs.vote != message.to) {
             let (term, to) = (message.term, message.to);
             let (hs_term, hs_vote) = (hs.term, hs.vote);
             self.fail(format!(
-                "n{id} grants its vote to n{to} in term {term} before it is durable (durable t{hs_term} v{hs_vote})"
+                "n{id} grants its {range} vote to n{to} in term {term} before it is durable (durable t{hs_term} v{hs_vote})"
             ));
             return;
         }
-        let granted = *self
-            .inv
+        let r = super::world::range_index(range);
+        let granted = *self.inv.ranges[r]
             .votes
             .entry((id, message.term))
             .or_insert(message.to);
         if granted != message.to {
             let (term, to) = (message.term, message.to);
             self.fail(format!(
-                "n{id} votes twice in term {term}: n{granted} and n{to}"
+                "n{id} votes twice in {range} term {term}: n{granted} and n{to}"
             ));
         }
     }

@@ -1,7 +1,8 @@
-//! The simulated world: nodes, network, clients, faults and a virtual clock, all
-//! on one thread and driven by one seed. `driver.rs` is the store driver around each
-//! `Replica` (a mirror of `engine/node/src/worker.rs`), `clients.rs` the client
-//! processes and their history, `invariants.rs` what is checked after every step.
+//! The simulated world: stores, network, clients, faults and a virtual clock, all on
+//! one thread and driven by one seed. `store.rs` is each store's runtime around the
+//! core's `Driver` and its transport, `host.rs` the I/O the core asks for, `log.rs`
+//! the log engine, `clients.rs` the client processes and their history,
+//! `invariants.rs` what is checked after every step.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
@@ -10,32 +11,28 @@ use std::time::{Duration, Instant};
 use raft::eraftpb::{Message, MessageType};
 use raft::StateRole;
 use rangekv_check::{History, OpId};
-use rangekv_raftstore::replica::Replica;
-use rangekv_raftstore::ReplicaConfig;
+use rangekv_raftstore::{CoreConfig, Driver, PeerStatus, RangeView, ReplicaConfig};
+use rangekv_types::RangeId;
 
 use super::clients::{Client, Reply, Request};
-use super::invariants::Invariants;
+use super::host::SimTypes;
+use super::invariants::{Chain, Invariants};
+use super::log::SimLog;
 use super::rng::{Hash, Rng};
-use super::storage::{Disk, SimStorage};
+use super::store::{Inbound, Outbox, Packet};
 
 /// Virtual time is counted in nanoseconds from the start of the run.
 pub const MS: u64 = 1_000_000;
 /// `StoreConfig::default().tick_interval`.
 pub const TICK: u64 = 100 * MS;
 
-/// `ReplicaConfig::default()`: the settings every store runs with.
-pub fn replica_config() -> ReplicaConfig {
-    ReplicaConfig::default()
+/// The range at `index` of a world's ranges (ids from 1).
+pub fn range_id(index: usize) -> RangeId {
+    RangeId(index as u64 + 1)
 }
 
-/// `StoreConfig::election_timeout`: `tick × election_timeout_ticks`.
-pub fn election_timeout() -> u64 {
-    TICK * replica_config().election_timeout_ticks as u64
-}
-
-/// `StoreConfig::lease_duration`: `tick × (election_timeout_ticks − 2)`.
-pub fn lease_duration() -> Duration {
-    Duration::from_nanos(TICK * replica_config().election_timeout_ticks.saturating_sub(2) as u64)
+pub fn range_index(range: RangeId) -> usize {
+    range.get() as usize - 1
 }
 
 #[derive(Clone, Debug)]
@@ -50,6 +47,14 @@ pub struct Options {
     /// Deliberately broken: any node answers a read from its own state machine at
     /// once, without lease or ReadIndex. Only for the test proving the checks bite.
     pub buggy_reads: bool,
+    /// Deliberately broken: the host reports the state machine's applied index as
+    /// durable before it is flushed, so log compaction outruns the flush. Only for the
+    /// test proving the checks bite.
+    pub buggy_durable_applied: bool,
+    /// Deliberately broken: stores never tell their driver which stores went silent,
+    /// so nothing wakes the quiesced followers of a crashed leader. Only for the test
+    /// proving the checks bite.
+    pub buggy_deaf_to_silence: bool,
 }
 
 impl Options {
@@ -60,17 +65,20 @@ impl Options {
             verbose: false,
             keep_tail: false,
             buggy_reads: false,
+            buggy_durable_applied: false,
+            buggy_deaf_to_silence: false,
         }
     }
 }
 
-/// What a run did, for reporting and the determinism test.
+/// What a run did, for reporting, the determinism test and the coverage test.
 #[derive(Clone, Debug, Default)]
 pub struct Summary {
     pub trace_hash: u64,
     pub steps: u64,
     pub virtual_ms: u64,
     pub nodes: usize,
+    pub ranges: usize,
     pub ops: usize,
     pub ok: usize,
     pub unknown: usize,
@@ -79,6 +87,26 @@ pub struct Summary {
     pub terms: u64,
     pub commit: u64,
     pub check_ms: u64,
+    /// Log writes carrying appends of two ranges or more.
+    pub multi_range_writes: u64,
+    /// Replicas that quiesced, and quiesced replicas that woke.
+    pub quiesced: u64,
+    pub woken: u64,
+    /// Quiesced followers woken because their leader's store went silent.
+    pub hastened: u64,
+    /// Compaction points written to a disk (a range's first index moved past 1).
+    pub compactions: u64,
+    /// The highest first index of a range's durable log at the end.
+    pub first_index_max: u64,
+    /// State machine flushes the core asked for.
+    pub flush_requests: u64,
+    /// Tick batches delivered; batches delivered with heartbeats of two ranges or
+    /// more; heartbeats (and responses, quiesce notices) delivered.
+    pub tick_batches: u64,
+    pub coalesced_batches: u64,
+    pub heartbeats: u64,
+    /// Stores reported unreachable to a driver.
+    pub unreachable: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -111,26 +139,8 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// A command inside a raft entry. Encoded by hand (`encode_entry`): the real
-/// `Command` proto lives in rangekv-rpc, which this crate does not depend on.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Cmd {
-    Put {
-        key: Vec<u8>,
-        value: Vec<u8>,
-    },
-    Delete {
-        key: Vec<u8>,
-    },
-    Cas {
-        key: Vec<u8>,
-        expected: Option<Vec<u8>>,
-        new: Option<Vec<u8>>,
-    },
-}
-
-/// The state machine of one node (RocksDB's `data` column family plus the applied
-/// index, written together in one `ApplyBatch`).
+/// One range's state machine on one store (RocksDB's `data` for the range's keys
+/// plus its applied index, written together in one apply batch).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Sm {
     pub kv: BTreeMap<Vec<u8>, Vec<u8>>,
@@ -147,37 +157,11 @@ impl Sm {
     }
 }
 
-/// A request or raft message queued at a node's worker (its inbox).
-pub enum Inbound {
-    Raft(Message),
-    Write(Cmd, u64),
-    Read(u64),
-}
-
-/// A log write in flight: the `Ready`s it persists (`worker.rs` `Persisting`).
-pub struct Record {
-    pub seq: u64,
-    pub readies: Vec<(u64, Vec<Message>)>,
-}
-
-pub type SimReplica = Replica<SimStorage, Vec<u64>, u64>;
-
-/// A node's process while it runs: the replica plus the worker's state around it.
+/// A store's process while it runs: the core's driver plus the runtime around it.
 pub struct Live {
-    pub replica: SimReplica,
-    /// `Peer::writes`: writes gathered this loop, proposed as one entry.
-    pub writes: Vec<(Cmd, u64)>,
-    /// `Peer::persisting`.
-    pub persisting: usize,
-    /// `Worker::persisting`.
-    pub records: VecDeque<Record>,
-    /// `Worker::next_seq`.
-    pub next_seq: u64,
-    /// Whether the range is in `Worker::touched`.
-    pub touched: bool,
-    /// `Peer::votes_refused_until`.
-    pub votes_refused_until: Option<u64>,
-    /// The control channel: log writes completed (their seq).
+    /// Out only while lent to a call into the core (`World::drive`).
+    pub driver: Option<Box<Driver<SimTypes>>>,
+    /// The control channel: log writes durable (their seq).
     pub control: VecDeque<u64>,
     pub inbox: VecDeque<Inbound>,
     /// A loop iteration is scheduled (its generation; older wake-ups are void).
@@ -190,10 +174,59 @@ pub struct Live {
     pub write_done_at: u64,
     /// Client requests this process holds (answered `Lost` if it crashes).
     pub open: BTreeSet<u64>,
-    /// Commit index up to which the committed-entries invariant has been checked.
-    pub checked_commit: u64,
-    /// Log-matching chain hash of every entry of the view (`chain[i]` for index i+1).
-    pub chain: Vec<u64>,
+    /// Per destination store.
+    pub outbox: Vec<Outbox>,
+    /// Per store: when a batch of it last arrived (this store's start if never).
+    pub last_heard: Vec<u64>,
+    pub started_at: u64,
+    /// Per store: when it was last reported unreachable.
+    pub unreachable_reported: Vec<Option<u64>>,
+    /// Per range: the last entry applied in the current apply batch.
+    pub batch_applied: Vec<u64>,
+    /// Per range: commit index up to which the committed-entries invariant ran.
+    pub checked_commit: Vec<u64>,
+    /// Per range: log-matching chain hashes of the log as raft sees it.
+    pub chains: Vec<Chain>,
+    /// Per range: whether the replica last published itself quiesced.
+    pub quiesced: Vec<bool>,
+}
+
+impl Live {
+    pub fn new(driver: Box<Driver<SimTypes>>, nodes: usize, ranges: usize, now: u64) -> Self {
+        Live {
+            driver: Some(driver),
+            control: VecDeque::new(),
+            inbox: VecDeque::new(),
+            wake: None,
+            wake_gen: 0,
+            tick_due: false,
+            next_tick_at: 0,
+            write_done_at: now,
+            open: BTreeSet::new(),
+            outbox: (0..nodes).map(|_| Outbox::default()).collect(),
+            last_heard: vec![now; nodes],
+            started_at: now,
+            unreachable_reported: vec![None; nodes],
+            batch_applied: vec![0; ranges],
+            checked_commit: vec![0; ranges],
+            chains: (0..ranges).map(|_| Chain::default()).collect(),
+            quiesced: vec![false; ranges],
+        }
+    }
+
+    pub fn driver(&self) -> &Driver<SimTypes> {
+        self.driver
+            .as_ref()
+            .expect("the driver is in place between calls")
+    }
+
+    /// The status of `range`'s replica here.
+    pub fn status(&self, range: usize) -> PeerStatus {
+        self.driver()
+            .peer(range_id(range))
+            .expect("every store hosts every range")
+            .status()
+    }
 }
 
 pub struct Node {
@@ -201,14 +234,14 @@ pub struct Node {
     /// Bumped at each crash: events of an earlier incarnation are void.
     pub inc: u64,
     pub live: Option<Live>,
-    /// The disk while the node is down.
-    pub disk: Option<Disk>,
-    /// The state machine as the running process sees it.
-    pub sm: Sm,
-    /// Last durable state machine (RocksDB flushed/synced) and the states after each
-    /// apply batch since then (unsynced WAL): a crash keeps a prefix of them.
-    pub sm_synced: Sm,
-    pub sm_unsynced: Vec<Sm>,
+    /// The store's log engine (its disk survives crashes).
+    pub log: SimLog,
+    /// Per range: the state machine as the running process sees it.
+    pub sm: Vec<Sm>,
+    /// Last flushed state machine, and the states after each apply batch since then
+    /// (written without sync): a crash keeps a prefix of them.
+    pub sm_synced: Vec<Sm>,
+    pub sm_unsynced: Vec<Vec<Sm>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -221,7 +254,13 @@ pub enum Heal {
 }
 
 pub enum Event {
+    /// The store worker's tick.
     Tick {
+        node: usize,
+        inc: u64,
+    },
+    /// The transport's ticker: tick batches to every other store.
+    TransportTick {
         node: usize,
         inc: u64,
     },
@@ -230,12 +269,17 @@ pub enum Event {
         inc: u64,
         gen: u64,
     },
-    Persisted {
+    LogDone {
         node: usize,
         inc: u64,
-        seq: u64,
+        id: u64,
     },
-    Raft(Message),
+    Packet(Box<Packet>),
+    Unreachable {
+        node: usize,
+        inc: u64,
+        store: usize,
+    },
     Request(u64),
     Reply {
         req: u64,
@@ -260,11 +304,17 @@ pub enum Event {
         cut_from: Option<usize>,
         until: u64,
     },
+    CrashQuiescedLeader {
+        downtime: u64,
+    },
     Heal(Heal),
     Restart(usize),
+    /// The state machine's flush: the background one (`periodic`) or one the core
+    /// asked for.
     SmSync {
         node: usize,
         inc: u64,
+        periodic: bool,
     },
     EndChaos,
     EndRun,
@@ -276,7 +326,7 @@ pub enum Phase {
     Chaos,
     /// Healed; waiting for the clients' last operations to end.
     Drain,
-    /// The final write and read.
+    /// The final writes and reads.
     Final,
     /// Letting every node catch up before the convergence check.
     Settle,
@@ -309,14 +359,29 @@ pub struct World {
     pub client_rng: Rng,
     pub fault_rng: Rng,
     pub disk_rng: Rng,
+    /// Every store's core settings (each store start draws its own election seed).
+    pub core: CoreConfig,
+    pub ranges: usize,
     pub nodes: Vec<Node>,
     pub net: Net,
+    /// The background flush of the state machine comes every `flush_every.0..1` ns.
+    pub flush_every: (u64, u64),
+    /// A store's loop runs within this long of being woken (ns): what arrives
+    /// meanwhile is handled in one iteration.
+    pub loop_delay_max: u64,
+    /// Log writes submitted, over every store (their numbers).
+    pub next_write: u64,
     pub clients: Vec<Client>,
     pub requests: BTreeMap<u64, Request>,
     pub next_req: u64,
     pub history: History,
     pub keys: Vec<Vec<u8>>,
+    /// The range (index) of each key.
+    pub key_range: Vec<usize>,
     pub inv: Invariants,
+    /// Stores whose state a step may have changed: their invariants are checked and
+    /// their state hashed into the trace after it.
+    pub dirty: Vec<bool>,
     pub phase: Phase,
     pub chaos_end: u64,
     pub steps: u64,
@@ -328,18 +393,42 @@ pub struct World {
     pub final_ops: Vec<OpId>,
     /// Clients only read before this (a pause in the writes).
     pub writes_paused_until: u64,
+    /// Clients issue nothing before this (an idle window: ranges quiesce).
+    pub idle_until: u64,
 }
 
 const TAIL_LINES: usize = 150;
 
 thread_local! {
     /// The last trace lines of the run on this thread (kept outside the world so
-    /// that they survive a panic inside raft-rs or the replica).
+    /// that they survive a panic inside raft-rs or the core).
     static TAIL: std::cell::RefCell<VecDeque<String>> = const { std::cell::RefCell::new(VecDeque::new()) };
 }
 
 pub fn take_tail() -> Vec<String> {
     TAIL.with(|tail| tail.borrow_mut().drain(..).collect())
+}
+
+/// The core's settings for a world: the node's defaults, with quiescence and log
+/// compaction made to happen within a run, and sometimes small byte targets so that
+/// a loop proposes several entries per range and writes several log batches.
+fn core_config(rng: &mut Rng) -> CoreConfig {
+    let mut config = CoreConfig {
+        replica: ReplicaConfig::default(),
+        tick_interval: Duration::from_nanos(TICK),
+        quiesce: true,
+        quiesce_after_ticks: rng.range(3, 9) as u32,
+        log_gc_entries: rng.range(8, 33),
+        log_gc_flush_after: Duration::from_millis(rng.range(200, 1_500)),
+        ..CoreConfig::default()
+    };
+    if rng.chance(300) {
+        config.entry_bytes_target = rng.range(30, 120) as usize;
+    }
+    if rng.chance(300) {
+        config.loop_bytes_target = rng.range(60, 400) as usize;
+    }
+    config
 }
 
 impl World {
@@ -348,26 +437,43 @@ impl World {
         let net_rng = rng.fork(1);
         let mut client_rng = rng.fork(2);
         let mut fault_rng = rng.fork(3);
-        let disk_rng = rng.fork(4);
+        let mut disk_rng = rng.fork(4);
         let n = if fault_rng.chance(250) { 5 } else { 3 };
-        let key_count = client_rng.range(3, 6);
-        let keys = (0..key_count)
-            .map(|k| format!("k{k}").into_bytes())
-            .collect();
+        let ranges = match fault_rng.below(100) {
+            0..15 => 1,
+            15..60 => 2,
+            _ => 3,
+        };
+        let core = core_config(&mut fault_rng);
+        // Keys are split into contiguous spans, one per range, of one or two keys.
+        let mut keys = Vec::new();
+        let mut key_range = Vec::new();
+        for r in 0..ranges {
+            for _ in 0..client_rng.range(1, 3) {
+                keys.push(format!("k{}", keys.len()).into_bytes());
+                key_range.push(r);
+            }
+        }
+        let loop_delay_max = if fault_rng.chance(400) { 4 * MS } else { MS };
+        let flush_every = if disk_rng.chance(500) {
+            (300 * MS, 2_000 * MS)
+        } else {
+            (1_000 * MS, 5_000 * MS)
+        };
         let nodes = (0..n)
             .map(|i| Node {
                 id: i as u64 + 1,
                 inc: 0,
                 live: None,
-                disk: Some(Disk::default()),
-                sm: Sm::default(),
-                sm_synced: Sm::default(),
+                log: SimLog::default(),
+                sm: vec![Sm::default(); ranges],
+                sm_synced: vec![Sm::default(); ranges],
                 sm_unsynced: Vec::new(),
             })
             .collect();
         let client_count = client_rng.range(3, 6) as usize;
         let clients = (0..client_count)
-            .map(|c| Client::new(c as u64 + 1, c % n))
+            .map(|c| Client::new(c as u64 + 1, c % n, ranges))
             .collect();
         let chaos_end = opts.chaos_ticks * TICK;
         World {
@@ -379,6 +485,8 @@ impl World {
             client_rng,
             fault_rng,
             disk_rng,
+            core,
+            ranges,
             nodes,
             net: Net {
                 group: vec![0; n],
@@ -387,12 +495,17 @@ impl World {
                 dup_per_mille: 10,
                 slow: false,
             },
+            flush_every,
+            loop_delay_max,
+            next_write: 0,
             clients,
             requests: BTreeMap::new(),
             next_req: 1,
             history: History::new(),
             keys,
-            inv: Invariants::new(n),
+            key_range,
+            inv: Invariants::new(n, ranges),
+            dirty: vec![true; n],
             phase: Phase::Chaos,
             chaos_end,
             steps: 0,
@@ -400,12 +513,14 @@ impl World {
             failure: None,
             summary: Summary {
                 nodes: n,
+                ranges,
                 ..Default::default()
             },
             logger: slog::Logger::root(slog::Discard, slog::o!()),
             active_faults: BTreeSet::new(),
             final_ops: Vec::new(),
             writes_paused_until: 0,
+            idle_until: 0,
             opts,
         }
     }
@@ -422,6 +537,14 @@ impl World {
 
     pub fn after(&mut self, delay: u64, event: Event) {
         self.schedule(self.now + delay, event);
+    }
+
+    pub fn live(&self, node: usize) -> &Live {
+        self.nodes[node].live.as_ref().expect("the store runs")
+    }
+
+    pub fn live_mut(&mut self, node: usize) -> &mut Live {
+        self.nodes[node].live.as_mut().expect("the store runs")
     }
 
     pub fn logging(&self) -> bool {
@@ -472,10 +595,10 @@ impl World {
         let first_fault = self.fault_rng.range(TICK * 10, TICK * 30);
         self.schedule(first_fault, Event::Fault);
         self.schedule(self.chaos_end, Event::EndChaos);
-        // Liveness bound: after healing, the final write and read must succeed well
+        // Liveness bound: after healing, the final writes and reads must succeed well
         // within this.
         let deadline = self.chaos_end + 60_000 * MS;
-        while self.phase != Phase::Done {
+        while self.phase != Phase::Done && self.failure.is_none() {
             let Some(((at, _), event)) = self.queue.pop_first() else {
                 self.fail("event queue ran dry".into());
                 break;
@@ -495,9 +618,6 @@ impl World {
                 self.check_invariants();
             }
             self.hash_state();
-            if self.failure.is_some() {
-                break;
-            }
         }
         if self.failure.is_none() {
             self.finish();
@@ -520,64 +640,78 @@ impl World {
     }
 
     fn hash_state(&mut self) {
-        for node in &self.nodes {
-            match &node.live {
-                Some(live) => {
-                    let raft = &live.replica.raw.raft;
-                    self.trace
-                        .u64(raft.term)
-                        .u64(raft.state as u64)
-                        .u64(raft.raft_log.committed)
-                        .u64(live.replica.applied())
-                        .u64(raft.raft_log.last_index());
-                }
-                None => {
-                    self.trace.u64(u64::MAX);
-                }
+        for (node, dirty) in self.nodes.iter().zip(&mut self.dirty) {
+            if !std::mem::take(dirty) {
+                continue;
+            }
+            self.trace.u64(node.id);
+            let Some(live) = &node.live else {
+                self.trace.u64(u64::MAX);
+                continue;
+            };
+            let Some(driver) = &live.driver else {
+                continue;
+            };
+            for peer in driver.peers() {
+                let status = peer.status();
+                self.trace
+                    .u64(peer.range().get())
+                    .u64(status.term)
+                    .u64(status.role as u64)
+                    .u64(status.committed)
+                    .u64(status.applied)
+                    .u64(status.last_index)
+                    .u64(u64::from(status.quiesced));
             }
         }
+    }
+
+    /// Whether `node` runs incarnation `inc`.
+    fn current(&self, node: usize, inc: u64) -> bool {
+        self.nodes[node].inc == inc && self.nodes[node].live.is_some()
     }
 
     fn handle(&mut self, event: Event) {
         match event {
             Event::Tick { node, inc } => {
                 self.trace.u64(1).u64(node as u64);
-                if self.nodes[node].inc != inc {
+                if !self.current(node, inc) {
                     return;
                 }
                 self.after(TICK, Event::Tick { node, inc });
                 let next = self.now + TICK;
-                if let Some(live) = self.nodes[node].live.as_mut() {
-                    live.tick_due = true;
-                    live.next_tick_at = next;
-                }
+                let live = self.live_mut(node);
+                live.tick_due = true;
+                live.next_tick_at = next;
                 self.run_loop(node);
+            }
+            Event::TransportTick { node, inc } => {
+                self.trace.u64(4).u64(node as u64);
+                if !self.current(node, inc) {
+                    return;
+                }
+                self.after(TICK, Event::TransportTick { node, inc });
+                self.transport_tick(node);
             }
             Event::Wake { node, inc, gen } => {
                 self.trace.u64(2).u64(node as u64);
-                let valid = self.nodes[node].inc == inc
-                    && self.nodes[node]
-                        .live
-                        .as_ref()
-                        .is_some_and(|l| l.wake == Some(gen));
+                let valid = self.current(node, inc) && self.live(node).wake == Some(gen);
                 if valid {
                     self.run_loop(node);
                 }
             }
-            Event::Persisted { node, inc, seq } => {
-                self.trace.u64(3).u64(node as u64).u64(seq);
-                if self.nodes[node].inc != inc {
-                    return;
+            Event::LogDone { node, inc, id } => {
+                self.trace.u64(3).u64(node as u64).u64(id);
+                if self.current(node, inc) {
+                    self.log_done(node, id);
                 }
-                if let Some(live) = self.nodes[node].live.as_mut() {
-                    // The write reached the disk; its completion is queued for the worker.
-                    live.replica.raw.mut_store().log.complete(seq);
-                    live.control.push_back(seq);
-                }
-                self.log(|| format!("n{} log write {seq} durable", node + 1));
-                self.wake_soon(node);
             }
-            Event::Raft(message) => self.deliver(message),
+            Event::Packet(packet) => self.deliver(*packet),
+            Event::Unreachable { node, inc, store } => {
+                if self.current(node, inc) {
+                    self.unreachable(node, store);
+                }
+            }
             Event::Request(req) => self.on_request(req),
             Event::Reply { req, reply } => self.on_reply(req, reply),
             Event::ClientGo(client) => self.client_go(client),
@@ -591,6 +725,7 @@ impl World {
                 cut_from,
                 until,
             } => self.bounce(node, downtime, cut_from, until),
+            Event::CrashQuiescedLeader { downtime } => self.crash_quiesced_leader(downtime),
             Event::Heal(what) => self.heal(what),
             Event::Restart(node) => {
                 self.trace.u64(9).u64(node as u64);
@@ -599,15 +734,30 @@ impl World {
                     self.open(node, true);
                 }
             }
-            Event::SmSync { node, inc } => {
-                if self.nodes[node].inc != inc {
+            Event::SmSync {
+                node,
+                inc,
+                periodic,
+            } => {
+                self.trace.u64(5).u64(node as u64);
+                if !self.current(node, inc) {
                     return;
                 }
+                self.dirty[node] = true;
                 let node_ref = &mut self.nodes[node];
                 node_ref.sm_synced = node_ref.sm.clone();
                 node_ref.sm_unsynced.clear();
-                let next = self.disk_rng.range(300 * MS, 2_000 * MS);
-                self.after(next, Event::SmSync { node, inc });
+                if periodic {
+                    let next = self.disk_rng.range(self.flush_every.0, self.flush_every.1);
+                    self.after(
+                        next,
+                        Event::SmSync {
+                            node,
+                            inc,
+                            periodic,
+                        },
+                    );
+                }
             }
             Event::EndChaos => self.end_chaos(),
             Event::EndRun => {
@@ -616,88 +766,37 @@ impl World {
         }
     }
 
-    /// A delay for one message on the network.
-    fn message_delay(&mut self) -> u64 {
-        let rng = &mut self.net_rng;
-        if self.net.slow {
-            return rng.range(MS, 300 * MS);
+    /// The core published a range's state: quiescence transitions are counted, and a
+    /// lease is only ever published by the range's leader.
+    pub fn on_publish(&mut self, node: usize, range: RangeId, view: RangeView) {
+        let id = node as u64 + 1;
+        if view.lease_until.is_some() && view.leader != Some(id) {
+            self.fail(format!(
+                "n{id} {range} publishes a lease while {:?} leads",
+                view.leader
+            ));
         }
-        let roll = rng.below(1000);
-        if roll < 5 {
-            rng.range(100 * MS, 800 * MS)
-        } else if roll < 35 {
-            rng.range(5 * MS, 100 * MS)
+        let r = range_index(range);
+        let live = self.live_mut(node);
+        if live.quiesced[r] == view.quiesced {
+            return;
+        }
+        live.quiesced[r] = view.quiesced;
+        if view.quiesced {
+            self.summary.quiesced += 1;
         } else {
-            rng.range(MS / 10, 5 * MS)
+            self.summary.woken += 1;
         }
-    }
-
-    /// Hands a raft message to the network: dropped, delayed, duplicated.
-    pub fn send(&mut self, from: usize, message: Message) {
-        let to = message.to as usize - 1;
-        self.trace
-            .u64(10)
-            .u64(message.msg_type as u64)
-            .u64(message.from)
-            .u64(message.to)
-            .u64(message.term)
-            .u64(message.index)
-            .u64(message.commit)
-            .u64(message.entries.len() as u64);
-        if !self.net.link_up(from, to) {
-            self.log(|| format!("cut  {}", fmt_msg(&message)));
-            return;
-        }
-        if self.net_rng.chance(self.net.drop_per_mille) {
-            self.log(|| format!("drop {}", fmt_msg(&message)));
-            return;
-        }
-        if self.net_rng.chance(self.net.dup_per_mille) {
-            let delay = self.message_delay();
-            self.after(delay, Event::Raft(message.clone()));
-        }
-        let delay = self.message_delay();
-        self.log(|| format!("send {} (+{:.1}ms)", fmt_msg(&message), delay as f64 / 1e6));
-        self.after(delay, Event::Raft(message));
-    }
-
-    fn deliver(&mut self, message: Message) {
-        let from = message.from as usize - 1;
-        let to = message.to as usize - 1;
-        self.trace
-            .u64(11)
-            .u64(message.msg_type as u64)
-            .u64(message.to);
-        if !self.net.link_up(from, to) || self.nodes[to].live.is_none() {
-            self.log(|| format!("lost {}", fmt_msg(&message)));
-            return;
-        }
-        self.log(|| format!("recv {}", fmt_msg(&message)));
-        if let Some(live) = self.nodes[to].live.as_mut() {
-            live.inbox.push_back(Inbound::Raft(message));
-        }
-        self.wake_soon(to);
-    }
-
-    /// Schedules a loop iteration of `node`'s worker shortly (it drains everything
-    /// that arrived by then in one go, as the worker does).
-    pub fn wake_soon(&mut self, node: usize) {
-        let delay = self.net_rng.below(MS);
-        self.wake_at(node, self.now + delay);
-    }
-
-    pub fn wake_at(&mut self, node: usize, at: u64) {
-        let inc = self.nodes[node].inc;
-        let Some(live) = self.nodes[node].live.as_mut() else {
-            return;
-        };
-        if live.wake.is_some() {
-            return;
-        }
-        live.wake_gen += 1;
-        let gen = live.wake_gen;
-        live.wake = Some(gen);
-        self.schedule(at, Event::Wake { node, inc, gen });
+        let quiesced = view.quiesced;
+        self.log(|| {
+            format!(
+                "n{id} {range} {} (leader {:?}, term {}, applied {})",
+                if quiesced { "QUIESCES" } else { "wakes" },
+                view.leader,
+                view.term,
+                view.applied
+            )
+        });
     }
 
     /// Crashes `node`: its process state and unsynced bytes are gone.
@@ -705,8 +804,11 @@ impl World {
         let Some(mut live) = self.nodes[node].live.take() else {
             return;
         };
+        self.dirty[node] = true;
         self.nodes[node].inc += 1;
-        self.summary.terms = self.summary.terms.max(live.replica.term());
+        for peer in live.driver().peers() {
+            self.summary.terms = self.summary.terms.max(peer.status().term);
+        }
         // Clients whose requests it held see the connection drop: outcome unknown.
         for req in std::mem::take(&mut live.open) {
             let delay = self.client_rng.range(MS / 10, 2 * MS);
@@ -718,14 +820,18 @@ impl World {
                 },
             );
         }
+        drop(live);
         // The log: writes in flight are lost, except a prefix that had reached the
         // disk without its completion being seen.
-        let log = std::mem::take(&mut live.replica.raw.mut_store().log);
-        let in_flight = log.in_flight.len();
+        let in_flight = self.nodes[node].log.0.borrow().in_flight.len();
         let keep = self.disk_rng.below(in_flight as u64 + 1) as usize;
-        let disk = log.crash(keep);
-        // The state machine: RocksDB's WAL is written but not synced per apply batch,
-        // so a machine crash keeps a prefix of the batches since the last sync/flush.
+        let crashed = self.nodes[node].log.0.borrow_mut().crash(keep);
+        if let Err(what) = crashed {
+            self.fail(format!("n{}: {what}", node + 1));
+            return;
+        }
+        // The state machine: apply batches are written without sync, so a crash keeps
+        // a prefix of the batches since the last flush.
         let node_ref = &mut self.nodes[node];
         let unsynced = node_ref.sm_unsynced.len();
         let kept = self.disk_rng.below(unsynced as u64 + 1) as usize;
@@ -736,25 +842,35 @@ impl World {
         };
         node_ref.sm_synced = node_ref.sm.clone();
         node_ref.sm_unsynced.clear();
-        let applied = node_ref.sm.applied;
-        let disk_last = disk.last_index();
-        let hs = disk.hard_state.clone();
-        node_ref.disk = Some(disk);
+        let mut state = String::new();
+        for r in 0..self.ranges {
+            let range = range_id(r);
+            let applied = self.nodes[node].sm[r].applied;
+            let log = self.nodes[node].log.0.borrow();
+            let (first, last, hs) = log.range(range).map_or((1, 0, Default::default()), |l| {
+                (l.first_index(), l.last_index(), l.hard_state.clone())
+            });
+            drop(log);
+            let _ = write!(
+                state,
+                " {range}: log {first}..={last} hs(t{} v{} c{}) applied {applied};",
+                hs.term, hs.vote, hs.commit
+            );
+            // The restarted replica replays from the applied index that survived: the
+            // log must hold everything after it.
+            if applied > last || first > applied + 1 {
+                self.fail(format!(
+                    "n{} {range}: applied index {applied} survives a crash but the durable log holds {first}..={last}",
+                    node + 1
+                ));
+            }
+        }
         self.log(|| {
             format!(
-                "n{} CRASH: kept {keep}/{in_flight} log writes in flight, {kept}/{unsynced} apply batches; durable last {disk_last} hs(t{} v{} c{}) applied {applied}",
-                node + 1,
-                hs.term,
-                hs.vote,
-                hs.commit
+                "n{} CRASH: kept {keep}/{in_flight} log writes in flight, {kept}/{unsynced} apply batches;{state}",
+                node + 1
             )
         });
-        if applied > disk_last {
-            self.fail(format!(
-                "n{}: applied index {applied} survives a crash but the durable log ends at {disk_last}",
-                node + 1
-            ));
-        }
     }
 
     fn end_chaos(&mut self) {
@@ -778,60 +894,76 @@ impl World {
     }
 
     fn finish(&mut self) {
-        // Every node converged on the same applied state.
-        let mut states = Vec::new();
-        for node in &self.nodes {
-            let Some(live) = &node.live else {
-                self.fail(format!("n{} is down at the end", node.id));
-                return;
-            };
-            states.push((
-                node.id,
-                live.replica.commit_index(),
-                node.sm.applied,
-                node.sm.hash(),
-            ));
-        }
-        let first = states[0];
-        if states
-            .iter()
-            .any(|s| (s.1, s.2, s.3) != (first.1, first.2, first.3))
-        {
-            self.fail(format!(
-                "no convergence after healing: (node, commit, applied, state hash) {states:?}"
-            ));
+        if self.nodes.iter().any(|node| node.live.is_none()) {
+            self.fail("a store is down at the end".into());
             return;
         }
-        // The final read, after the final write was acknowledged and with no other
-        // writer left, sees it.
-        if let [put, get] = self.final_ops[..] {
-            let ops = self.history.ops();
-            let (rangekv_check::Op::Put(written), rangekv_check::Outcome::Ok { result, .. }) =
-                (&ops[put.0].op, &ops[get.0].outcome)
-            else {
-                self.fail("the final write and read are not recorded".into());
-                return;
-            };
-            if *result != rangekv_check::OpResult::Read(Some(written.clone())) {
-                let (written, result) = (written.clone(), result.clone());
+        // Every store converged on the same applied state, range by range.
+        for r in 0..self.ranges {
+            let states: Vec<(u64, u64, u64, u64)> = (0..self.nodes.len())
+                .map(|node| {
+                    let status = self.live(node).status(r);
+                    let sm = &self.nodes[node].sm[r];
+                    (node as u64 + 1, status.committed, sm.applied, sm.hash())
+                })
+                .collect();
+            let first = states[0];
+            if states
+                .iter()
+                .any(|s| (s.1, s.2, s.3) != (first.1, first.2, first.3))
+            {
+                let nodes = self.describe_nodes();
                 self.fail(format!(
-                    "the final read returned {result:?} after the final write of {:?}",
-                    String::from_utf8_lossy(&written)
+                    "{}: no convergence after healing: (node, commit, applied, state hash) {states:?}; \
+                     [role term commit applied first-last] per range:{nodes}",
+                    range_id(r)
                 ));
                 return;
             }
-        } else {
+            self.summary.commit += first.1;
+            for node in &self.nodes {
+                let first_index = node
+                    .log
+                    .0
+                    .borrow()
+                    .range(range_id(r))
+                    .map_or(1, |l| l.first_index());
+                self.summary.first_index_max = self.summary.first_index_max.max(first_index);
+            }
+        }
+        // Each final read, after its final write was acknowledged and with no other
+        // writer left, sees it.
+        if self.final_ops.len() != 2 * self.ranges {
             self.fail(format!("final operations: {:?}", self.final_ops));
             return;
         }
-        self.summary.commit = first.1;
-        let terms = self
-            .nodes
-            .iter()
-            .filter_map(|n| n.live.as_ref().map(|l| l.replica.term()))
-            .max()
-            .unwrap_or(0);
-        self.summary.terms = self.summary.terms.max(terms);
+        let ops = self.history.ops();
+        for pair in self.final_ops.chunks(2) {
+            let (rangekv_check::Op::Put(written), rangekv_check::Outcome::Ok { result, .. }) =
+                (&ops[pair[0].0].op, &ops[pair[1].0].outcome)
+            else {
+                self.fail("the final writes and reads are not recorded".into());
+                return;
+            };
+            if *result != rangekv_check::OpResult::Read(Some(written.clone())) {
+                let what = format!(
+                    "the final read returned {result:?} after the final write of {:?}",
+                    String::from_utf8_lossy(written)
+                );
+                self.fail(what);
+                return;
+            }
+        }
+        for node in &self.nodes {
+            if let Some(live) = &node.live {
+                for peer in live.driver().peers() {
+                    self.summary.terms = self.summary.terms.max(peer.status().term);
+                }
+            }
+        }
+        for node in &self.nodes {
+            self.summary.compactions += node.log.0.borrow().compactions_written;
+        }
         self.summary.ops = self.history.len();
         for op in self.history.ops() {
             match op.outcome {
@@ -845,7 +977,8 @@ impl World {
             .ops()
             .iter()
             .filter(|op| {
-                op.process < 100 && matches!(op.outcome, rangekv_check::Outcome::Ok { .. })
+                op.process < super::clients::FINAL_PROCESS
+                    && matches!(op.outcome, rangekv_check::Outcome::Ok { .. })
             })
             .count();
         if regular_ok == 0 {
@@ -875,32 +1008,34 @@ impl World {
         }
     }
 
-    /// One line per node: role, term, commit, applied, last index.
+    /// One line per store: per range, role, term, commit, applied, first and last
+    /// index, quiesced.
     pub fn describe_nodes(&self) -> String {
         let mut out = String::new();
         for node in &self.nodes {
-            match &node.live {
-                Some(live) => {
-                    let raft = &live.replica.raw.raft;
-                    let role = match raft.state {
-                        StateRole::Leader => "L",
-                        StateRole::Follower => "F",
-                        StateRole::Candidate => "C",
-                        StateRole::PreCandidate => "P",
-                    };
-                    let _ = write!(
-                        out,
-                        " n{}:{role}t{}c{}a{}l{}",
-                        node.id,
-                        raft.term,
-                        raft.raft_log.committed,
-                        live.replica.applied(),
-                        raft.raft_log.last_index()
-                    );
-                }
-                None => {
-                    let _ = write!(out, " n{}:down", node.id);
-                }
+            let Some(live) = node.live.as_ref().filter(|l| l.driver.is_some()) else {
+                let _ = write!(out, " n{}:down", node.id);
+                continue;
+            };
+            let _ = write!(out, " n{}:", node.id);
+            for r in 0..self.ranges {
+                let s = live.status(r);
+                let role = match s.role {
+                    StateRole::Leader => "L",
+                    StateRole::Follower => "F",
+                    StateRole::Candidate => "C",
+                    StateRole::PreCandidate => "P",
+                };
+                let _ = write!(
+                    out,
+                    "[{role}t{}c{}a{}i{}-{}{}]",
+                    s.term,
+                    s.committed,
+                    s.applied,
+                    s.first_index,
+                    s.last_index,
+                    if s.quiesced { "q" } else { "" }
+                );
             }
         }
         out

@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use raft::eraftpb::Message;
+use raft::eraftpb::{Message, MessageType};
 use raft::{RawNode, ReadState, StateRole, Storage};
 
 /// A proposal whose entry has not been applied yet.
@@ -161,9 +161,34 @@ impl<S: Storage, P, R> Replica<S, P, R> {
     }
 
     pub fn step(&mut self, message: Message) -> raft::Result<()> {
+        let rejection = (message.msg_type == MessageType::MsgAppendResponse && message.reject)
+            .then_some(message.from);
         let result = self.raw.step(message);
+        if let Some(from) = rejection {
+            self.floor_next_index(from);
+        }
         self.redraw_election_timeout();
         result
+    }
+
+    /// Never sends a follower entries from below what it acknowledged holding: raft-rs
+    /// 0.7's probe state takes a stale rejection (one overtaken by a later
+    /// acknowledgement, reordered on the network or redelivered after a reconnect)
+    /// as the truth and moves the next index down to the matched one (`maybe_decr_to`
+    /// has no floor at `matched + 1`, which etcd's has). Harmless alone, but a log
+    /// compacted up to the matched index then lacks the term of `next - 1`: raft-rs
+    /// asks for a snapshot and the follower never catches up (seeded simulation,
+    /// SEED=464 before this; test
+    /// `a_stale_rejection_never_moves_the_next_index_below_what_the_follower_holds`).
+    fn floor_next_index(&mut self, peer: u64) {
+        if !self.is_leader() {
+            return;
+        }
+        if let Some(progress) = self.raw.raft.mut_prs().get_mut(peer) {
+            if progress.next_idx <= progress.matched {
+                progress.next_idx = progress.matched + 1;
+            }
+        }
     }
 
     /// Proposes `data` as one entry; `callback` comes back through [`Self::take_outcome`]
@@ -784,6 +809,38 @@ mod tests {
         let index = nodes[0].raw.raft.raft_log.last_index();
         assert_eq!(nodes[0].take_outcome(index, term, &mut dropped), Some(1));
         assert!(!nodes[0].lease_valid(now));
+    }
+
+    #[test]
+    fn a_stale_rejection_never_moves_the_next_index_below_what_the_follower_holds() {
+        let mut nodes = cluster_led_by_node_1();
+        nodes[0].propose(Instant::now(), b"x".to_vec(), 0).unwrap();
+        pump(&mut nodes, true);
+        let last = nodes[0].raw.raft.raft_log.last_index();
+        let term = nodes[0].term();
+        assert_eq!(nodes[0].raw.raft.prs().get(2).unwrap().matched, last);
+        // The transport lost node 2 for a moment: raft probes it from matched + 1.
+        nodes[0].raw.report_unreachable(2);
+        // A rejection node 2 sent before acknowledging `last` arrives only now.
+        let stale = Message {
+            msg_type: MessageType::MsgAppendResponse,
+            from: 2,
+            to: 1,
+            term,
+            index: last,
+            reject: true,
+            reject_hint: last - 1,
+            log_term: term,
+            ..Default::default()
+        };
+        nodes[0].step(stale).unwrap();
+        let progress = nodes[0].raw.raft.prs().get(2).unwrap();
+        assert!(
+            progress.next_idx > progress.matched,
+            "next {} must stay above matched {}",
+            progress.next_idx,
+            progress.matched
+        );
     }
 
     #[test]

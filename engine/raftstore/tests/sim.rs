@@ -443,3 +443,16 @@ fn the_simulation_exercises_batching_quiescence_and_compaction() {
         "no flush asked for a compaction: {coverage:?}"
     );
 }
+
+/// Seeds that found raft-rs 0.7 taking a stale rejection in probe state as the truth
+/// (next index = matched) before `Replica::step` floored the next index: a leader
+/// then compacted its log to the matched index and needed a snapshot to reach that
+/// follower, which never caught up (SEED=464: "leader n3 needs a snapshot for n2").
+#[test]
+fn a_stale_rejection_does_not_strand_a_follower_behind_a_compaction() {
+    for seed in [245, 258, 464, 1039, 1306, 1508, 1601, 1647] {
+        if let Err(failure) = run(options(seed)) {
+            panic!("{}", with_tail(failure));
+        }
+    }
+}

@@ -393,7 +393,7 @@ impl Worker {
             },
             recv(self.inbox) -> message => {
                 if let Ok(message) = message {
-                    self.on_inbound(message);
+                    self.on_inbound(message, Instant::now());
                 }
             },
             default(timeout) => {},
@@ -401,6 +401,7 @@ impl Worker {
         // Bounded by count and by payload bytes, so one loop's log write stays far
         // below the log engine's largest batch.
         let loop_bytes = self.driver.config().loop_bytes_target;
+        let received = Instant::now();
         let mut bytes = 0;
         for _ in 0..DRAIN_MAX {
             let mut progressed = false;
@@ -410,7 +411,7 @@ impl Worker {
             }
             if let Ok(message) = self.inbox.try_recv() {
                 bytes += message.payload_bytes();
-                self.on_inbound(message);
+                self.on_inbound(message, received);
                 progressed = true;
             }
             if !progressed || self.shutdown || bytes >= loop_bytes {
@@ -457,11 +458,16 @@ impl Worker {
         }
     }
 
-    fn on_inbound(&mut self, message: Inbound) {
-        let now = Instant::now();
+    /// `received`: a time at or before the message's arrival, which only decides
+    /// when a reopened replica may grant votes again (an earlier time only refuses
+    /// longer). A read takes the time afresh: a lease must never be judged by a past
+    /// time.
+    fn on_inbound(&mut self, message: Inbound, received: Instant) {
         let mut host = NodeHost::new(&self.shared, &self.control_sender);
         match message {
-            Inbound::Raft { range, message } => self.driver.on_raft(range, message, now, &mut host),
+            Inbound::Raft { range, message } => {
+                self.driver.on_raft(range, message, received, &mut host)
+            }
             Inbound::Heartbeats { heartbeats, kind } => {
                 let heartbeats = heartbeats
                     .into_iter()
@@ -474,7 +480,8 @@ impl Worker {
                         context: h.context.into(),
                     })
                     .collect();
-                self.driver.on_heartbeats(heartbeats, kind, now, &mut host);
+                self.driver
+                    .on_heartbeats(heartbeats, kind, received, &mut host);
             }
             Inbound::Write {
                 range,
@@ -486,6 +493,7 @@ impl Worker {
                 }
             }
             Inbound::Read { range, respond } => {
+                let now = Instant::now();
                 if let Err(respond) = self.driver.on_read(range, respond, now, &mut host) {
                     let _ = respond.send(Err(range_not_found(range)));
                 }

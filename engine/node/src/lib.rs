@@ -6,7 +6,8 @@
 //! - `worker`: the runtime of one worker thread around the replication core's
 //!   `Driver` (`rangekv-raftstore`): channels, clock, and the I/O the core asks for —
 //!   log writes, the transport, the RocksDB apply batch, responders.
-//! - `message`: what reaches a worker (its inbox and control channel).
+//! - `message`: what reaches a worker (its inbox and control channel); `shared`:
+//!   what a store's threads share (config, `RangeInfo`, `StoreShared`).
 //! - [`storage`]: the log engine as the core reads it (`LogRead`).
 //! - [`error`]: the crate's error type, [`NodeError`].
 //! - [`command`]: client writes as raft commands; their checks and their apply.
@@ -24,6 +25,7 @@ mod logger;
 mod message;
 pub mod node;
 pub mod service;
+mod shared;
 pub mod storage;
 pub mod store;
 pub mod transport;

@@ -25,8 +25,8 @@ use rangekv_types::{PeerId, RangeId, StoreId};
 
 use crate::command::{self, CommandResult, Responder};
 use crate::message::{Control, Inbound, ReadResponder};
+use crate::shared::{RangeInfo, StoreShared};
 use crate::storage::NodeLog;
-use crate::store::{RangeInfo, StoreShared};
 use crate::NodeError;
 
 /// The node's types for the core.
@@ -437,9 +437,10 @@ impl Worker {
     }
 
     fn create_ranges(&mut self, descriptors: Vec<RangeDescriptor>) {
+        let mut seen = rustc_hash::FxHashSet::default();
         let new: Vec<RangeDescriptor> = descriptors
             .into_iter()
-            .filter(|d| !self.driver.contains(RangeId(d.range_id)))
+            .filter(|d| !self.driver.contains(RangeId(d.range_id)) && seen.insert(d.range_id))
             .collect();
         let encoded: Vec<(RangeId, Vec<u8>)> = new
             .iter()

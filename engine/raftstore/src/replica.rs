@@ -214,9 +214,15 @@ impl<S: Storage, P, R> Replica<S, P, R> {
         }
         let index = self.raw.raft.raft_log.last_index();
         assert_eq!(index, before + 1, "a proposal appends exactly one entry");
+        // A leader deposed and re-elected may still hold proposals of its older term
+        // at higher indexes (they settle when an entry of a newer term applies), so
+        // the queue is ordered by (term, index), never holding one position twice.
+        let term = self.raw.raft.term;
         assert!(
-            self.proposals.back().is_none_or(|p| p.index < index),
-            "proposals are matched by index: each index awaits one"
+            self.proposals
+                .back()
+                .is_none_or(|p| (p.term, p.index) < (term, index)),
+            "proposals are matched by (term, index): each awaits one position"
         );
         self.proposals.push_back(Pending {
             index,
@@ -841,6 +847,39 @@ mod tests {
             progress.next_idx,
             progress.matched
         );
+    }
+
+    /// A leader deposed by a higher term keeps its proposals (`on_role`); re-elected
+    /// later with a shorter log, it proposes at indexes below theirs. The queue must
+    /// take that (it is ordered by term, then index), and the new entry's apply
+    /// settles the old ones as never applied.
+    #[test]
+    fn a_reelected_leader_proposes_below_its_older_terms_proposals() {
+        let mut nodes = cluster_led_by_node_1();
+        let term = nodes[0].term();
+        let last = nodes[0].raw.raft.raft_log.last_index();
+        let now = Instant::now();
+        // What a term-earlier leadership left queued, above this term's next index.
+        for (offset, callback) in [(3, 10), (4, 11)] {
+            nodes[0].proposals.push_back(Pending {
+                index: last + offset,
+                term: term - 1,
+                proposed_at: now,
+                callback,
+            });
+        }
+        nodes[0].propose(now, b"x".to_vec(), 12).unwrap();
+        let mut dropped = Vec::new();
+        assert_eq!(
+            nodes[0].take_outcome(last + 1, term, &mut dropped),
+            Some(12)
+        );
+        assert_eq!(
+            dropped,
+            vec![10, 11],
+            "the older term's proposals never apply"
+        );
+        assert!(!nodes[0].has_pending_requests());
     }
 
     #[test]

@@ -93,9 +93,6 @@ impl<T: Types> Driver<T> {
             }
         }
         host.commit_apply()?;
-        if !compactions.is_empty() {
-            self.compact_logs(compactions, now, host)?;
-        }
         for (reply, answer) in answers {
             host.answer_write(reply, answer);
         }
@@ -124,6 +121,10 @@ impl<T: Types> Driver<T> {
         }
         for reply in reads {
             host.answer_read(reply);
+        }
+        // After the answers: what the batch applied is answered even if this fails.
+        if !compactions.is_empty() {
+            self.compact_logs(compactions, now, host)?;
         }
         Ok(())
     }

@@ -1,9 +1,12 @@
 //! The store's log engine as the replication core reads it ([`LogRead`]); the core's
 //! `PeerStorage` adds the entries not yet durable on top.
 
-use raft::eraftpb::{Entry, HardState};
+use std::ops::Range;
+
+use raft::eraftpb::HardState;
 use raft::StorageError;
 use rangekv_log::{LogEngine, ReadError};
+use rangekv_raftstore::storage::EntriesResult;
 use rangekv_raftstore::LogRead;
 use rangekv_types::RangeId;
 
@@ -24,14 +27,10 @@ impl LogRead for NodeLog {
         self.0.hard_state(range)
     }
 
-    fn entries(
-        &self,
-        range: RangeId,
-        low: u64,
-        high: u64,
-        max_size: Option<u64>,
-    ) -> raft::Result<Vec<Entry>> {
-        self.0.entries(range, low, high, max_size).map_err(to_raft)
+    fn entries(&self, range: RangeId, span: Range<u64>, max: Option<u64>) -> EntriesResult {
+        self.0
+            .entries(range, span.start, span.end, max)
+            .map_err(to_raft)
     }
 
     fn term(&self, range: RangeId, index: u64) -> raft::Result<u64> {
@@ -55,7 +54,7 @@ impl LogRead for NodeLog {
 mod tests {
     use std::sync::Arc;
 
-    use raft::eraftpb::ConfState;
+    use raft::eraftpb::{ConfState, Entry};
     use raft::{GetEntriesContext, Storage};
     use rangekv_log::{sim::SimFileSystem, LogBatch, LogConfig};
     use rangekv_raftstore::PeerStorage;

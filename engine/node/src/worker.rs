@@ -15,8 +15,8 @@ use protobuf::Message as _;
 use raft::eraftpb::{Entry, Message};
 use rangekv_log::LogBatch;
 use rangekv_raftstore::{
-    AdminEffect, CoreConfig, Driver, Fatal, Heartbeat, HeartbeatKind, Host, LogWrite, Peer,
-    RangeView, Refusal, ReplicaSpec, Types,
+    Applying, CoreConfig, Driver, Fatal, Heartbeat, HeartbeatKind, Host, LogWrite, Peer, RangeView,
+    Refusal, ReplicaSpec, Types,
 };
 use rangekv_rpc::proto;
 use rangekv_rpc::RangeDescriptor;
@@ -100,20 +100,14 @@ impl Host<NodeTypes> for NodeHost<'_> {
         }
     }
 
-    fn send_heartbeat(
-        &mut self,
-        to: StoreId,
-        heartbeat: Heartbeat,
-        kind: HeartbeatKind,
-        urgent: bool,
-    ) {
+    fn send_heartbeat(&mut self, to: StoreId, beat: Heartbeat, kind: HeartbeatKind, urgent: bool) {
         let heartbeat = proto::CoalescedHeartbeat {
-            range_id: heartbeat.range.get(),
-            from_peer: heartbeat.from_peer,
-            to_peer: heartbeat.to_peer,
-            term: heartbeat.term,
-            commit: heartbeat.commit,
-            context: heartbeat.context.into(),
+            range_id: beat.range.get(),
+            from_peer: beat.from_peer,
+            to_peer: beat.to_peer,
+            term: beat.term,
+            commit: beat.commit,
+            context: beat.context.into(),
         };
         match kind {
             HeartbeatKind::Quiesce => self.shared.transport.quiesce(to, heartbeat),
@@ -158,18 +152,12 @@ impl Host<NodeTypes> for NodeHost<'_> {
         self.batch = Some(self.shared.state.batch());
     }
 
-    fn apply_entry(
-        &mut self,
-        handle: &RangeHandle,
-        range: RangeId,
-        entry: &Entry,
-        answers: &mut Vec<CommandResult>,
-        effects: &mut Vec<AdminEffect>,
-    ) -> Result<(), Fatal> {
+    fn apply_entry(&mut self, entry: &Entry, to: Applying<'_, NodeTypes>) -> Result<(), Fatal> {
         let Some(batch) = self.batch.as_mut() else {
             panic!("apply_entry outside an apply batch");
         };
-        command::apply_entry(batch, &handle.descriptor, range, entry, answers, effects)
+        let descriptor = &to.handle.descriptor;
+        command::apply_entry(batch, descriptor, to.range, entry, to.answers, to.effects)
     }
 
     fn set_applied(&mut self, range: RangeId, index: u64, term: u64) {

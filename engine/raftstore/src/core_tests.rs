@@ -3,6 +3,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -12,10 +13,10 @@ use rangekv_types::{PeerId, RangeId, StoreId};
 use rustc_hash::FxHashSet;
 
 use crate::host::{
-    AdminEffect, Fatal, Heartbeat, HeartbeatKind, Host, LogWrite, RangeView, Refusal, Types,
+    Applying, Fatal, Heartbeat, HeartbeatKind, Host, LogWrite, RangeView, Refusal, Types,
 };
 use crate::peer::{Peer, ReplicaSpec};
-use crate::storage::LogRead;
+use crate::storage::{EntriesResult, LogRead};
 use crate::{CoreConfig, Driver};
 
 #[derive(Default)]
@@ -34,13 +35,8 @@ impl LogRead for SharedDisk {
             .map(|r| r.1.clone())
             .unwrap_or_default()
     }
-    fn entries(
-        &self,
-        range: RangeId,
-        low: u64,
-        high: u64,
-        max: Option<u64>,
-    ) -> raft::Result<Vec<Entry>> {
+    fn entries(&self, range: RangeId, span: Range<u64>, max: Option<u64>) -> EntriesResult {
+        let (low, high) = (span.start, span.end);
         let disk = self.borrow();
         let entries = disk.ranges.get(&range).map(|r| &r.0[..]).unwrap_or(&[]);
         if high > entries.len() as u64 + 1 {
@@ -124,24 +120,17 @@ impl Host<TestTypes> for TestHost {
         self.submitted.push(write);
     }
     fn begin_apply(&mut self) {}
-    fn apply_entry(
-        &mut self,
-        _handle: &(),
-        range: RangeId,
-        entry: &Entry,
-        answers: &mut Vec<usize>,
-        _effects: &mut Vec<AdminEffect>,
-    ) -> Result<(), Fatal> {
+    fn apply_entry(&mut self, entry: &Entry, to: Applying<'_, TestTypes>) -> Result<(), Fatal> {
         if std::mem::take(&mut self.corrupt) {
             return Err(Fatal::Unappliable {
-                range,
+                range: to.range,
                 index: entry.index,
                 reason: "does not decode".into(),
             });
         }
         let mut data = &entry.data[..];
         while let Some((&len, rest)) = data.split_first() {
-            answers.push(len as usize);
+            to.answers.push(len as usize);
             data = &rest[len as usize..];
         }
         Ok(())

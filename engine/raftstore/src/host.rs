@@ -125,6 +125,15 @@ pub trait Types {
     fn encode_compact_log(index: u64, term: u64) -> Vec<u8>;
 }
 
+/// Where [`Host::apply_entry`] applies an entry and puts what it does.
+pub struct Applying<'a, T: Types> {
+    pub handle: &'a T::Range,
+    pub range: RangeId,
+    /// One per command of the entry, in order.
+    pub answers: &'a mut Vec<T::Answer>,
+    pub effects: &'a mut Vec<AdminEffect>,
+}
+
 /// The caller's side of the core: every I/O the raft protocol needs.
 pub trait Host<T: Types> {
     /// Queues a raft message for the store holding `to`'s peer.
@@ -145,17 +154,10 @@ pub trait Host<T: Types> {
 
     /// Starts this loop's apply batch.
     fn begin_apply(&mut self);
-    /// Applies one committed normal entry of `range` to the apply batch: one answer
+    /// Applies one committed normal entry of `to.range` to the apply batch: one answer
     /// per command, in order, and the admin effects. An entry that cannot be applied
     /// (it does not decode) is an error: the store must stop rather than diverge.
-    fn apply_entry(
-        &mut self,
-        handle: &T::Range,
-        range: RangeId,
-        entry: &Entry,
-        answers: &mut Vec<T::Answer>,
-        effects: &mut Vec<AdminEffect>,
-    ) -> Result<(), Fatal>;
+    fn apply_entry(&mut self, entry: &Entry, to: Applying<'_, T>) -> Result<(), Fatal>;
     /// Records `range`'s applied index and term in the apply batch.
     fn set_applied(&mut self, range: RangeId, index: u64, term: u64);
     /// Writes the apply batch (data and applied indexes together).

@@ -34,7 +34,8 @@ use rangekv_types::PeerId;
 
 pub use driver::Driver;
 pub use host::{
-    AdminEffect, Fatal, Heartbeat, HeartbeatKind, Host, LogWrite, RangeView, Refusal, Types,
+    AdminEffect, Applying, Fatal, Heartbeat, HeartbeatKind, Host, LogWrite, RangeView, Refusal,
+    Types,
 };
 pub use peer::{Peer, PeerStatus, ReplicaSpec};
 pub use storage::{LogRead, PeerStorage};

@@ -7,24 +7,22 @@
 //! durable, so until then they live in `unstable` here.
 
 use std::collections::VecDeque;
+use std::ops::Range;
 
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
 use rangekv_types::RangeId;
 
+/// What [`LogRead::entries`] answers.
+pub type EntriesResult = raft::Result<Vec<Entry>>;
+
 /// The durable raft log of a store, as one range's replica reads it: every entry,
 /// hard state and compaction point here is on disk.
 pub trait LogRead {
     fn hard_state(&self, range: RangeId) -> HardState;
-    /// Entries `low..high`, at most `max_size` bytes (at least one entry).
+    /// Entries of `span`, at most `max_size` bytes (at least one entry).
     /// `Compacted` below the first index, `Unavailable` past the last.
-    fn entries(
-        &self,
-        range: RangeId,
-        low: u64,
-        high: u64,
-        max_size: Option<u64>,
-    ) -> raft::Result<Vec<Entry>>;
+    fn entries(&self, range: RangeId, span: Range<u64>, max: Option<u64>) -> EntriesResult;
     /// The term of entry `index` (also of the compaction point itself).
     fn term(&self, range: RangeId, index: u64) -> raft::Result<u64>;
     fn first_index(&self, range: RangeId) -> u64;
@@ -120,7 +118,7 @@ impl<L: LogRead> raft::Storage for PeerStorage<L> {
         let split = self.unstable_first().unwrap_or(u64::MAX);
         let mut out = if low < split {
             self.log
-                .entries(self.range, low, high.min(split), max_size)?
+                .entries(self.range, low..high.min(split), max_size)?
         } else {
             Vec::new()
         };
@@ -191,13 +189,8 @@ mod tests {
         fn hard_state(&self, _range: RangeId) -> HardState {
             HardState::default()
         }
-        fn entries(
-            &self,
-            _: RangeId,
-            low: u64,
-            high: u64,
-            max: Option<u64>,
-        ) -> raft::Result<Vec<Entry>> {
+        fn entries(&self, _: RangeId, span: Range<u64>, max: Option<u64>) -> EntriesResult {
+            let (low, high) = (span.start, span.end);
             let log = self.borrow();
             if high > log.entries.len() as u64 + 1 {
                 return Err(raft::Error::Store(StorageError::Unavailable));

@@ -15,7 +15,7 @@ use raft::eraftpb::{Entry, EntryType};
 use rangekv_types::RangeId;
 
 use crate::driver::Driver;
-use crate::host::{AdminEffect, Fatal, Host, Refusal, Types};
+use crate::host::{AdminEffect, Applying, Fatal, Host, Refusal, Types};
 use crate::storage::LogRead;
 
 impl<T: Types> Driver<T> {
@@ -65,7 +65,13 @@ impl<T: Types> Driver<T> {
                 }
                 results.clear();
                 effects.clear();
-                host.apply_entry(&peer.handle, range, &entry, &mut results, &mut effects)?;
+                let to = Applying {
+                    handle: &peer.handle,
+                    range,
+                    answers: &mut results,
+                    effects: &mut effects,
+                };
+                host.apply_entry(&entry, to)?;
                 for effect in &effects {
                     match *effect {
                         AdminEffect::CompactLog { index, term } => {

@@ -7,7 +7,8 @@
 
 use raft::eraftpb::{Entry, Message};
 use rangekv_raftstore::{
-    AdminEffect, Fatal, Heartbeat, HeartbeatKind, Host, LogWrite, RangeView, Refusal, Types,
+    AdminEffect, Applying, Fatal, Heartbeat, HeartbeatKind, Host, LogWrite, RangeView, Refusal,
+    Types,
 };
 use rangekv_types::{RangeId, StoreId};
 
@@ -105,21 +106,15 @@ impl Host<SimTypes> for SimHost<'_> {
         live.outbox[to].messages.push((range, message));
     }
 
-    fn send_heartbeat(
-        &mut self,
-        to: StoreId,
-        heartbeat: Heartbeat,
-        kind: HeartbeatKind,
-        urgent: bool,
-    ) {
+    fn send_heartbeat(&mut self, to: StoreId, beat: Heartbeat, kind: HeartbeatKind, urgent: bool) {
         let to = self.store_node(to);
         let outbox = &mut self.world.live_mut(self.node).outbox[to];
         match (kind, urgent) {
-            (HeartbeatKind::Heartbeat, true) => outbox.heartbeats.push(heartbeat),
-            (HeartbeatKind::Response, true) => outbox.responses.push(heartbeat),
-            (HeartbeatKind::Heartbeat, false) => outbox.tick_heartbeats.push(heartbeat),
-            (HeartbeatKind::Response, false) => outbox.tick_responses.push(heartbeat),
-            (HeartbeatKind::Quiesce, _) => outbox.quiesce.push(heartbeat),
+            (HeartbeatKind::Heartbeat, true) => outbox.heartbeats.push(beat),
+            (HeartbeatKind::Response, true) => outbox.responses.push(beat),
+            (HeartbeatKind::Heartbeat, false) => outbox.tick_heartbeats.push(beat),
+            (HeartbeatKind::Response, false) => outbox.tick_responses.push(beat),
+            (HeartbeatKind::Quiesce, _) => outbox.quiesce.push(beat),
         }
     }
 
@@ -137,14 +132,8 @@ impl Host<SimTypes> for SimHost<'_> {
         self.world.live_mut(self.node).batch_applied = applied;
     }
 
-    fn apply_entry(
-        &mut self,
-        _handle: &RangeId,
-        range: RangeId,
-        entry: &Entry,
-        answers: &mut Vec<Reply>,
-        effects: &mut Vec<AdminEffect>,
-    ) -> Result<(), Fatal> {
+    fn apply_entry(&mut self, entry: &Entry, to: Applying<'_, SimTypes>) -> Result<(), Fatal> {
+        let range = to.range;
         let r = range_index(range);
         self.world.check_applying(self.node, r, entry);
         let decoded = decode_entry(&entry.data).map_err(|reason| Fatal::Unappliable {
@@ -155,10 +144,11 @@ impl Host<SimTypes> for SimHost<'_> {
         let sm = &mut self.world.nodes[self.node].sm[r];
         match decoded {
             Decoded::Commands(commands) => {
-                answers.extend(commands.iter().map(|command| apply_command(sm, command)));
+                to.answers
+                    .extend(commands.iter().map(|command| apply_command(sm, command)));
             }
             Decoded::CompactLog { index, term } => {
-                effects.push(AdminEffect::CompactLog { index, term });
+                to.effects.push(AdminEffect::CompactLog { index, term });
             }
         }
         self.world.live_mut(self.node).batch_applied[r] = entry.index;

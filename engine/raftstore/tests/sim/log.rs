@@ -10,10 +10,12 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::rc::Rc;
 
 use raft::eraftpb::{Entry, HardState};
 use raft::StorageError;
+use rangekv_raftstore::storage::EntriesResult;
 use rangekv_raftstore::{LogRead, LogWrite};
 use rangekv_types::RangeId;
 
@@ -194,13 +196,8 @@ impl LogRead for SimLog {
             .unwrap_or_default()
     }
 
-    fn entries(
-        &self,
-        range: RangeId,
-        low: u64,
-        high: u64,
-        max_size: Option<u64>,
-    ) -> raft::Result<Vec<Entry>> {
+    fn entries(&self, range: RangeId, span: Range<u64>, max_size: Option<u64>) -> EntriesResult {
+        let (low, high) = (span.start, span.end);
         let state = self.0.borrow();
         let empty = RangeLog::default();
         let log = state.range(range).unwrap_or(&empty);

@@ -397,9 +397,29 @@ impl Kv for KvService {
     ) -> Result<Response<Self::BatchCommandsStream>, Status> {
         let mut incoming = request.into_inner();
         let (answers, ready) = tokio::sync::mpsc::unbounded_channel();
+        // Why the request stream ended early, if it did: the answer stream ends with
+        // this status once every request accepted before it is answered.
+        let failed: Arc<std::sync::Mutex<Option<Status>>> = Arc::default();
+        let reader_failed = failed.clone();
         let service = self.clone();
         tokio::spawn(async move {
-            while let Ok(Some(batch)) = incoming.message().await {
+            let mut received = 0u64;
+            loop {
+                let batch = match incoming.message().await {
+                    Ok(Some(batch)) => batch,
+                    Ok(None) => break,
+                    Err(status) => {
+                        let status = Status::invalid_argument(format!(
+                            "batch-commands message {} could not be read ({}); the {received} \
+                             messages before it were taken and are answered, nothing after it is",
+                            received + 1,
+                            status.message()
+                        ));
+                        *reader_failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+                        break;
+                    }
+                };
+                received += 1;
                 if let Some(store) = service.store.upgrade() {
                     let counters = store.counters();
                     counters.batch_messages_in.fetch_add(1, Ordering::Relaxed);
@@ -440,17 +460,26 @@ impl Kv for KvService {
                 }
             }
         });
-        let stream = futures_util::stream::unfold(ready, |mut ready| async move {
-            let first = ready.recv().await?;
-            let mut responses = vec![first];
-            while responses.len() < BATCH_RESPONSES_MAX {
-                match ready.try_recv() {
-                    Ok(response) => responses.push(response),
-                    Err(_) => break,
+        // The answer channel closes once the reader and every request it accepted have
+        // dropped their senders: then every accepted request has its answer queued.
+        let stream =
+            futures_util::stream::unfold((ready, failed), |(mut ready, failed)| async move {
+                let Some(first) = ready.recv().await else {
+                    let status = failed.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+                    return Some((Err(status), (ready, failed)));
+                };
+                let mut responses = vec![first];
+                while responses.len() < BATCH_RESPONSES_MAX {
+                    match ready.try_recv() {
+                        Ok(response) => responses.push(response),
+                        Err(_) => break,
+                    }
                 }
-            }
-            Some((Ok(proto::BatchCommandsResponse { responses }), ready))
-        });
+                Some((
+                    Ok(proto::BatchCommandsResponse { responses }),
+                    (ready, failed),
+                ))
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -882,3 +882,122 @@ async fn streamed_writes_are_answered_once_each_and_refusals_are_not_applied() {
     drop(send);
     cluster.shutdown().await;
 }
+
+/// Writes already-encoded messages on a batch-commands stream, so a test can send what
+/// no generated client would.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+struct RawEncoder;
+
+struct ResponseDecoder;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = proto::BatchCommandsResponse;
+    type Encoder = RawEncoder;
+    type Decoder = ResponseDecoder;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> ResponseDecoder {
+        ResponseDecoder
+    }
+}
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for ResponseDecoder {
+    type Item = proto::BatchCommandsResponse;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<proto::BatchCommandsResponse>, tonic::Status> {
+        prost::Message::decode(src)
+            .map(Some)
+            .map_err(|error| tonic::Status::internal(error.to_string()))
+    }
+}
+
+/// A batch-commands message that does not decode used to end the answer stream with
+/// status OK, the requests after it silently unanswered. Now every request taken
+/// before it is answered and the stream ends with an error naming the problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_batch_commands_message_ends_the_stream_with_an_error() {
+    use proto::batch_commands_request::{request::Cmd as Req, Request as Item};
+    let cluster = Cluster::start(3, Vec::new()).await;
+    cluster.wait_for_leaders().await;
+    let (range, _, header) = leader_of_k(&cluster).await;
+    let leader = cluster
+        .leader_of(RangeId(range.range_id))
+        .expect("the range has a leader");
+    let put = |id: u64| {
+        prost::Message::encode_to_vec(&proto::BatchCommandsRequest {
+            requests: vec![Item {
+                id,
+                cmd: Some(Req::Put(proto::PutRequest {
+                    header: Some(header),
+                    key: b"k".to_vec().into(),
+                    value: format!("v{id}").into_bytes().into(),
+                })),
+            }],
+        })
+    };
+    // Field 1 (requests), length-delimited, claiming far more bytes than follow.
+    let garbage = vec![0x0a, 0xff, 0xff, 0xff, 0x0f, 0x01];
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.node(leader).addr()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/rangekv.Kv/BatchCommands");
+    let outgoing = tokio_stream::iter(vec![put(1), garbage, put(2)]);
+    let mut answers = grpc
+        .streaming(tonic::Request::new(outgoing), path, RawCodec)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut answered = Vec::new();
+    let end = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            match answers.message().await {
+                Ok(Some(message)) => answered.extend(message.responses.iter().map(|r| r.id)),
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await
+    .expect("the stream ends, it does not hang");
+    assert_eq!(
+        answered,
+        vec![1],
+        "the request before the bad message is answered"
+    );
+    let status = end.expect("the stream ends with an error, not OK");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("message 2 could not be read"),
+        "{status:?}"
+    );
+    cluster.shutdown().await;
+}

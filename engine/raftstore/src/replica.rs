@@ -717,6 +717,21 @@ mod tests {
         assert!(nodes[0].has_pending_requests());
     }
 
+    /// Node 2 rejecting leader 1's append after `index` in `term`.
+    fn rejection_from_2(term: u64, index: u64) -> Message {
+        Message {
+            msg_type: MessageType::MsgAppendResponse,
+            from: 2,
+            to: 1,
+            term,
+            index,
+            reject: true,
+            reject_hint: index - 1,
+            log_term: term,
+            ..Default::default()
+        }
+    }
+
     /// Found by the seeded simulation (tests/sim.rs: with batching on, 141 of the 200
     /// default seeds fail, e.g. SEED=4): with raft-rs 0.7's `batch_append`, the entries a leader sends after a rejection are appended
     /// to an empty MsgAppend already queued for that follower, whose index is not
@@ -741,18 +756,7 @@ mod tests {
         assert_eq!(nodes[0].commit_index(), last);
         // A late rejection from node 2 (a duplicate, or an answer to an older append)
         // makes the leader probe node 2 from `last` again, in the same Ready.
-        let rejection = Message {
-            msg_type: raft::eraftpb::MessageType::MsgAppendResponse,
-            from: 2,
-            to: 1,
-            term,
-            index: last,
-            reject: true,
-            reject_hint: last - 1,
-            log_term: term,
-            ..Default::default()
-        };
-        nodes[0].step(rejection).unwrap();
+        nodes[0].step(rejection_from_2(term, last)).unwrap();
         for message in ready_messages(&mut nodes[0]) {
             if message.msg_type == raft::eraftpb::MessageType::MsgAppend {
                 if let Some(first) = message.entries.first() {
@@ -828,18 +832,7 @@ mod tests {
         // The transport lost node 2 for a moment: raft probes it from matched + 1.
         nodes[0].raw.report_unreachable(2);
         // A rejection node 2 sent before acknowledging `last` arrives only now.
-        let stale = Message {
-            msg_type: MessageType::MsgAppendResponse,
-            from: 2,
-            to: 1,
-            term,
-            index: last,
-            reject: true,
-            reject_hint: last - 1,
-            log_term: term,
-            ..Default::default()
-        };
-        nodes[0].step(stale).unwrap();
+        nodes[0].step(rejection_from_2(term, last)).unwrap();
         let progress = nodes[0].raw.raft.prs().get(2).unwrap();
         assert!(
             progress.next_idx > progress.matched,

@@ -330,28 +330,33 @@ fn the_same_seed_gives_the_same_trace() {
     );
 }
 
-/// The checks bite: with reads answered by any node from its own state machine (no
-/// lease, no ReadIndex), some seed must end in a linearizability violation.
-#[test]
-fn reads_without_lease_or_read_index_are_caught() {
+/// Runs seeds 0..8 with a deliberate bug (`break_it` sets it) and asserts that some
+/// seed fails with a message containing `expected`: the check meant to catch it bites.
+fn assert_caught(bug: &str, break_it: impl Fn(&mut Options), expected: &str) {
     let mut caught = Vec::new();
     for seed in 0..8 {
         let mut opts = options(seed);
-        opts.buggy_reads = true;
+        break_it(&mut opts);
         if let Err(failure) = run(opts) {
             caught.push((seed, failure.what));
         }
     }
-    println!(
-        "broken reads caught in {} of 8 seeds: {:?}",
-        caught.len(),
-        caught.iter().map(|c| c.0).collect::<Vec<_>>()
-    );
+    let seeds: Vec<u64> = caught.iter().map(|c| c.0).collect();
+    println!("{bug} caught in {} of 8 seeds: {seeds:?}", caught.len());
     assert!(
-        caught
-            .iter()
-            .any(|(_, what)| what.contains("not linearizable")),
-        "no seed caught the broken reads: {caught:?}"
+        caught.iter().any(|(_, what)| what.contains(expected)),
+        "no seed caught the {bug}: {caught:?}"
+    );
+}
+
+/// The checks bite: with reads answered by any node from its own state machine (no
+/// lease, no ReadIndex), some seed must end in a linearizability violation.
+#[test]
+fn reads_without_lease_or_read_index_are_caught() {
+    assert_caught(
+        "broken reads",
+        |opts| opts.buggy_reads = true,
+        "not linearizable",
     );
 }
 
@@ -360,24 +365,10 @@ fn reads_without_lease_or_read_index_are_caught() {
 /// check (or a crash's replay check) must catch in some seed.
 #[test]
 fn compaction_past_the_flushed_applied_index_is_caught() {
-    let mut caught = Vec::new();
-    for seed in 0..8 {
-        let mut opts = options(seed);
-        opts.buggy_durable_applied = true;
-        if let Err(failure) = run(opts) {
-            caught.push((seed, failure.what));
-        }
-    }
-    println!(
-        "early compaction caught in {} of 8 seeds: {:?}",
-        caught.len(),
-        caught.iter().map(|c| c.0).collect::<Vec<_>>()
-    );
-    assert!(
-        caught
-            .iter()
-            .any(|(_, what)| what.contains("past the flushed applied index")),
-        "no seed caught the early compaction: {caught:?}"
+    assert_caught(
+        "early compaction",
+        |opts| opts.buggy_durable_applied = true,
+        "past the flushed applied index",
     );
 }
 
@@ -386,22 +377,10 @@ fn compaction_past_the_flushed_applied_index_is_caught() {
 /// must catch in some seed.
 #[test]
 fn quiesced_followers_deaf_to_a_silent_leader_are_caught() {
-    let mut caught = Vec::new();
-    for seed in 0..8 {
-        let mut opts = options(seed);
-        opts.buggy_deaf_to_silence = true;
-        if let Err(failure) = run(opts) {
-            caught.push((seed, failure.what));
-        }
-    }
-    println!(
-        "deaf followers caught in {} of 8 seeds: {:?}",
-        caught.len(),
-        caught.iter().map(|c| c.0).collect::<Vec<_>>()
-    );
-    assert!(
-        caught.iter().any(|(_, what)| what.contains("still asleep")),
-        "no seed caught the deaf followers: {caught:?}"
+    assert_caught(
+        "deaf followers",
+        |opts| opts.buggy_deaf_to_silence = true,
+        "still asleep",
     );
 }
 

@@ -81,8 +81,10 @@ fuzz-tools:
 
 # The seeded simulation (engine/raftstore/tests/sim.rs): 200 seeds run in `make test`;
 # `SEED=n make sim` replays seed n with its trace, `SIM_SEEDS=k make sim` runs k seeds.
+# The test reads SIM_SEED, not SEED: a SEED meant for something else in the
+# environment must not change (or break) the 200 seeds of `make test`.
 sim: deps
-	cargo test -p rangekv-raftstore --test sim -- --exact simulation --nocapture
+	$(if $(SEED),SIM_SEED=$(SEED)) cargo test -p rangekv-raftstore --test sim -- --exact simulation --nocapture
 
 # The nemesis test (tests/nemesis.rs) for longer than `make test` runs it; cargo test
 # rather than nextest, whose per-test timeout would stop it.

@@ -61,7 +61,9 @@
 //!   `Fatal` from the core (e.g. `Snapshot`) fails the seed.
 //!
 //! Environment:
-//! - `SEED=n`: run only seed n, printing every step (replay of a failure).
+//! - `SIM_SEED=n` (`SEED=n make sim`): run only seed n, printing every step (replay
+//!   of a failure). Not `SEED`: an unrelated `SEED` in the environment (the nemesis
+//!   reads one) must not change or break the default run.
 //! - `SIM_SEEDS=k`: run seeds 0..k (default 200); `SIM_SEED_BASE=b` starts at b.
 //! - `SIM_STEPS=t`: length of the faulty phase in 100 ms ticks (default 300 = 30 s
 //!   of virtual time); raise it for a longer local run.
@@ -224,7 +226,7 @@ fn with_tail(failure: Failure) -> Failure {
 
 #[test]
 fn simulation() {
-    if let Some(seed) = env_u64("SEED") {
+    if let Some(seed) = env_u64("SIM_SEED") {
         let mut opts = options(seed);
         opts.verbose = true;
         let started = Instant::now();

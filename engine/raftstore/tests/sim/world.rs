@@ -40,7 +40,7 @@ pub struct Options {
     pub seed: u64,
     /// Length of the faulty phase, in ticks of 100 ms of virtual time (`SIM_STEPS`).
     pub chaos_ticks: u64,
-    /// Print every step (`SEED=n`).
+    /// Print every step (`SIM_SEED=n`).
     pub verbose: bool,
     /// Keep the last lines of the trace for a failure report.
     pub keep_tail: bool,
@@ -133,7 +133,7 @@ impl std::fmt::Display for Failure {
         }
         write!(
             f,
-            "replay: SEED={} make sim   (or: SEED={} cargo test -p rangekv-raftstore --test sim -- --exact simulation --nocapture)",
+            "replay: SEED={} make sim   (or: SIM_SEED={} cargo test -p rangekv-raftstore --test sim -- --exact simulation --nocapture)",
             self.seed, self.seed
         )
     }

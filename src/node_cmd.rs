@@ -50,6 +50,7 @@ struct FileConfig {
     request_bytes_max: Option<usize>,
     quiesce: Option<bool>,
     quiesce_after_ticks: Option<u32>,
+    session_ttl_secs: Option<u64>,
     #[serde(default)]
     log: LogFileConfig,
 }
@@ -124,6 +125,13 @@ impl NodeArgs {
                 "quiesce_after_ticks is 0; it must be at least 1"
             );
             config.store.quiesce_after_ticks = ticks;
+        }
+        if let Some(secs) = file.session_ttl_secs {
+            anyhow::ensure!(
+                (10..=30 * 24 * 3600).contains(&secs),
+                "session_ttl_secs is {secs}; it must be in 10..=2592000 (30 days)"
+            );
+            config.store.session_ttl = Duration::from_secs(secs);
         }
         if let Some(bytes) = file.request_bytes_max {
             anyhow::ensure!(

@@ -451,15 +451,11 @@ async fn register_and_set_workloads_under_process_and_network_faults() {
 
     // The cluster is up once every key can be written.
     let ready_by = Instant::now() + Duration::from_secs(60);
+    let client_config = Config::default();
     let client = loop {
-        // An ambiguous write is recorded as unknown rather than retried: a retried
-        // put may apply twice, around another client's write (documented on
-        // `Config::retry_ambiguous_writes`), which no register history allows.
-        let config = Config {
-            retry_ambiguous_writes: false,
-            ..Config::default()
-        };
-        match Client::connect(&[pd_url.as_str()], config).await {
+        // The default client, as users run it: a write whose outcome is unknown is
+        // sent again under its session's sequence number and applies at most once.
+        match Client::connect(&[pd_url.as_str()], client_config.clone()).await {
             Ok(client) => break client,
             Err(error) if Instant::now() < ready_by => {
                 let _ = error;
@@ -835,6 +831,10 @@ async fn register_and_set_workloads_under_process_and_network_faults() {
             Verdict::Unknown { reason, .. } => format!("unknown: {reason}"),
         },
         "check_ms": checked.elapsed().as_millis() as u64,
+        "client": {
+            "retry_ambiguous": client_config.retry_ambiguous_writes,
+            "ambiguous_writes_retried": client.ambiguous_writes_retried(),
+        },
         "faults": faults,
         "final_heal_to_every_range_readable_ms": final_heal_ms,
     });

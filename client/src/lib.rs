@@ -7,20 +7,26 @@
 //! `KeyNotInRange` (from PD), backs off with jitter on `ServerBusy` and unreachable
 //! stores, and gives up at the call's deadline.
 //!
-//! **Retries and ambiguity.** A write whose outcome is unknown (the store stopped or
-//! the connection broke after the request was sent) is retried only where applying it
-//! twice is harmless to its own result: `put`, `delete`, `batch_put` and
-//! `delete_range` are retried, so one call may apply twice (a concurrent writer's
-//! value written in between could be overwritten by the second application; the
-//! nemesis test saw exactly that). `Config::retry_ambiguous_writes = false` turns
-//! those retries off: such writes then return [`Error::OutcomeUnknown`].
-//! `compare_and_swap` is never retried after an ambiguous failure: it returns
-//! [`Error::OutcomeUnknown`]. Errors that prove nothing was applied (`NotLeader`,
-//! `EpochNotMatch`, `ServerBusy`, ...) are always retried.
+//! **Exactly-once writes.** Every client holds a session (128 random bits) and
+//! numbers its writes; each write carries (session, sequence) and the range applies
+//! it at most once, answering a repeat with the first application's answer
+//! (ARCHITECTURE.md "Client sessions"). So a write whose outcome is unknown (the
+//! store stopped, the connection broke, no answer in time) is simply sent again:
+//! `put`, `delete`, `batch_put`, `delete_range` and `compare_and_swap` each take
+//! effect exactly once when they return `Ok`, however many attempts it took, and a
+//! CAS returns the result of its one application. A call that gives up returns
+//! [`Error::DeadlineExceeded`] and may or may not have applied (once, at most).
+//! A session idle at a range for longer than the store's session lifetime (10
+//! minutes by default) is dropped there; a write sent again after that returns
+//! [`Error::SessionExpired`] (it may have applied once before; it is never applied
+//! twice). `Config::retry_ambiguous_writes = false` makes writes fail fast with
+//! [`Error::OutcomeUnknown`] instead of retrying. Errors that prove nothing was
+//! applied (`NotLeader`, `EpochNotMatch`, `ServerBusy`, ...) are always retried.
 //!
 //! See [`Client`] for an example.
 
 mod batch;
+mod session;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -34,6 +40,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::batch::{Cmd, Conn, Reply};
+use crate::session::{Session, WriteSeq};
 
 /// Sends `$request` as batch command `$variant` on `$conn`; evaluates to the reply of
 /// the same kind (inside an async block returning `Result<_, Status>`).
@@ -62,12 +69,10 @@ pub struct Config {
     pub backoff_max: Duration,
     /// Keys per scan page (one RPC).
     pub scan_page_keys: u32,
-    /// Whether `put`, `delete`, `batch_put` and `delete_range` are retried after a
-    /// failure that leaves their outcome unknown (default yes: a leader's death stays
-    /// invisible to the caller). A retried write may apply twice, and the second time
-    /// after another client's write to the same key, which it then overwrites: the
-    /// history is no longer linearizable. With `false` such a write returns
-    /// [`Error::OutcomeUnknown`] instead, as a CAS always does.
+    /// Whether writes (CAS included) are sent again after a failure that leaves their
+    /// outcome unknown (default yes: a leader's death stays invisible to the caller,
+    /// and the session makes the repeat apply at most once). With `false` such a
+    /// write fails fast with [`Error::OutcomeUnknown`].
     pub retry_ambiguous_writes: bool,
 }
 
@@ -94,9 +99,14 @@ pub enum Error {
     /// No replica answered in time; for writes, the outcome is unknown.
     #[error("deadline exceeded: {0}")]
     DeadlineExceeded(String),
-    /// A compare-and-swap whose outcome is unknown (it may or may not have applied).
+    /// A write whose outcome is unknown (it may or may not have applied), returned
+    /// only with `Config::retry_ambiguous_writes = false`.
     #[error("outcome unknown: {0}")]
     OutcomeUnknown(String),
+    /// A write sent again after its session expired at the range (idle past the
+    /// store's session lifetime): it applied once or not at all, never twice.
+    #[error("session expired: {0}")]
+    SessionExpired(String),
     /// PD could not be reached or answered with an error.
     #[error("placement driver: {0}")]
     Pd(String),
@@ -196,6 +206,8 @@ struct Inner {
     /// missing it at once open one, not one each: hundreds of simultaneous connects
     /// overflow the listener's backlog and cost a 1 s SYN retransmission.
     connecting: tokio::sync::Mutex<()>,
+    /// This client's session: its id, sequence numbers and the ranges it is open at.
+    session: Session,
 }
 
 /// A handle to a rangekv cluster; cheap to clone, safe to share between tasks.
@@ -298,6 +310,7 @@ impl Client {
                 stores: Mutex::new(FxHashMap::default()),
                 pd: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
+                session: Session::new(),
             }),
         };
         let mut pd = client.pd().await?;
@@ -446,6 +459,11 @@ impl Client {
                 Next::Backoff
             }
             Some(Kind::ServerBusy(_)) => Next::Backoff,
+            // A read carries no session; a write's is handled by `on_range`.
+            Some(Kind::SessionExpired(expired)) => Next::Fail(Error::SessionExpired(format!(
+                "range {} refused sequence {}",
+                route.descriptor.range_id, expired.sequence
+            ))),
             Some(Kind::InvalidArgument(invalid)) => Next::Fail(Error::InvalidArgument(format!(
                 "{} (limit {})",
                 invalid.message, invalid.limit
@@ -455,13 +473,17 @@ impl Client {
     }
 
     /// Runs `call` against the replica of `key`'s range most likely to lead it, until
-    /// it succeeds or the deadline passes. `retry_unknown`: whether an attempt whose
-    /// outcome is unknown may be repeated.
-    async fn on_range<T, F, Fut>(&self, key: &[u8], retry_unknown: bool, mut call: F) -> Result<T>
+    /// it succeeds or the deadline passes. A write (`write`: `Some`) runs in the
+    /// client's session: the session is opened at the range first, the write gets a
+    /// sequence number at its first attempt and keeps it through every retry, so a
+    /// repeat after an unknown outcome applies at most once.
+    async fn on_range<T, F, Fut>(&self, key: &[u8], write: Option<WriteSeq>, mut call: F) -> Result<T>
     where
         F: FnMut(Conn, proto::RequestHeader) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<(T, Option<proto::Error>), Status>>,
     {
+        let mut write = write;
+        let retry_unknown = write.is_none() || self.inner.config.retry_ambiguous_writes;
         let deadline = Instant::now() + self.inner.config.timeout;
         let mut backoff = self.inner.config.backoff_min;
         let mut tried = 0usize;
@@ -479,6 +501,7 @@ impl Client {
                 range_id: route.descriptor.range_id,
                 epoch: route.descriptor.epoch,
                 stale_read: false,
+                session: None,
             };
             let mut remaining = deadline.saturating_duration_since(Instant::now());
             if retry_unknown {
@@ -492,33 +515,57 @@ impl Client {
                     tried += 1;
                     Next::Backoff
                 }
-                Ok(client) => match tokio::time::timeout(remaining, call(client, header)).await {
-                    Ok(Ok((value, None))) => return Ok(value),
-                    Ok(Ok((_, Some(detail)))) => {
-                        last = format!("{detail:?}");
-                        self.on_detail(&route, detail, &mut tried)
-                    }
-                    Ok(Err(status)) if status.code() == Code::InvalidArgument => {
-                        Next::Fail(Error::InvalidArgument(status.message().to_string()))
-                    }
-                    Ok(Err(status)) if certainly_not_applied(&status) || retry_unknown => {
-                        last = status.to_string();
-                        if status.code() == Code::Unavailable {
-                            self.forget_store(store);
-                            tried += 1;
+                Ok(client) => {
+                    let attempt = self.attempt(&client, header, write.as_mut(), &mut call);
+                    match tokio::time::timeout(remaining, attempt).await {
+                        Ok(Ok((Some(value), None))) => return Ok(value),
+                        Ok(Ok((_, Some(detail)))) => {
+                            last = format!("{detail:?}");
+                            match (&detail.kind, write.as_mut()) {
+                                (Some(proto::error::Kind::SessionExpired(_)), Some(write)) => {
+                                    self.inner.session.forget_range(route.descriptor.range_id);
+                                    if write.sent_before() {
+                                        Next::Fail(Error::SessionExpired(format!(
+                                            "the write was sent before, its session expired at \
+                                             range {} since: it applied once or not at all",
+                                            route.descriptor.range_id
+                                        )))
+                                    } else {
+                                        // Never sent before: nothing of it can have applied.
+                                        write.renumber();
+                                        Next::Retry
+                                    }
+                                }
+                                _ => self.on_detail(&route, detail, &mut tried),
+                            }
                         }
-                        Next::Backoff
+                        Ok(Ok((None, None))) => Next::Fail(Error::Rpc("an empty answer".into())),
+                        Ok(Err(status)) if status.code() == Code::InvalidArgument => {
+                            Next::Fail(Error::InvalidArgument(status.message().to_string()))
+                        }
+                        Ok(Err(status)) if certainly_not_applied(&status) || retry_unknown => {
+                            last = status.to_string();
+                            if status.code() == Code::Unavailable {
+                                self.forget_store(store);
+                                tried += 1;
+                            }
+                            if !certainly_not_applied(&status) {
+                                self.unknown_outcome(write.as_mut());
+                            }
+                            Next::Backoff
+                        }
+                        Ok(Err(status)) => Next::Fail(Error::OutcomeUnknown(status.to_string())),
+                        Err(_) if retry_unknown => {
+                            last = format!("store {store} did not answer in {remaining:?}");
+                            tried += 1;
+                            self.unknown_outcome(write.as_mut());
+                            Next::Backoff
+                        }
+                        Err(_) => Next::Fail(Error::OutcomeUnknown(
+                            "no answer before the deadline".into(),
+                        )),
                     }
-                    Ok(Err(status)) => Next::Fail(Error::OutcomeUnknown(status.to_string())),
-                    Err(_) if retry_unknown => {
-                        last = format!("store {store} did not answer in {remaining:?}");
-                        tried += 1;
-                        Next::Backoff
-                    }
-                    Err(_) => Next::Fail(Error::OutcomeUnknown(
-                        "no answer before the deadline".into(),
-                    )),
-                },
+                }
             };
             match next {
                 Next::Fail(error) => return Err(error),
@@ -543,10 +590,71 @@ impl Client {
         }
     }
 
+    /// A write's outcome is unknown and it will be sent again.
+    fn unknown_outcome(&self, write: Option<&mut WriteSeq>) {
+        if let Some(write) = write {
+            if write.numbered() {
+                write.mark_sent_before();
+                self.inner
+                    .session
+                    .ambiguous_retried
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// One attempt of `call` on `conn`; a write first opens the session at the range
+    /// (once per range) and takes its sequence number.
+    async fn attempt<T, F, Fut>(
+        &self,
+        conn: &Conn,
+        mut header: proto::RequestHeader,
+        write: Option<&mut WriteSeq>,
+        call: &mut F,
+    ) -> std::result::Result<(Option<T>, Option<proto::Error>), Status>
+    where
+        F: FnMut(Conn, proto::RequestHeader) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<(T, Option<proto::Error>), Status>>,
+    {
+        if let Some(write) = write {
+            let session = &self.inner.session;
+            if !session.is_open_at(header.range_id) {
+                let floor = session.next_sequence();
+                let (high, low) = session.id_halves();
+                let r = reply!(
+                    conn,
+                    OpenSession,
+                    proto::OpenSessionRequest {
+                        header: Some(header),
+                        session_high: high,
+                        session_low: low,
+                        floor,
+                    }
+                );
+                if r.error.is_some() {
+                    return Ok((None, r.error));
+                }
+                session.opened_at(header.range_id);
+            }
+            header.session = Some(write.reference());
+        }
+        let (value, error) = call(conn.clone(), header).await?;
+        Ok((Some(value), error))
+    }
+
+    /// Writes retried after an unknown outcome since this client was created (each
+    /// repeat counts once).
+    pub fn ambiguous_writes_retried(&self) -> u64 {
+        self.inner
+            .session
+            .ambiguous_retried
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         check(&[key], &[])?;
         let key = bytes::Bytes::copy_from_slice(key);
-        self.on_range(&key.clone(), true, |conn, header| {
+        self.on_range(&key.clone(), None, |conn, header| {
             let key = key.clone();
             async move {
                 let r = reply!(
@@ -607,7 +715,7 @@ impl Client {
                 .collect();
             self.on_range(
                 &key,
-                self.inner.config.retry_ambiguous_writes,
+                Some(self.inner.session.write()),
                 |conn, header| {
                     let mutations = group.clone();
                     async move {
@@ -656,7 +764,7 @@ impl Client {
         for (key, group) in self.group_by_range(keys.to_vec(), |k| k.clone()).await? {
             let group: Vec<bytes::Bytes> = group.into_iter().map(Into::into).collect();
             let pairs = self
-                .on_range(&key, true, |conn, header| {
+                .on_range(&key, None, |conn, header| {
                     let keys = group.clone();
                     async move {
                         let r = reply!(
@@ -682,7 +790,8 @@ impl Client {
     }
 
     /// Sets `key` to `new` (`None`: deletes it) if its value is `expected` (`None`:
-    /// absent). Never retried once its outcome is unknown.
+    /// absent). Applied exactly once however often it is retried; the result is that
+    /// of its one application.
     pub async fn compare_and_swap(
         &self,
         key: &[u8],
@@ -701,7 +810,7 @@ impl Client {
             new_value: new.unwrap_or_default().to_vec().into(),
             delete: new.is_none(),
         };
-        self.on_range(key, false, |conn, header| {
+        self.on_range(key, Some(self.inner.session.write()), |conn, header| {
             let mut request = request.clone();
             request.header = Some(header);
             async move {
@@ -746,7 +855,7 @@ impl Client {
             let range_end = range.descriptor.end_key.to_vec();
             let stop = span_end(end, &range_end);
             let (pairs, resume) = self
-                .on_range(&from.clone(), true, |conn, header| {
+                .on_range(&from.clone(), None, |conn, header| {
                     let (from, stop) = (from.clone(), stop.clone());
                     async move {
                         let r = reply!(
@@ -789,7 +898,7 @@ impl Client {
             let stop = span_end(end, &range_end);
             self.on_range(
                 &from.clone(),
-                self.inner.config.retry_ambiguous_writes,
+                Some(self.inner.session.write()),
                 |conn, header| {
                     let (from, stop) = (from.clone(), stop.clone());
                     async move {

@@ -147,6 +147,7 @@ fn batch_commands(batch: &proto::BatchCommandsRequest) -> Result<(), String> {
             Some(Cmd::BatchPut(r)) => batch_put(r),
             Some(Cmd::Cas(r)) => compare_and_swap(r),
             Some(Cmd::DeleteRange(r)) => delete_range(r),
+            Some(Cmd::OpenSession(r)) => check_size(r),
         };
     }
     Ok(())

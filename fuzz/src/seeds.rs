@@ -46,6 +46,7 @@ fn header(range_id: u64) -> Option<proto::RequestHeader> {
             version: 2,
         }),
         stale_read: false,
+        session: None,
     })
 }
 
@@ -91,8 +92,16 @@ fn commands() -> proto::CommandBatch {
             .map(|op| proto::Command {
                 epoch,
                 op: Some(op),
+                session: Some(proto::SessionRef {
+                    session_high: 1,
+                    session_low: 2,
+                    sequence: 3,
+                    acked_below: 1,
+                }),
             })
             .collect(),
+        proposed_at_ms: 1_700_000_000_000,
+        session_ttl_ms: 600_000,
     }
 }
 

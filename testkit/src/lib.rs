@@ -219,6 +219,7 @@ impl Cluster {
             range_id: range.range_id,
             epoch: range.epoch,
             stale_read: false,
+            session: None,
         };
         let give_up = tokio::time::Instant::now() + DEADLINE;
         loop {

@@ -2,7 +2,8 @@
 //! applied to the state machine.
 
 use prost::Message as _;
-use rangekv_raftstore::{AdminEffect, Fatal};
+use rangekv_raftstore::session::{Recorded, SessionChanges};
+use rangekv_raftstore::{AdminEffect, Fatal, SessionRef, SessionTable, Stamp, Verdict};
 use rangekv_rpc::proto::{self, command::Op, mutation};
 use rangekv_rpc::RangeDescriptor;
 use rangekv_state::ApplyBatch;
@@ -19,6 +20,74 @@ pub enum WriteResult {
 }
 
 pub type CommandResult = Result<WriteResult, proto::Error>;
+
+/// A range's client sessions, with the answers of the writes they applied.
+pub type Sessions = SessionTable<WriteResult>;
+
+/// A recorded answer as persisted: 0 done; 1 CAS, succeeded, previous found, then
+/// the previous value's length and bytes.
+impl Recorded for WriteResult {
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            WriteResult::Done => out.push(0),
+            WriteResult::Cas {
+                succeeded,
+                previous,
+            } => {
+                out.extend_from_slice(&[1, u8::from(*succeeded), u8::from(previous.is_some())]);
+                let value = previous.as_deref().unwrap_or_default();
+                out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+                out.extend_from_slice(value);
+            }
+        }
+    }
+
+    fn decode(input: &mut &[u8]) -> Option<Self> {
+        let (&kind, rest) = input.split_first()?;
+        *input = rest;
+        match kind {
+            0 => Some(WriteResult::Done),
+            1 => {
+                let (&[succeeded, found], rest) = input.split_first_chunk::<2>()?;
+                let (len, rest) = rest.split_first_chunk::<4>()?;
+                let len = u32::from_be_bytes(*len) as usize;
+                if rest.len() < len || succeeded > 1 || found > 1 {
+                    return None;
+                }
+                let (value, rest) = rest.split_at(len);
+                *input = rest;
+                Some(WriteResult::Cas {
+                    succeeded: succeeded == 1,
+                    previous: (found == 1).then(|| value.to_vec()),
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A session id as the protocol carries it (two 64-bit halves).
+pub fn session_id(high: u64, low: u64) -> u128 {
+    (u128::from(high) << 64) | u128::from(low)
+}
+
+fn session_ref(session: &proto::SessionRef) -> SessionRef {
+    SessionRef {
+        id: session_id(session.session_high, session.session_low),
+        sequence: session.sequence,
+        acked_below: session.acked_below,
+    }
+}
+
+pub fn session_expired(session: SessionRef) -> proto::Error {
+    proto::Error {
+        kind: Some(proto::error::Kind::SessionExpired(proto::SessionExpired {
+            session_high: (session.id >> 64) as u64,
+            session_low: session.id as u64,
+            sequence: session.sequence,
+        })),
+    }
+}
 
 /// What a write dropped unanswered tells its client: it may still apply (its entry
 /// may commit under another leader), so the outcome is unknown.
@@ -154,7 +223,9 @@ pub fn command_keys(command: &proto::Command) -> Vec<&[u8]> {
     match &command.op {
         Some(Op::Batch(batch)) => batch.mutations.iter().map(|m| &m.key[..]).collect(),
         Some(Op::Cas(cas)) => vec![&cas.key[..]],
-        Some(Op::DeleteRange(_)) | Some(Op::CompactLog(_)) | None => Vec::new(),
+        Some(Op::DeleteRange(_)) | Some(Op::CompactLog(_)) | Some(Op::OpenSession(_)) | None => {
+            Vec::new()
+        }
     }
 }
 
@@ -181,7 +252,7 @@ fn check_at_apply(
     command: &proto::Command,
     descriptor: &RangeDescriptor,
 ) -> Result<(), proto::Error> {
-    if matches!(command.op, Some(Op::CompactLog(_))) {
+    if matches!(command.op, Some(Op::CompactLog(_)) | Some(Op::OpenSession(_))) {
         return Ok(());
     }
     if !epoch_matches(command.epoch.as_ref(), descriptor) {
@@ -211,8 +282,8 @@ pub fn apply_command(
         return Ok(Err(error));
     }
     match &command.op {
-        // Log compaction is carried out by the driver, not the state machine.
-        None | Some(Op::CompactLog(_)) => Ok(Ok(WriteResult::Done)),
+        // Log compaction is carried out by the driver, sessions by `apply_entry`.
+        None | Some(Op::CompactLog(_)) | Some(Op::OpenSession(_)) => Ok(Ok(WriteResult::Done)),
         Some(Op::Batch(request)) => {
             for m in &request.mutations {
                 match mutation::Op::try_from(m.op) {
@@ -265,12 +336,16 @@ pub fn decode_entry(
 }
 
 /// Applies one committed entry to `batch`: one answer per command, in order; a log
-/// compaction also as an [`AdminEffect`]. An entry that does not decode is
-/// [`Fatal`]: applying it as nothing on this replica while another (a different
-/// build, a bit flip) applied it would let the replicas diverge silently.
+/// compaction also as an [`AdminEffect`]. Sessions idle past the entry's stamp are
+/// dropped first; a write of a session applies at most once (see
+/// `rangekv_raftstore::session`), and the sessions it changed are written into
+/// `batch` with it. An entry that does not decode is [`Fatal`]: applying it as
+/// nothing on this replica while another (a different build, a bit flip) applied it
+/// would let the replicas diverge silently.
 pub fn apply_entry(
     batch: &mut ApplyBatch<'_>,
     descriptor: &RangeDescriptor,
+    sessions: &mut Sessions,
     range: RangeId,
     entry: &raft::eraftpb::Entry,
     answers: &mut Vec<CommandResult>,
@@ -281,6 +356,11 @@ pub fn apply_entry(
         index: entry.index,
         reason: format!("does not decode: {error}"),
     })?;
+    let stamp = Stamp {
+        proposed_at_ms: decoded.proposed_at_ms,
+        session_ttl_ms: decoded.session_ttl_ms,
+    };
+    sessions.expire(stamp);
     for command in &decoded.commands {
         if let Some(Op::CompactLog(compact)) = &command.op {
             effects.push(AdminEffect::CompactLog {
@@ -288,17 +368,73 @@ pub fn apply_entry(
                 term: compact.term,
             });
         }
-        answers.push(apply_command(batch, command, descriptor).map_err(state_failed)?);
+        let answer = apply_in_session(batch, command, descriptor, sessions, stamp.proposed_at_ms)
+            .map_err(state_failed)?;
+        answers.push(answer);
+    }
+    if sessions.has_changes() {
+        let SessionChanges { write, delete } = sessions.take_changes();
+        for (id, record) in write {
+            batch.set_session(range, id, Some(record));
+        }
+        for id in delete {
+            batch.set_session(range, id, None);
+        }
     }
     Ok(())
+}
+
+/// Applies one command under its session (if it has one): at most once per
+/// (session, sequence); a repeat answers what the first application answered.
+fn apply_in_session(
+    batch: &mut ApplyBatch<'_>,
+    command: &proto::Command,
+    descriptor: &RangeDescriptor,
+    sessions: &mut Sessions,
+    now_ms: u64,
+) -> Result<CommandResult, rangekv_state::StateError> {
+    if let Some(Op::OpenSession(open)) = &command.op {
+        let id = session_id(open.session_high, open.session_low);
+        sessions.open(id, open.floor, now_ms);
+        return Ok(Ok(WriteResult::Done));
+    }
+    let Some(session) = command.session.as_ref().map(session_ref) else {
+        return apply_command(batch, command, descriptor);
+    };
+    match sessions.check(session, now_ms) {
+        Verdict::Apply => {}
+        Verdict::Duplicate(answer) => return Ok(Ok(answer.clone())),
+        Verdict::Expired => return Ok(Err(session_expired(session))),
+        Verdict::TooManyInFlight => {
+            return Ok(Err(proto::Error {
+                kind: Some(proto::error::Kind::ServerBusy(proto::ServerBusy {
+                    reason: format!(
+                        "session holds {} unacknowledged answers at this range",
+                        rangekv_raftstore::session::ANSWERS_PER_SESSION_MAX
+                    ),
+                    backoff_ms: 100,
+                })),
+            }))
+        }
+    }
+    let result = apply_command(batch, command, descriptor)?;
+    if let Ok(applied) = &result {
+        sessions.record(session, applied.clone());
+    }
+    Ok(result)
 }
 
 pub(crate) fn state_failed(error: rangekv_state::StateError) -> Fatal {
     Fatal::StateMachine(error.to_string())
 }
 
-pub fn encode_entry(commands: Vec<proto::Command>) -> Vec<u8> {
-    proto::CommandBatch { commands }.encode_to_vec()
+pub fn encode_entry(commands: Vec<proto::Command>, stamp: Stamp) -> Vec<u8> {
+    proto::CommandBatch {
+        commands,
+        proposed_at_ms: stamp.proposed_at_ms,
+        session_ttl_ms: stamp.session_ttl_ms,
+    }
+    .encode_to_vec()
 }
 
 #[cfg(test)]
@@ -336,17 +472,21 @@ mod tests {
                     value: b"v".to_vec().into(),
                 }],
             })),
+            session: None,
         };
         let compact = proto::Command {
             epoch: None,
             op: Some(Op::CompactLog(proto::CompactLog { index: 4, term: 1 })),
+            session: None,
         };
         let mut batch = state.batch();
         let (mut answers, mut effects) = (Vec::new(), Vec::new());
-        let good = entry(5, encode_entry(vec![put, compact]));
+        let mut sessions = Sessions::default();
+        let good = entry(5, encode_entry(vec![put, compact], Stamp::default()));
         apply_entry(
             &mut batch,
             &descriptor,
+            &mut sessions,
             RangeId(1),
             &good,
             &mut answers,
@@ -361,6 +501,7 @@ mod tests {
         let error = apply_entry(
             &mut batch,
             &descriptor,
+            &mut sessions,
             RangeId(1),
             &garbage,
             &mut answers,
@@ -372,6 +513,133 @@ mod tests {
             "{error}"
         );
         assert_eq!(answers.len(), 2, "nothing answered for the bad entry");
+    }
+
+    /// A retried CAS (same session and sequence) in a later entry answers what the
+    /// first application answered and changes nothing, even after another write;
+    /// the session is persisted in the same batch and reloads; an expired session's
+    /// retry is refused, never applied again.
+    #[test]
+    fn a_repeated_write_of_a_session_applies_once_and_answers_as_the_first_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = rangekv_state::StateMachine::open(dir.path()).unwrap();
+        let range = RangeId(1);
+        let descriptor = RangeDescriptor {
+            range_id: 1,
+            epoch: Some(proto::RangeEpoch::default()),
+            ..Default::default()
+        };
+        let id: u128 = 0xfeed_0000_0000_0000_0000_0000_0000_beef;
+        let in_session = |sequence: u64, op: Op| proto::Command {
+            epoch: descriptor.epoch,
+            op: Some(op),
+            session: Some(proto::SessionRef {
+                session_high: (id >> 64) as u64,
+                session_low: id as u64,
+                sequence,
+                acked_below: 1,
+            }),
+        };
+        let cas = |expected: Option<&[u8]>, new: &[u8]| {
+            Op::Cas(proto::CompareAndSwapRequest {
+                header: None,
+                key: b"k".to_vec().into(),
+                expected_absent: expected.is_none(),
+                expected_value: expected.unwrap_or_default().to_vec().into(),
+                new_value: new.to_vec().into(),
+                delete: false,
+            })
+        };
+        let open = proto::Command {
+            epoch: None,
+            op: Some(Op::OpenSession(proto::OpenSessionRequest {
+                header: None,
+                session_high: (id >> 64) as u64,
+                session_low: id as u64,
+                floor: 1,
+            })),
+            session: None,
+        };
+        let stamp = |at: u64| Stamp {
+            proposed_at_ms: at,
+            session_ttl_ms: 1_000,
+        };
+        let mut sessions = Sessions::default();
+        let apply = |commands: Vec<proto::Command>, at: u64, sessions: &mut Sessions| {
+            let mut batch = state.batch();
+            let (mut answers, mut effects) = (Vec::new(), Vec::new());
+            let data = entry(1, encode_entry(commands, stamp(at)));
+            apply_entry(
+                &mut batch,
+                &descriptor,
+                sessions,
+                range,
+                &data,
+                &mut answers,
+                &mut effects,
+            )
+            .unwrap();
+            batch.commit().unwrap();
+            answers
+        };
+        let swapped = Ok(WriteResult::Cas {
+            succeeded: true,
+            previous: None,
+        });
+        let first = apply(vec![open, in_session(1, cas(None, b"a"))], 100, &mut sessions);
+        assert_eq!(first, vec![Ok(WriteResult::Done), swapped.clone()]);
+        // Another session's write (none here: a plain write) moves the value on.
+        let plain = proto::Command {
+            session: None,
+            ..in_session(0, cas(Some(b"a"), b"b"))
+        };
+        apply(vec![plain], 200, &mut sessions);
+        let again = apply(vec![in_session(1, cas(None, b"a"))], 300, &mut sessions);
+        assert_eq!(again, vec![swapped], "the recorded answer, not a new one");
+        assert_eq!(state.get(b"k").unwrap().as_deref(), Some(&b"b"[..]));
+
+        let reloaded = Sessions::load(state.sessions(range).unwrap()).unwrap();
+        assert_eq!(reloaded.get(id), sessions.get(id));
+        assert_eq!(reloaded.get(id).unwrap().answers.len(), 1);
+
+        // Idle past the lifetime: dropped (and deleted) at the next entry.
+        let late = apply(vec![in_session(1, cas(None, b"a"))], 1_301, &mut sessions);
+        assert!(
+            matches!(
+                &late[0],
+                Err(proto::Error {
+                    kind: Some(proto::error::Kind::SessionExpired(_))
+                })
+            ),
+            "{late:?}"
+        );
+        assert!(state.sessions(range).unwrap().is_empty());
+        assert_eq!(state.get(b"k").unwrap().as_deref(), Some(&b"b"[..]));
+    }
+
+    #[test]
+    fn recorded_answers_round_trip_and_garbage_is_refused() {
+        for answer in [
+            WriteResult::Done,
+            WriteResult::Cas {
+                succeeded: false,
+                previous: Some(b"old".to_vec()),
+            },
+            WriteResult::Cas {
+                succeeded: true,
+                previous: None,
+            },
+        ] {
+            let mut raw = Vec::new();
+            answer.encode(&mut raw);
+            raw.push(9);
+            let mut input = &raw[..];
+            assert_eq!(WriteResult::decode(&mut input), Some(answer));
+            assert_eq!(input, &[9]);
+        }
+        for garbage in [&[2u8][..], &[1, 1], &[1, 2, 0, 0, 0, 0, 0], &[1, 1, 1, 0, 0, 0, 9, 1]] {
+            assert_eq!(WriteResult::decode(&mut &garbage[..]), None, "{garbage:?}");
+        }
     }
 
     #[test]

@@ -12,6 +12,11 @@ pub enum NodeError {
         range: RangeId,
         error: prost::DecodeError,
     },
+    #[error("client sessions of {range} in the state machine: {error}")]
+    CorruptSession {
+        range: RangeId,
+        error: rangekv_raftstore::session::CorruptSession,
+    },
     #[error("cannot reach PD at {endpoint}: {error}")]
     PlacementUnreachable {
         endpoint: String,

@@ -134,6 +134,7 @@ impl KvService {
         let command = proto::Command {
             epoch: descriptor.epoch,
             op: Some(op),
+            session: header.and_then(|h| h.session),
         };
         check_keys(&descriptor, command::command_keys(&command))?;
         if let Some(Op::DeleteRange(span)) = &command.op {
@@ -318,7 +319,8 @@ with_error!(
     proto::BatchGetResponse,
     proto::BatchPutResponse,
     proto::CompareAndSwapResponse,
-    proto::DeleteRangeResponse
+    proto::DeleteRangeResponse,
+    proto::OpenSessionResponse
 );
 
 /// A batch of one mutation (what a put or a delete proposes).
@@ -374,6 +376,9 @@ impl KvService {
             Req::Cas(r) => Resp::Cas(self.compare_and_swap(Request::new(r)).await?.into_inner()),
             Req::DeleteRange(r) => {
                 Resp::DeleteRange(self.delete_range(Request::new(r)).await?.into_inner())
+            }
+            Req::OpenSession(r) => {
+                Resp::OpenSession(self.open_session(Request::new(r)).await?.into_inner())
             }
         })
     }
@@ -667,6 +672,26 @@ impl Kv for KvService {
                 proto::CompareAndSwapResponse::default_with_error(error),
             )),
             Err(refusal) => refuse!(refusal, proto::CompareAndSwapResponse),
+        }
+    }
+
+    async fn open_session(
+        &self,
+        request: Request<proto::OpenSessionRequest>,
+    ) -> Result<Response<proto::OpenSessionResponse>, Status> {
+        let mut request = request.into_inner();
+        self.check_size(&request)?;
+        let mut header = request.header.take();
+        // The session is named by the request itself, not as a write's session.
+        if let Some(header) = header.as_mut() {
+            header.session = None;
+        }
+        match self.write(header.as_ref(), Op::OpenSession(request)).await {
+            Ok(Ok(_)) => Ok(Response::new(proto::OpenSessionResponse::default())),
+            Ok(Err(error)) => Ok(Response::new(
+                proto::OpenSessionResponse::default_with_error(error),
+            )),
+            Err(refusal) => refuse!(refusal, proto::OpenSessionResponse),
         }
     }
 

@@ -38,6 +38,9 @@ pub struct StoreConfig {
     pub log_gc_flush_after: Duration,
     /// Seeds every replica's randomized election timeouts (mixed with its peer id).
     pub election_seed: u64,
+    /// Client sessions idle this long at a range are dropped there (the leader stamps
+    /// it on each entry: see `rangekv_raftstore::session`).
+    pub session_ttl: Duration,
 }
 
 impl Default for StoreConfig {
@@ -51,6 +54,7 @@ impl Default for StoreConfig {
             quiesce_after_ticks: 20,
             log_gc_entries: 4096,
             log_gc_flush_after: Duration::from_secs(10),
+            session_ttl: Duration::from_secs(600),
             election_seed: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)

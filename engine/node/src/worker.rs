@@ -16,7 +16,7 @@ use raft::eraftpb::{Entry, Message};
 use rangekv_log::LogBatch;
 use rangekv_raftstore::{
     Applying, CoreConfig, Driver, Fatal, Heartbeat, HeartbeatKind, Host, LogWrite, Peer, RangeView,
-    Refusal, ReplicaSpec, Types,
+    Refusal, ReplicaSpec, Stamp, Types,
 };
 use rangekv_rpc::proto;
 use rangekv_rpc::RangeDescriptor;
@@ -36,6 +36,8 @@ pub(crate) struct NodeTypes;
 pub(crate) struct RangeHandle {
     info: Arc<RangeInfo>,
     descriptor: RangeDescriptor,
+    /// The range's client sessions (applied state, persisted with each apply batch).
+    sessions: command::Sessions,
 }
 
 impl Types for NodeTypes {
@@ -50,18 +52,22 @@ impl Types for NodeTypes {
         command.encoded_len()
     }
 
-    fn encode_entry(commands: Vec<proto::Command>) -> Vec<u8> {
-        command::encode_entry(commands)
+    fn encode_entry(commands: Vec<proto::Command>, stamp: Stamp) -> Vec<u8> {
+        command::encode_entry(commands, stamp)
     }
 
     fn encode_compact_log(index: u64, term: u64) -> Vec<u8> {
-        command::encode_entry(vec![proto::Command {
-            epoch: None,
-            op: Some(proto::command::Op::CompactLog(proto::CompactLog {
-                index,
-                term,
-            })),
-        }])
+        command::encode_entry(
+            vec![proto::Command {
+                epoch: None,
+                op: Some(proto::command::Op::CompactLog(proto::CompactLog {
+                    index,
+                    term,
+                })),
+                session: None,
+            }],
+            Stamp::default(),
+        )
     }
 }
 
@@ -124,6 +130,12 @@ impl Host<NodeTypes> for NodeHost<'_> {
         self.shared.transport.flush();
     }
 
+    fn wall_clock_ms(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+    }
+
     fn submit_log(&mut self, write: LogWrite) {
         let mut batch = LogBatch::new();
         for (range, entries) in write.appends {
@@ -156,8 +168,16 @@ impl Host<NodeTypes> for NodeHost<'_> {
         let Some(batch) = self.batch.as_mut() else {
             panic!("apply_entry outside an apply batch");
         };
-        let descriptor = &to.handle.descriptor;
-        command::apply_entry(batch, descriptor, to.range, entry, to.answers, to.effects)
+        let handle = to.handle;
+        command::apply_entry(
+            batch,
+            &handle.descriptor,
+            &mut handle.sessions,
+            to.range,
+            entry,
+            to.answers,
+            to.effects,
+        )
     }
 
     fn set_applied(&mut self, range: RangeId, index: u64, term: u64) {
@@ -271,6 +291,7 @@ impl Worker {
             loop_bytes_target: LOOP_BYTES_TARGET.min(shared.log.batch_bytes_max() / 4),
             entry_bytes_target: command::ENTRY_BYTES_TARGET,
             election_seed: config.election_seed,
+            session_ttl: config.session_ttl,
         };
         let next_tick = Instant::now() + config.tick_interval;
         Worker {
@@ -311,6 +332,8 @@ impl Worker {
             })
             .collect();
         let apply_state = self.shared.state.apply_state(range)?;
+        let sessions = command::Sessions::load(self.shared.state.sessions(range)?)
+            .map_err(|error| NodeError::CorruptSession { range, error })?;
         let info = Arc::new(RangeInfo {
             worker: self.index,
             descriptor: std::sync::RwLock::new(descriptor.clone()),
@@ -335,6 +358,7 @@ impl Worker {
             RangeHandle {
                 info: info.clone(),
                 descriptor,
+                sessions,
             },
             &logger,
         )?;

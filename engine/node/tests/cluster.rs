@@ -316,6 +316,7 @@ async fn bad_input_is_refused_whole_with_a_clear_error() {
         range_id: range.range_id,
         epoch: range.epoch,
         stale_read: false,
+        session: None,
     };
     let status = kv
         .put(proto::PutRequest {
@@ -581,6 +582,7 @@ async fn leader_of_k(
         range_id: range.range_id,
         epoch: range.epoch,
         stale_read: false,
+        session: None,
     };
     (range, kv, header)
 }
@@ -999,5 +1001,181 @@ async fn an_undecodable_batch_commands_message_ends_the_stream_with_an_error() {
         status.message().contains("message 2 could not be read"),
         "{status:?}"
     );
+    cluster.shutdown().await;
+}
+
+/// A write's session reference: session `SESSION`, sequence `sequence`.
+fn in_session(header: proto::RequestHeader, sequence: u64) -> proto::RequestHeader {
+    const SESSION: u128 = 0x5e55_1011_0000_0000_0000_0000_0000_0001;
+    proto::RequestHeader {
+        session: Some(proto::SessionRef {
+            session_high: (SESSION >> 64) as u64,
+            session_low: SESSION as u64,
+            sequence,
+            acked_below: 1,
+        }),
+        ..header
+    }
+}
+
+async fn session_put(cluster: &Cluster, k: &[u8], value: &[u8], sequence: u64) {
+    let (k, value) = (k.to_vec(), value.to_vec());
+    cluster
+        .on_leader(&k.clone(), |mut kv, header| {
+            let (key, value) = (k.clone().into(), value.clone().into());
+            async move {
+                let r = kv
+                    .put(proto::PutRequest {
+                        header: Some(in_session(header, sequence)),
+                        key,
+                        value,
+                    })
+                    .await?
+                    .into_inner();
+                Ok(((), r.error))
+            }
+        })
+        .await;
+}
+
+async fn session_cas(
+    cluster: &Cluster,
+    k: &[u8],
+    expected: &'static [u8],
+    new: &'static [u8],
+    sequence: u64,
+) -> (bool, Vec<u8>) {
+    let k = k.to_vec();
+    cluster
+        .on_leader(&k.clone(), |mut kv, header| {
+            let k = k.clone();
+            async move {
+                let r = kv
+                    .compare_and_swap(proto::CompareAndSwapRequest {
+                        header: Some(in_session(header, sequence)),
+                        key: k.into(),
+                        expected_absent: false,
+                        expected_value: expected.to_vec().into(),
+                        new_value: new.to_vec().into(),
+                        delete: false,
+                    })
+                    .await?
+                    .into_inner();
+                Ok(((r.succeeded, r.previous_value.to_vec()), r.error))
+            }
+        })
+        .await
+        .1
+}
+
+/// A write sent again after its answer was lost, and after its leader was killed
+/// with the write proposed, applies once: a retried put does not overwrite a later
+/// write, a retried CAS answers what its one application answered, and both hold
+/// after every node restarted (the session table is persisted with the data and
+/// rebuilt by replay). A write of a session never opened at the range is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_sent_again_after_an_ambiguous_failure_applies_once() {
+    let mut cluster = Cluster::start(3, splits()).await;
+    let k = key(5);
+    let (_, mut kv, header) = {
+        let range = cluster.range_of(&k).await;
+        let leader = cluster.leader_of(RangeId(range.range_id)).unwrap();
+        let header = proto::RequestHeader {
+            range_id: range.range_id,
+            epoch: range.epoch,
+            stale_read: false,
+            session: None,
+        };
+        (range, cluster.kv(leader).await, header)
+    };
+    let unopened = kv
+        .put(proto::PutRequest {
+            header: Some(in_session(header, 1)),
+            key: k.clone().into(),
+            value: b"x".to_vec().into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        matches!(
+            unopened.error.and_then(|e| e.kind),
+            Some(proto::error::Kind::SessionExpired(proto::SessionExpired { sequence: 1, .. }))
+        ),
+        "a session never opened here is refused"
+    );
+    assert_eq!(cluster.get(&k).await, None, "and nothing applied");
+    let session = in_session(header, 1).session.unwrap();
+    cluster
+        .on_leader(&k, |mut kv, header| async move {
+            let r = kv
+                .open_session(proto::OpenSessionRequest {
+                    header: Some(header),
+                    session_high: session.session_high,
+                    session_low: session.session_low,
+                    floor: 1,
+                })
+                .await?
+                .into_inner();
+            Ok(((), r.error))
+        })
+        .await;
+
+    // The answer of sequence 1 is lost; another client writes; sequence 1 again.
+    session_put(&cluster, &k, b"first", 1).await;
+    cluster.put(&k, b"other").await;
+    session_put(&cluster, &k, b"first", 1).await;
+    assert_eq!(cluster.get(&k).await, Some(b"other".to_vec()));
+
+    // A CAS sent twice answers as its one application did.
+    let cas = |expected: &'static [u8], new: &'static [u8], sequence| {
+        session_cas(&cluster, &k, expected, new, sequence)
+    };
+    assert_eq!(cas(b"other", b"swapped", 2).await, (true, b"other".to_vec()));
+    cluster.put(&k, b"later").await;
+    assert_eq!(
+        cas(b"other", b"swapped", 2).await,
+        (true, b"other".to_vec()),
+        "the recorded answer, not a failed second CAS"
+    );
+    assert_eq!(cluster.get(&k).await, Some(b"later".to_vec()));
+
+    // Sequence 3 goes to the leader, which is killed at once: it may or may not
+    // have applied. Sent again (to the new leader), then overwritten, then sent
+    // once more: the overwrite stays.
+    let range = RangeId(cluster.range_of(&k).await.range_id);
+    let leader = cluster.leader_of(range).unwrap();
+    let mut to_leader = cluster.kv(leader).await;
+    let write = proto::PutRequest {
+        header: Some(in_session(header, 3)),
+        key: k.clone().into(),
+        value: b"third".to_vec().into(),
+    };
+    let in_flight = tokio::spawn(async move { to_leader.put(write).await });
+    cluster.kill(leader).await;
+    let _ = in_flight.await;
+    cluster.wait_for_leaders().await;
+    session_put(&cluster, &k, b"third", 3).await;
+    assert_eq!(cluster.get(&k).await, Some(b"third".to_vec()));
+    cluster.put(&k, b"last").await;
+    session_put(&cluster, &k, b"third", 3).await;
+    assert_eq!(cluster.get(&k).await, Some(b"last".to_vec()));
+
+    // Every node restarted: the sessions come back with the data.
+    cluster.restart(leader).await;
+    for i in 0..3 {
+        cluster.kill(i).await;
+    }
+    for i in 0..3 {
+        cluster.restart(i).await;
+    }
+    cluster.wait_for_leaders().await;
+    session_put(&cluster, &k, b"first", 1).await;
+    session_put(&cluster, &k, b"third", 3).await;
+    assert_eq!(
+        session_cas(&cluster, &k, b"other", b"swapped", 2).await,
+        (true, b"other".to_vec())
+    );
+    assert_eq!(cluster.get(&k).await, Some(b"last".to_vec()));
     cluster.shutdown().await;
 }

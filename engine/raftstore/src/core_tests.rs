@@ -82,7 +82,7 @@ impl Types for TestTypes {
     fn command_bytes(command: &Vec<u8>) -> usize {
         command.len()
     }
-    fn encode_entry(commands: Vec<Vec<u8>>) -> Vec<u8> {
+    fn encode_entry(commands: Vec<Vec<u8>>, _stamp: crate::Stamp) -> Vec<u8> {
         let mut out = Vec::new();
         for command in commands {
             out.push(command.len() as u8);
@@ -116,6 +116,9 @@ impl Host<TestTypes> for TestHost {
         self.sent += 1;
     }
     fn flush(&mut self) {}
+    fn wall_clock_ms(&self) -> u64 {
+        0
+    }
     fn submit_log(&mut self, write: LogWrite) {
         self.submitted.push(write);
     }

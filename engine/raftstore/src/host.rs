@@ -8,6 +8,7 @@ use std::time::Instant;
 use raft::eraftpb::{Entry, HardState, Message};
 use rangekv_types::{RangeId, StoreId};
 
+use crate::session::Stamp;
 use crate::storage::LogRead;
 
 /// A raft heartbeat or heartbeat response of one range, as it travels inside a
@@ -119,15 +120,17 @@ pub trait Types {
 
     /// Encoded size of a command, to bound entries and loops.
     fn command_bytes(command: &Self::Command) -> usize;
-    /// One raft entry's data holding `commands`, in order.
-    fn encode_entry(commands: Vec<Self::Command>) -> Vec<u8>;
+    /// One raft entry's data holding `commands`, in order, and `stamp` (the
+    /// proposing leader's time and session lifetime: see [`crate::session`]).
+    fn encode_entry(commands: Vec<Self::Command>, stamp: Stamp) -> Vec<u8>;
     /// The data of a log compaction command.
     fn encode_compact_log(index: u64, term: u64) -> Vec<u8>;
 }
 
 /// Where [`Host::apply_entry`] applies an entry and puts what it does.
 pub struct Applying<'a, T: Types> {
-    pub handle: &'a T::Range,
+    /// Mutable: the host keeps the range's applied state there (its sessions).
+    pub handle: &'a mut T::Range,
     pub range: RangeId,
     /// One per command of the entry, in order.
     pub answers: &'a mut Vec<T::Answer>,
@@ -149,6 +152,9 @@ pub trait Host<T: Types> {
     );
     /// Sends what was queued in this loop.
     fn flush(&mut self);
+    /// The wall clock in milliseconds since the Unix epoch: the time a leader stamps
+    /// on the entries it proposes (session expiry; never read at apply).
+    fn wall_clock_ms(&self) -> u64;
     /// Submits a log write; see [`LogWrite::seq`].
     fn submit_log(&mut self, write: LogWrite);
 

@@ -26,6 +26,7 @@ pub mod host;
 pub mod operation;
 pub mod peer;
 pub mod replica;
+pub mod session;
 pub mod storage;
 
 use std::time::Duration;
@@ -38,6 +39,7 @@ pub use host::{
     Types,
 };
 pub use peer::{Peer, PeerStatus, ReplicaSpec};
+pub use session::{SessionId, SessionRef, SessionTable, Stamp, Verdict};
 pub use storage::{LogRead, PeerStorage};
 
 /// Timing and flow-control settings of every range replica on a store. Units last.
@@ -115,6 +117,9 @@ pub struct CoreConfig {
     pub entry_bytes_target: usize,
     /// Seeds every replica's randomized election timeouts (mixed with its peer id).
     pub election_seed: u64,
+    /// Client sessions idle this long are dropped (see [`session`]); the leader
+    /// stamps it on every entry, so every replica expires with the leader's setting.
+    pub session_ttl: Duration,
 }
 
 impl Default for CoreConfig {
@@ -129,6 +134,7 @@ impl Default for CoreConfig {
             loop_bytes_target: 32 * 1024 * 1024,
             entry_bytes_target: 4 * 1024 * 1024,
             election_seed: 0x5EED,
+            session_ttl: Duration::from_secs(600),
         }
     }
 }

@@ -116,6 +116,16 @@ fn descriptor_key(range: RangeId) -> [u8; 9] {
 }
 
 const DESCRIPTOR_PREFIX: u8 = b'd';
+const SESSION_PREFIX: u8 = b's';
+
+/// A client session's record of `range`: prefix, range id, session id (big-endian, so
+/// a range's sessions are one contiguous span).
+fn session_key(range: RangeId, session: u128) -> [u8; 25] {
+    let mut key = [0; 25];
+    key[..9].copy_from_slice(&range_meta_key(SESSION_PREFIX, range));
+    key[9..].copy_from_slice(&session.to_be_bytes());
+    key
+}
 const STORE_ID_KEY: &[u8] = b"store_id";
 
 fn range_meta_key(prefix: u8, range: RangeId) -> [u8; 9] {
@@ -257,6 +267,7 @@ impl StateMachine {
             data: self.cf(CF_DATA),
             batch: WriteBatch::default(),
             applied: Vec::new(),
+            sessions: Vec::new(),
             written: None,
             deleted_spans: Vec::new(),
         }
@@ -310,6 +321,29 @@ impl StateMachine {
         Ok(out)
     }
 
+    /// The client sessions recorded for `range` (see `rangekv_raftstore::session`),
+    /// by session id, as the apply batches wrote them.
+    pub fn sessions(&self, range: RangeId) -> Result<Vec<(u128, Vec<u8>)>, StateError> {
+        let start = range_meta_key(SESSION_PREFIX, range);
+        let iter = self.db.iterator_cf(
+            self.cf(CF_META),
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in iter {
+            let (key, value) = item?;
+            if !key.starts_with(&start) {
+                break;
+            }
+            let id: [u8; 16] = key[9..].try_into().map_err(|_| StateError::CorruptMeta {
+                range,
+                what: "session key is not 25 bytes",
+            })?;
+            out.push((u128::from_be_bytes(id), value.into_vec()));
+        }
+        Ok(out)
+    }
+
     /// The store id this data directory belongs to, once assigned.
     pub fn store_id(&self) -> Result<Option<u64>, StateError> {
         match self.db.get_cf(self.cf(CF_META), STORE_ID_KEY)? {
@@ -349,6 +383,8 @@ pub struct ApplyBatch<'a> {
     /// be rebuilt from it).
     batch: WriteBatch,
     applied: Vec<(RangeId, ApplyState)>,
+    /// Session records to write (`Some`) or delete (`None`), added at `commit`.
+    sessions: Vec<([u8; 25], Option<Vec<u8>>)>,
     written: Option<HashMap<Vec<u8>, Option<Vec<u8>>>>,
     deleted_spans: Vec<(Vec<u8>, Vec<u8>)>,
 }
@@ -424,10 +460,22 @@ impl ApplyBatch<'_> {
         self.applied.push((range, state));
     }
 
+    /// Records (`Some`) or deletes (`None`) a client session of `range`, in this
+    /// batch: with the data its writes applied and the applied index.
+    pub fn set_session(&mut self, range: RangeId, session: u128, record: Option<Vec<u8>>) {
+        self.sessions.push((session_key(range, session), record));
+    }
+
     /// Writes the batch atomically, without the WAL: the raft log is the durable
     /// record, and replaying it from the flushed applied index is idempotent.
     pub fn commit(mut self) -> Result<(), StateError> {
         let meta = self.state.cf(CF_META);
+        for (key, record) in &self.sessions {
+            match record {
+                Some(value) => self.batch.put_cf(meta, key, value),
+                None => self.batch.delete_cf(meta, key),
+            }
+        }
         for (range, state) in &self.applied {
             self.batch
                 .put_cf(meta, apply_state_key(*range), state.encode());
@@ -484,6 +532,36 @@ mod tests {
         assert_eq!(state.get(b"k2").unwrap().as_deref(), Some(&b"v2"[..]));
         assert_eq!(state.apply_state(range).unwrap().applied_index, 10);
         assert_eq!(state.apply_state(RangeId(5)).unwrap().applied_index, 0);
+    }
+
+    /// Session records ride the apply batch: written with it, per range, deleted with
+    /// it, and never seen by the batch's own data reads (a CAS reading a user key
+    /// that happens to equal a session key).
+    #[test]
+    fn sessions_commit_with_the_batch_per_range_and_stay_out_of_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateMachine::open(dir.path()).unwrap();
+        let (left, right) = (RangeId(7), RangeId(8));
+        let mut batch = state.batch();
+        batch.set_session(left, 1, Some(b"one".to_vec()));
+        batch.set_session(left, u128::MAX, Some(b"max".to_vec()));
+        batch.set_session(right, 1, Some(b"other".to_vec()));
+        let key = session_key(left, 1);
+        assert_eq!(batch.get(&key).unwrap(), None);
+        batch.set_apply_state(left, at(3));
+        assert!(state.sessions(left).unwrap().is_empty(), "not before commit");
+        batch.commit().unwrap();
+        assert_eq!(
+            state.sessions(left).unwrap(),
+            vec![(1, b"one".to_vec()), (u128::MAX, b"max".to_vec())]
+        );
+        assert_eq!(state.sessions(right).unwrap(), vec![(1, b"other".to_vec())]);
+        assert_eq!(state.get(&key).unwrap(), None);
+
+        let mut batch = state.batch();
+        batch.set_session(left, 1, None);
+        batch.commit().unwrap();
+        assert_eq!(state.sessions(left).unwrap(), vec![(u128::MAX, b"max".to_vec())]);
     }
 
     fn at(index: u64) -> ApplyState {

@@ -66,7 +66,7 @@ impl<T: Types> Driver<T> {
                 results.clear();
                 effects.clear();
                 let to = Applying {
-                    handle: &peer.handle,
+                    handle: &mut peer.handle,
                     range,
                     answers: &mut results,
                     effects: &mut effects,

@@ -19,6 +19,7 @@ use rangekv_types::RangeId;
 
 use crate::driver::{Driver, Persisting};
 use crate::host::{Fatal, Host, LogWrite, Refusal, Types};
+use crate::session::Stamp;
 
 /// Bytes a log write counts for an entry beyond its data (header, index, term).
 const ENTRY_OVERHEAD_BYTES: usize = 32;
@@ -32,10 +33,14 @@ impl<T: Types> Driver<T> {
         let touched: Vec<RangeId> = self.touched.drain().collect();
         let loop_bytes = self.config.loop_bytes_target;
         let entry_bytes = self.config.entry_bytes_target;
+        let stamp = Stamp {
+            proposed_at_ms: host.wall_clock_ms(),
+            session_ttl_ms: u64::try_from(self.config.session_ttl.as_millis()).unwrap_or(u64::MAX),
+        };
         // Proposals and reads first: they join this iteration's Ready.
         for range in &touched {
             if let Some(peer) = self.peers.get_mut(range) {
-                peer.propose_writes(now, entry_bytes, loop_bytes, host);
+                peer.propose_writes(now, stamp, entry_bytes, loop_bytes, host);
                 peer.replica.flush_reads(now);
                 if !peer.writes.is_empty() {
                     self.touched.insert(*range);

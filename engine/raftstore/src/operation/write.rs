@@ -9,14 +9,16 @@ use std::time::Instant;
 
 use crate::host::{Host, Refusal, Types};
 use crate::peer::Peer;
+use crate::session::Stamp;
 
 impl<T: Types> Peer<T> {
     /// Proposes the writes gathered this iteration, at most `bytes_target` bytes of
     /// them; the rest waits for the next iteration (the caller keeps the range
-    /// touched).
+    /// touched). Each entry carries `stamp`, the leader's time (session expiry).
     pub(crate) fn propose_writes(
         &mut self,
         now: Instant,
+        stamp: Stamp,
         entry_bytes_target: usize,
         bytes_target: usize,
         host: &mut impl Host<T>,
@@ -59,7 +61,7 @@ impl<T: Types> Peer<T> {
             chunks.push((commands, replies));
         }
         for (commands, replies) in chunks {
-            let data = T::encode_entry(commands);
+            let data = T::encode_entry(commands, stamp);
             if let Err(refused) = self.replica.propose(now, data, replies) {
                 let leader = refused.leader;
                 for reply in refused.returned {

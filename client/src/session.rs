@@ -1,0 +1,189 @@
+//! The client's session: a random 128-bit id, the sequence numbers of its writes,
+//! which of them still await their answer (the lowest is what every write tells the
+//! range it may forget below), and the ranges the session is open at.
+//!
+//! Why a random id rather than one from PD's id allocator: opening a session then
+//! costs no round trip to PD and works while PD is unreachable (writes do not need
+//! PD once routes are cached), and 128 random bits make a collision between two
+//! clients negligible (~2^-64 for 2^32 sessions alive at once, by the birthday bound).
+
+use std::collections::BTreeSet;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use rangekv_rpc::proto;
+use rustc_hash::FxHashSet;
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Default)]
+struct Sequences {
+    next: u64,
+    /// Numbered writes whose answer has not been received and that may still be sent.
+    in_flight: BTreeSet<u64>,
+}
+
+struct Shared {
+    id: u128,
+    sequences: Mutex<Sequences>,
+}
+
+impl Shared {
+    fn release(&self, sequence: u64) {
+        lock(&self.sequences).in_flight.remove(&sequence);
+    }
+}
+
+pub(crate) struct Session {
+    shared: Arc<Shared>,
+    /// Ranges (by id) where this session is known to be open.
+    open: Mutex<FxHashSet<u64>>,
+    /// Writes sent again after an unknown outcome.
+    pub ambiguous_retried: AtomicU64,
+}
+
+impl Session {
+    pub fn new() -> Self {
+        Self::with_id(rand::random())
+    }
+
+    fn with_id(id: u128) -> Self {
+        Session {
+            shared: Arc::new(Shared {
+                id,
+                sequences: Mutex::new(Sequences {
+                    next: 1,
+                    in_flight: BTreeSet::new(),
+                }),
+            }),
+            open: Mutex::default(),
+            ambiguous_retried: AtomicU64::new(0),
+        }
+    }
+
+    /// The id as the protocol carries it: (high, low) halves.
+    pub fn id_halves(&self) -> (u64, u64) {
+        ((self.shared.id >> 64) as u64, self.shared.id as u64)
+    }
+
+    /// The sequence the next write will get: the floor of a session opened now.
+    pub fn next_sequence(&self) -> u64 {
+        lock(&self.shared.sequences).next
+    }
+
+    pub fn is_open_at(&self, range: u64) -> bool {
+        lock(&self.open).contains(&range)
+    }
+
+    pub fn opened_at(&self, range: u64) {
+        lock(&self.open).insert(range);
+    }
+
+    /// The range dropped the session (it expired there): open it again before the
+    /// next write.
+    pub fn forget_range(&self, range: u64) {
+        lock(&self.open).remove(&range);
+    }
+
+    /// A new write of this session, numbered at its first attempt.
+    pub fn write(&self) -> WriteSeq {
+        WriteSeq {
+            shared: self.shared.clone(),
+            sequence: None,
+            sent_before: false,
+        }
+    }
+}
+
+/// One write's place in the session. Dropped (answered or given up), its sequence no
+/// longer holds back what the ranges may forget.
+pub(crate) struct WriteSeq {
+    shared: Arc<Shared>,
+    sequence: Option<u64>,
+    sent_before: bool,
+}
+
+impl WriteSeq {
+    /// The session reference of the next attempt, numbering the write if it is not.
+    pub fn reference(&mut self) -> proto::SessionRef {
+        let mut sequences = lock(&self.shared.sequences);
+        let sequence = match self.sequence {
+            Some(sequence) => sequence,
+            None => {
+                let sequence = sequences.next;
+                sequences.next += 1;
+                sequences.in_flight.insert(sequence);
+                self.sequence = Some(sequence);
+                sequence
+            }
+        };
+        let acked_below = sequences.in_flight.first().copied().unwrap_or(sequence);
+        proto::SessionRef {
+            session_high: (self.shared.id >> 64) as u64,
+            session_low: self.shared.id as u64,
+            sequence,
+            acked_below,
+        }
+    }
+
+    pub fn numbered(&self) -> bool {
+        self.sequence.is_some()
+    }
+
+    /// An attempt's outcome was unknown: it may have applied.
+    pub fn mark_sent_before(&mut self) {
+        self.sent_before = true;
+    }
+
+    /// Whether an earlier attempt may have applied.
+    pub fn sent_before(&self) -> bool {
+        self.sent_before
+    }
+
+    /// The write was refused unapplied under its number and was never sent before:
+    /// it is numbered afresh at its next attempt (above the floor of the session's
+    /// new opening).
+    pub fn renumber(&mut self) {
+        if let Some(sequence) = self.sequence.take() {
+            self.shared.release(sequence);
+        }
+    }
+}
+
+impl Drop for WriteSeq {
+    fn drop(&mut self) {
+        if let Some(sequence) = self.sequence {
+            self.shared.release(sequence);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acked_below_is_the_lowest_write_still_in_flight() {
+        let session = Session::with_id(7);
+        let mut first = session.write();
+        let mut second = session.write();
+        assert_eq!(session.next_sequence(), 1, "numbered at the first attempt");
+        let a = first.reference();
+        let b = second.reference();
+        assert_eq!((a.sequence, b.sequence), (1, 2));
+        assert_eq!((a.acked_below, b.acked_below), (1, 1));
+        assert_eq!(second.reference().sequence, 2, "a retry keeps its number");
+        drop(first);
+        assert_eq!(second.reference().acked_below, 2);
+        drop(second);
+        let mut third = session.write();
+        let c = third.reference();
+        assert_eq!((c.sequence, c.acked_below), (3, 3));
+        third.renumber();
+        assert!(!third.numbered());
+        assert_eq!(third.reference().sequence, 4);
+        assert_eq!(session.id_halves(), (0, 7));
+    }
+}

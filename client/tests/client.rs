@@ -189,3 +189,44 @@ async fn concurrent_requests_share_batch_messages() {
     );
     cluster.shutdown().await;
 }
+
+/// A client idle at a range past the session lifetime finds its session dropped
+/// there; its next write (sent for the first time, so nothing of it can have
+/// applied) opens the session again and applies, invisibly to the caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_after_the_session_expired_at_its_range_opens_it_again_and_applies() {
+    let cluster = Cluster::start_with(3, splits(), |config| {
+        config.store.session_ttl = std::time::Duration::from_millis(300);
+    })
+    .await;
+    let idle = client(&cluster).await;
+    let busy = client(&cluster).await;
+    idle.put(&key(1), b"before").await.unwrap();
+    let range = RangeId(cluster.range_of(&key(1)).await.range_id);
+    let sessions_at = |cluster: &Cluster| {
+        let leader = cluster.leader_of(range).unwrap();
+        cluster
+            .node(leader)
+            .store()
+            .state()
+            .sessions(range)
+            .unwrap()
+            .len()
+    };
+    assert_eq!(sessions_at(&cluster), 1);
+    // Entries of another session carry the time on; the idle one is dropped once an
+    // entry is stamped past its lifetime.
+    let mut writes = 0;
+    loop {
+        busy.put(&key(2), format!("{writes}").as_bytes()).await.unwrap();
+        writes += 1;
+        if sessions_at(&cluster) == 1 && writes > 1 {
+            break;
+        }
+        assert!(writes < 100_000, "the idle session was never dropped");
+    }
+    idle.put(&key(1), b"after").await.unwrap();
+    assert_eq!(idle.get(&key(1)).await.unwrap(), Some(b"after".to_vec()));
+    assert_eq!(sessions_at(&cluster), 2, "opened again");
+    cluster.shutdown().await;
+}

@@ -166,15 +166,12 @@ impl<A: Recorded> SessionTable<A> {
     /// Registers `id` here, every sequence below `floor` refused; an already
     /// registered session is only marked active (its answers stay).
     pub fn open(&mut self, id: SessionId, floor: u64, now_ms: u64) {
-        if !self.sessions.contains_key(&id) {
-            self.sessions.insert(
-                id,
-                Session {
-                    acked_below: floor,
-                    last_active_ms: now_ms,
-                    answers: BTreeMap::new(),
-                },
-            );
+        if let std::collections::hash_map::Entry::Vacant(vacant) = self.sessions.entry(id) {
+            vacant.insert(Session {
+                acked_below: floor,
+                last_active_ms: now_ms,
+                answers: BTreeMap::new(),
+            });
             self.by_activity.insert((now_ms, id));
         }
         self.touch(id, now_ms);

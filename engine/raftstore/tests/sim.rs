@@ -8,23 +8,30 @@
 //! 2 or 3), every range replicated on every store (peer id = store id).
 //!
 //! - `sim/store.rs`: the store's runtime, as worker.rs: `Peer::open` per range
-//!   (applied index from the state machine; `reopened` after a crash), the loop
-//!   (drain log completions and the inbox into `on_persisted` / `on_raft` /
-//!   `on_heartbeats` / `on_write` / `on_read`, `tick` when due with the stores silent
-//!   for an election timeout — `StoreShared::silent_stores` —, `process`); its
-//!   transport: raft messages and urgent (ReadIndex) heartbeats leave at `flush`,
-//!   one batch per destination store; the other heartbeats, responses and quiesce
-//!   notices with the store's tick batch, sent to every other store each tick, empty
-//!   or not; any batch received marks its sender heard from. A packet to a store that
-//!   is down reports it unreachable (`on_unreachable`). Local-only raft message types
-//!   are refused at the edge; leader transfers go through `Driver::transfer_leader`.
-//! - `sim/host.rs`: `Types` (commands and compaction in a hand encoding, decoded
-//!   without panics: an entry that does not decode is `Fatal`) and `Host`: log
-//!   writes, the apply batch into an in-memory state machine (per range: keys and
-//!   applied index together), written without sync — a crash keeps a seeded prefix
-//!   of the batches since the last flush, which runs in the background every
+//!   (applied index and client sessions from the state machine; `reopened` after a
+//!   crash), the loop (drain log completions and the inbox into `on_persisted` /
+//!   `on_raft` / `on_heartbeats` / `on_write` / `on_read`, `tick` when due with the
+//!   stores silent for an election timeout — `StoreShared::silent_stores` —,
+//!   `process`); its transport: raft messages and urgent (ReadIndex) heartbeats leave
+//!   at `flush`, one batch per destination store; the other heartbeats, responses and
+//!   quiesce notices with the store's tick batch, sent to every other store each
+//!   tick, empty or not; any batch received marks its sender heard from. A packet to
+//!   a store that is down reports it unreachable (`on_unreachable`). Local-only raft
+//!   message types are refused at the edge; leader transfers go through
+//!   `Driver::transfer_leader`.
+//! - `sim/host.rs`: `Types` (commands and compaction in a hand encoding, each entry
+//!   stamped with its leader's wall clock and session lifetime, decoded without
+//!   panics: an entry that does not decode is `Fatal`) and `Host`: log writes, the
+//!   apply batch into an in-memory state machine (per range: keys, client sessions
+//!   and applied index together), written without sync — a crash keeps a seeded
+//!   prefix of the batches since the last flush, which runs in the background every
 //!   0.3–2 s or 1–5 s, or 1–50 ms after the core asks (`request_flush`);
-//!   `durable_applied` is the flushed applied index. Client answers and refusals.
+//!   `durable_applied` is the flushed applied index. Writes apply through the
+//!   range's `SessionTable` as the node applies them (`engine/node/src/command.rs`):
+//!   expiry by the entry's stamp first, `OpenSession`, then each write at most once
+//!   per (session, sequence), a duplicate answered from the table, an expired
+//!   session refused. The live table sits in the range's handle and is loaded back
+//!   from the state machine when a store reopens. Client answers and refusals.
 //! - `sim/log.rs`: the store's log engine, shared by its ranges: per range, entries
 //!   after a compaction point and the hard state, durable; writes complete in order
 //!   after a seeded delay (compaction-only writes too); a crash keeps a seeded
@@ -34,7 +41,10 @@
 //!   every 8–32 entries, a flush asked for after 0.2–1.5 s; sometimes small entry
 //!   and loop byte targets (several entries per range per loop, several log writes
 //!   per loop), sometimes slower loops (what arrives within 4 ms is handled in one
-//!   iteration, so one log write carries several ranges more often).
+//!   iteration, so one log write carries several ranges more often); in a quarter of
+//!   the worlds a session lifetime of 1.5–5 s (else the default 10 minutes, longer
+//!   than a run), and in half of them stores whose wall clocks run up to 300 ms
+//!   apart.
 //! - `sim/world.rs`: the event queue (virtual time, seeded packet delays: most
 //!   0.1–5 ms, some up to 100 or 800 ms, so reordering), drops and duplicates of whole
 //!   batches, crash and restart, end of run (heal, a final write and read in every
@@ -46,8 +56,13 @@
 //!   quiesce) and crashes of a quiesced range's leader (its followers must hasten
 //!   their election).
 //! - `sim/clients.rs`: 3–5 processes, get / put / delete / CAS with unique values,
-//!   each key routed to its range with a leader guess per range, `failed` / `unknown`
-//!   as a client of the real store would know them.
+//!   each key routed to its range with a leader guess per range. Each process has a
+//!   session, as the real client (`client/src/lib.rs`): opened at a range before its
+//!   first write there, a sequence per write kept through its retries; a write whose
+//!   outcome is unknown (crash, abandoned, timeout) is sent again, one refused for an
+//!   expired session is renumbered if it certainly never applied and ends `unknown`
+//!   if it may have; an operation given up after 8 s is `unknown` if it may have
+//!   applied, else `failed`. One operation in the history however many attempts.
 //! - `sim/invariants.rs`, per range, after every step (on the stores the step
 //!   touched): one leader per term, no double votes (and votes durable before they
 //!   leave), MsgAppend entries follow their index, log matching, committed entries
@@ -57,8 +72,11 @@
 //!   past the applied index that survived, which is at most its last index), a quiesced
 //!   follower does not sleep through its leader's store's silence, a lease is only
 //!   published by a leader, and no follower needs a snapshot (there are none): a
-//!   leader's next index for each follower stays past its log's compaction point. A
-//!   `Fatal` from the core (e.g. `Snapshot`) fails the seed.
+//!   leader's next index for each follower stays past its log's compaction point;
+//!   a write of a session applies in one entry only, however often it is retried
+//!   (`check_applied_once`), and what a range's state machine holds of its sessions
+//!   is its live table after every entry (and whole at each crash). A `Fatal` from
+//!   the core (e.g. `Snapshot`) fails the seed.
 //!
 //! Environment:
 //! - `SIM_SEED=n` (`SEED=n make sim`): run only seed n, printing every step (replay
@@ -70,8 +88,10 @@
 //! - `SIM_THREADS=j`: seeds run on j threads (default: up to 2).
 //!
 //! Not modeled: snapshots, membership changes and splits (so no epochs), reads
-//! served off the worker from a published lease (`RangeInfo`), clock drift between
-//! stores, torn log writes (the log engine's own tests cover them), several workers
+//! served off the worker from a published lease (`RangeInfo`), wall clocks drifting
+//! (they are only offset), client requests delayed for longer than a few
+//! milliseconds (so never past a session's lifetime), clients with several writes in
+//! flight, torn log writes (the log engine's own tests cover them), several workers
 //! per store, a full inbox (`ServerBusy`), message loss inside a batch.
 
 #[path = "sim/clients.rs"]
@@ -139,6 +159,20 @@ struct Coverage {
     coalesced_batches: u64,
     heartbeats: u64,
     unreachable: u64,
+    /// Client sessions: seeds with a short session lifetime; sessions opened; writes
+    /// sent again after an unknown outcome; commands answered from a session table;
+    /// entries dropping idle sessions; commands refused for an expired session;
+    /// writes renumbered after one, and given up after one (following an unknown
+    /// outcome); operations given up after the client's patience.
+    short_ttl_seeds: u64,
+    sessions_opened: u64,
+    retried_unknown: u64,
+    duplicates: u64,
+    expiries: u64,
+    refused_expired: u64,
+    expired_renumbered: u64,
+    expired_given_up: u64,
+    given_up: u64,
 }
 
 impl Coverage {
@@ -160,6 +194,15 @@ impl Coverage {
         self.coalesced_batches += summary.coalesced_batches;
         self.heartbeats += summary.heartbeats;
         self.unreachable += summary.unreachable;
+        self.short_ttl_seeds += u64::from(summary.short_session_ttl);
+        self.sessions_opened += summary.sessions_opened;
+        self.retried_unknown += summary.retried_unknown;
+        self.duplicates += summary.duplicates;
+        self.expiries += summary.expiries;
+        self.refused_expired += summary.refused_expired;
+        self.expired_renumbered += summary.expired_renumbered;
+        self.expired_given_up += summary.expired_given_up;
+        self.given_up += summary.given_up;
     }
 }
 
@@ -169,7 +212,11 @@ impl std::fmt::Display for Coverage {
             f,
             "{} multi-range log writes, {} quiesced and {} woken replicas, {} hastened elections, \
              {} compaction points written (first index up to {}), {} flushes asked, {} tick batches, \
-             {} batches coalescing heartbeats of several ranges ({} heartbeats), {} unreachable reports",
+             {} batches coalescing heartbeats of several ranges ({} heartbeats), {} unreachable reports; \
+             sessions: {} opened, {} writes sent again after an unknown outcome, {} duplicates answered \
+             from a session table, {} entries expiring sessions (short lifetime in {} seeds), {} commands \
+             refused for an expired session ({} writes renumbered, {} given up after an unknown outcome), \
+             {} operations given up",
             self.writes_multi_range,
             self.quiesces,
             self.wakes,
@@ -180,7 +227,16 @@ impl std::fmt::Display for Coverage {
             self.tick_batches,
             self.coalesced_batches,
             self.heartbeats,
-            self.unreachable
+            self.unreachable,
+            self.sessions_opened,
+            self.retried_unknown,
+            self.duplicates,
+            self.expiries,
+            self.short_ttl_seeds,
+            self.refused_expired,
+            self.expired_renumbered,
+            self.expired_given_up,
+            self.given_up
         )
     }
 }
@@ -374,6 +430,18 @@ fn compaction_past_the_flushed_applied_index_is_caught() {
     );
 }
 
+/// The checks bite: with a write its range's session table knows as applied (a
+/// duplicate: its client sent it again after an unknown outcome) applied again, as
+/// if there were no sessions, some seed must catch a write applied twice.
+#[test]
+fn a_retried_write_applied_twice_is_caught() {
+    assert_caught(
+        "double application",
+        |opts| opts.buggy_reapply = true,
+        "applied twice",
+    );
+}
+
 /// The checks bite: with stores that never report silent stores to their driver,
 /// the quiesced followers of a crashed leader sleep on, which the silent-leader check
 /// must catch in some seed.
@@ -388,10 +456,12 @@ fn quiesced_followers_deaf_to_a_silent_leader_are_caught() {
 
 /// The simulation reaches what the store-level core adds: several ranges sharing one
 /// log write, heartbeats of several ranges in one batch, ranges quiescing and waking
-/// (a crashed quiesced leader's followers hastening their election), and log
-/// compaction under the flushed-applied-index rule.
+/// (a crashed quiesced leader's followers hastening their election), log compaction
+/// under the flushed-applied-index rule, and client sessions: writes sent again after
+/// an unknown outcome, duplicates answered from a session table, sessions expiring
+/// and refusing a write.
 #[test]
-fn the_simulation_exercises_batching_quiescence_and_compaction() {
+fn the_simulation_exercises_batching_quiescence_compaction_and_sessions() {
     let mut coverage = Coverage::default();
     let mut failures = Vec::new();
     for seed in 0..6 {
@@ -422,6 +492,22 @@ fn the_simulation_exercises_batching_quiescence_and_compaction() {
     assert!(
         coverage.flush_requests > 0,
         "no flush asked for a compaction: {coverage:?}"
+    );
+    assert!(
+        coverage.retried_unknown > 0,
+        "no write sent again after an unknown outcome: {coverage:?}"
+    );
+    assert!(
+        coverage.duplicates > 0,
+        "no duplicate answered from a session table: {coverage:?}"
+    );
+    assert!(
+        coverage.expiries > 0 && coverage.refused_expired > 0,
+        "no session expired, or none refused a write: {coverage:?}"
+    );
+    assert!(
+        coverage.expired_given_up > 0,
+        "no write sent again after an unknown outcome was refused for its expired session: {coverage:?}"
     );
 }
 

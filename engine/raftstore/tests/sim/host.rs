@@ -4,11 +4,21 @@
 //! the in-memory state machine's apply batch (written without sync, flushed in the
 //! background), client answers. Where a Host call is a moment an invariant speaks
 //! of (a vote leaving, an entry applied), it is checked here.
+//!
+//! Client sessions are applied as `engine/node/src/command.rs` applies them: each
+//! entry first drops the sessions idle past its [`Stamp`], an `OpenSession` command
+//! registers one, and a write of a session applies only on [`Verdict::Apply`] (its
+//! answer then recorded); a duplicate answers what was recorded, an expired session
+//! is refused. The live table sits in the range's handle ([`SimRange`]); every change
+//! goes into the state machine ([`Sm::sessions`]) with the data of the same entry, so
+//! a crash keeps or loses them together, and a reopened replica loads the table back
+//! from it before replaying the log.
 
 use raft::eraftpb::{Entry, Message};
+use rangekv_raftstore::session::{Recorded, SessionChanges};
 use rangekv_raftstore::{
     AdminEffect, Applying, Fatal, Heartbeat, HeartbeatKind, Host, LogWrite, RangeView, Refusal,
-    Types,
+    SessionId, SessionRef, SessionTable, Stamp, Types, Verdict,
 };
 use rangekv_types::{RangeId, StoreId};
 
@@ -16,8 +26,16 @@ use super::clients::Reply;
 use super::log::SimLog;
 use super::world::{range_index, Event, Sm, World, MS};
 
-/// A client write inside a raft entry. Encoded by hand ([`encode_entry`]): the real
-/// `Command` proto lives in rangekv-rpc, which this crate does not depend on.
+/// A client command inside a raft entry: an operation and, for a write of a client
+/// session, its place in the session (the node's `Command.session`). Encoded by hand
+/// ([`encode_entry`]): the real `Command` proto lives in rangekv-rpc, which this
+/// crate does not depend on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Command {
+    pub cmd: Cmd,
+    pub session: Option<SessionRef>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Cmd {
     Put {
@@ -32,38 +50,89 @@ pub enum Cmd {
         expected: Option<Vec<u8>>,
         new: Option<Vec<u8>>,
     },
+    /// Registers a client session at the range, every sequence below `floor`
+    /// refused (the node's `OpenSession`).
+    OpenSession {
+        id: SessionId,
+        floor: u64,
+    },
 }
 
-impl Cmd {
-    pub fn key(&self) -> &[u8] {
-        match self {
-            Cmd::Put { key, .. } | Cmd::Delete { key } | Cmd::Cas { key, .. } => key,
+/// What an applied write answers, as a range's session table records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    Written,
+    Cas(bool),
+}
+
+impl From<Applied> for Reply {
+    fn from(applied: Applied) -> Reply {
+        match applied {
+            Applied::Written => Reply::Written,
+            Applied::Cas(succeeded) => Reply::Cas(succeeded),
         }
     }
+}
+
+/// A recorded answer as persisted: 0 written; 1 then 0 or 1, a CAS and whether it
+/// succeeded.
+impl Recorded for Applied {
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Applied::Written => out.push(0),
+            Applied::Cas(succeeded) => out.extend_from_slice(&[1, u8::from(*succeeded)]),
+        }
+    }
+
+    fn decode(input: &mut &[u8]) -> Option<Self> {
+        let (&kind, rest) = input.split_first()?;
+        let (applied, rest) = match (kind, rest) {
+            (0, rest) => (Applied::Written, rest),
+            (1, [succeeded @ (0 | 1), rest @ ..]) => (Applied::Cas(*succeeded == 1), rest),
+            _ => return None,
+        };
+        *input = rest;
+        Some(applied)
+    }
+}
+
+/// A range's client sessions.
+pub type Sessions = SessionTable<Applied>;
+
+/// What a store keeps of a range beside the core (the node's `RangeHandle`): its id
+/// and its client sessions, applied state loaded from the state machine when the
+/// replica opens and changed by every entry applied.
+#[derive(Debug)]
+pub struct SimRange {
+    pub id: RangeId,
+    pub sessions: Sessions,
 }
 
 pub struct SimTypes;
 
 impl Types for SimTypes {
-    type Command = Cmd;
+    type Command = Command;
     /// The request id.
     type WriteReply = u64;
     type ReadReply = u64;
     type Answer = Reply;
-    type Range = RangeId;
+    type Range = SimRange;
     type Log = SimLog;
 
-    fn command_bytes(command: &Cmd) -> usize {
+    fn command_bytes(command: &Command) -> usize {
         let option = |o: &Option<Vec<u8>>| o.as_ref().map_or(1, |v| 5 + v.len());
-        match command {
-            Cmd::Put { key, value } => 9 + key.len() + value.len(),
-            Cmd::Delete { key } => 5 + key.len(),
-            Cmd::Cas { key, expected, new } => 5 + key.len() + option(expected) + option(new),
-        }
+        let session = if command.session.is_some() { 33 } else { 1 };
+        session
+            + match &command.cmd {
+                Cmd::Put { key, value } => 9 + key.len() + value.len(),
+                Cmd::Delete { key } => 5 + key.len(),
+                Cmd::Cas { key, expected, new } => 5 + key.len() + option(expected) + option(new),
+                Cmd::OpenSession { .. } => 25,
+            }
     }
 
-    fn encode_entry(commands: Vec<Cmd>) -> Vec<u8> {
-        encode_entry(&commands)
+    fn encode_entry(commands: Vec<Command>, stamp: Stamp) -> Vec<u8> {
+        encode_entry(&commands, stamp)
     }
 
     fn encode_compact_log(index: u64, term: u64) -> Vec<u8> {
@@ -122,6 +191,10 @@ impl Host<SimTypes> for SimHost<'_> {
         self.world.flush_outbox(self.node);
     }
 
+    fn wall_clock_ms(&self) -> u64 {
+        self.world.wall_clock_ms(self.node)
+    }
+
     fn submit_log(&mut self, write: LogWrite) {
         self.world.submit_log(self.node, write);
     }
@@ -141,11 +214,31 @@ impl Host<SimTypes> for SimHost<'_> {
             index: entry.index,
             reason,
         })?;
-        let sm = &mut self.world.nodes[self.node].sm[r];
         match decoded {
-            Decoded::Commands(commands) => {
-                to.answers
-                    .extend(commands.iter().map(|command| apply_command(sm, command)));
+            Decoded::Commands { stamp, commands } => {
+                let sessions = &mut to.handle.sessions;
+                let before = sessions.len();
+                sessions.expire(stamp);
+                if sessions.len() < before {
+                    self.world.inv.ranges[r].expiries.insert(entry.index);
+                }
+                for (position, command) in commands.iter().enumerate() {
+                    let at = (entry.index, position);
+                    let answer = self.apply_in_session(r, at, sessions, command, stamp);
+                    to.answers.push(answer);
+                }
+                // Into the same apply batch as the data (the node's `set_session`).
+                let SessionChanges { write, delete } = sessions.take_changes();
+                let sm = &mut self.world.nodes[self.node].sm[r];
+                let written: Vec<SessionId> = write.iter().map(|(id, _)| *id).collect();
+                for (id, record) in write {
+                    sm.write_session(id, record);
+                }
+                for id in delete {
+                    sm.delete_session(id);
+                }
+                self.world
+                    .check_sessions_persisted(self.node, r, sessions, &commands, &written);
             }
             Decoded::CompactLog { index, term } => {
                 to.effects.push(AdminEffect::CompactLog { index, term });
@@ -168,7 +261,9 @@ impl Host<SimTypes> for SimHost<'_> {
         }
         self.world.nodes[self.node].sm[r].applied = index;
         // Entries skipped by apply (a new leader's empty one) change nothing.
-        self.world.check_applied_state(self.node, r, index);
+        if index != batch_applied {
+            self.world.check_applied_state(self.node, r, index);
+        }
     }
 
     fn commit_apply(&mut self) -> Result<(), Fatal> {
@@ -207,7 +302,7 @@ impl Host<SimTypes> for SimHost<'_> {
         self.world.answer(self.node, reply, answer);
     }
 
-    fn refuse_write(&mut self, _handle: &RangeId, reply: u64, refusal: Refusal) {
+    fn refuse_write(&mut self, _handle: &SimRange, reply: u64, refusal: Refusal) {
         let node = self.node + 1;
         self.world
             .log(|| format!("n{node} refuses write r{reply}: {refusal:?}"));
@@ -225,36 +320,82 @@ impl Host<SimTypes> for SimHost<'_> {
         self.world.answer_read(self.node, reply);
     }
 
-    fn refuse_read(&mut self, _handle: &RangeId, reply: u64, refusal: Refusal) {
+    fn refuse_read(&mut self, _handle: &SimRange, reply: u64, refusal: Refusal) {
         self.world.answer(self.node, reply, not_leader(refusal));
     }
 
-    fn publish(&mut self, handle: &RangeId, view: RangeView) {
-        self.world.on_publish(self.node, *handle, view);
+    fn publish(&mut self, handle: &SimRange, view: RangeView) {
+        self.world.on_publish(self.node, handle.id, view);
+    }
+}
+
+impl SimHost<'_> {
+    /// Applies one command of the entry at `at` (index, position) under its session,
+    /// as the node's `apply_in_session`: at most once per (session, sequence); a
+    /// repeat answers what the first application answered.
+    fn apply_in_session(
+        &mut self,
+        r: usize,
+        at: (u64, usize),
+        sessions: &mut Sessions,
+        command: &Command,
+        stamp: Stamp,
+    ) -> Reply {
+        let now_ms = stamp.proposed_at_ms;
+        if let Cmd::OpenSession { id, floor } = command.cmd {
+            sessions.open(id, floor, now_ms);
+            return Reply::Written;
+        }
+        let sm = &mut self.world.nodes[self.node].sm[r];
+        let Some(session) = command.session else {
+            return apply_command(sm, &command.cmd).into();
+        };
+        match sessions.check(session, now_ms) {
+            Verdict::Apply => {}
+            Verdict::Duplicate(answer) => {
+                let answer = answer.clone();
+                self.world.inv.ranges[r].duplicates.insert(at);
+                if !self.world.opts.buggy_reapply {
+                    return answer.into();
+                }
+            }
+            Verdict::Expired => {
+                self.world.inv.ranges[r].refused_expired.insert(at);
+                return Reply::SessionExpired;
+            }
+            Verdict::TooManyInFlight => return Reply::Busy,
+        }
+        self.world.check_applied_once(self.node, r, session, at.0);
+        let sm = &mut self.world.nodes[self.node].sm[r];
+        let applied = apply_command(sm, &command.cmd);
+        sessions.record(session, applied.clone());
+        applied.into()
     }
 }
 
 /// Applies one command to a range's state machine deterministically.
-pub fn apply_command(sm: &mut Sm, command: &Cmd) -> Reply {
+pub fn apply_command(sm: &mut Sm, command: &Cmd) -> Applied {
     match command {
         Cmd::Put { key, value } => {
             sm.kv.insert(key.clone(), value.clone());
-            Reply::Written
+            Applied::Written
         }
         Cmd::Delete { key } => {
             sm.kv.remove(key);
-            Reply::Written
+            Applied::Written
         }
         Cmd::Cas { key, expected, new } => {
             if sm.kv.get(key) != expected.as_ref() {
-                return Reply::Cas(false);
+                return Applied::Cas(false);
             }
             match new {
                 Some(new) => sm.kv.insert(key.clone(), new.clone()),
                 None => sm.kv.remove(key),
             };
-            Reply::Cas(true)
+            Applied::Cas(true)
         }
+        // Sessions are `apply_in_session`'s.
+        Cmd::OpenSession { .. } => Applied::Written,
     }
 }
 
@@ -273,13 +414,16 @@ fn put_option(out: &mut Vec<u8>, bytes: &Option<Vec<u8>>) {
     }
 }
 
-/// `[TAG_COMMANDS] [count] ([tag] fields)*`, little-endian, lengths as u32; a log
-/// compaction is `[TAG_COMPACT_LOG] [index] [term]`.
-pub fn encode_entry(commands: &[Cmd]) -> Vec<u8> {
+/// `[TAG_COMMANDS] [proposed at, ms] [session lifetime, ms] [count] ([tag] fields
+/// [session])*`, little-endian, lengths as u32, a session as `0` (none) or `1` id
+/// sequence acked-below; a log compaction is `[TAG_COMPACT_LOG] [index] [term]`.
+pub fn encode_entry(commands: &[Command], stamp: Stamp) -> Vec<u8> {
     let mut out = vec![TAG_COMMANDS];
+    out.extend_from_slice(&stamp.proposed_at_ms.to_le_bytes());
+    out.extend_from_slice(&stamp.session_ttl_ms.to_le_bytes());
     out.extend_from_slice(&(commands.len() as u32).to_le_bytes());
     for command in commands {
-        match command {
+        match &command.cmd {
             Cmd::Put { key, value } => {
                 out.push(1);
                 put_bytes(&mut out, key);
@@ -295,14 +439,34 @@ pub fn encode_entry(commands: &[Cmd]) -> Vec<u8> {
                 put_option(&mut out, expected);
                 put_option(&mut out, new);
             }
+            Cmd::OpenSession { id, floor } => {
+                out.push(4);
+                out.extend_from_slice(&id.to_le_bytes());
+                out.extend_from_slice(&floor.to_le_bytes());
+            }
+        }
+        match command.session {
+            None => out.push(0),
+            Some(session) => {
+                out.push(1);
+                out.extend_from_slice(&session.id.to_le_bytes());
+                out.extend_from_slice(&session.sequence.to_le_bytes());
+                out.extend_from_slice(&session.acked_below.to_le_bytes());
+            }
         }
     }
     out
 }
 
 pub enum Decoded {
-    Commands(Vec<Cmd>),
-    CompactLog { index: u64, term: u64 },
+    Commands {
+        stamp: Stamp,
+        commands: Vec<Command>,
+    },
+    CompactLog {
+        index: u64,
+        term: u64,
+    },
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -329,6 +493,11 @@ impl Reader<'_> {
         word.copy_from_slice(self.take(8)?);
         Ok(u64::from_le_bytes(word))
     }
+    fn u128(&mut self) -> Result<u128, String> {
+        let mut word = [0; 16];
+        word.copy_from_slice(self.take(16)?);
+        Ok(u128::from_le_bytes(word))
+    }
     fn bytes(&mut self) -> Result<Vec<u8>, String> {
         let n = self.u32()? as usize;
         Ok(self.take(n)?.to_vec())
@@ -345,10 +514,14 @@ pub fn decode_entry(data: &[u8]) -> Result<Decoded, String> {
     let mut reader = Reader(data);
     let decoded = match reader.byte()? {
         TAG_COMMANDS => {
+            let stamp = Stamp {
+                proposed_at_ms: reader.u64()?,
+                session_ttl_ms: reader.u64()?,
+            };
             let count = reader.u32()?;
             let mut commands = Vec::new();
             for _ in 0..count {
-                let command = match reader.byte()? {
+                let cmd = match reader.byte()? {
                     1 => Cmd::Put {
                         key: reader.bytes()?,
                         value: reader.bytes()?,
@@ -361,11 +534,24 @@ pub fn decode_entry(data: &[u8]) -> Result<Decoded, String> {
                         expected: reader.option()?,
                         new: reader.option()?,
                     },
+                    4 => Cmd::OpenSession {
+                        id: reader.u128()?,
+                        floor: reader.u64()?,
+                    },
                     tag => return Err(format!("bad command tag {tag}")),
                 };
-                commands.push(command);
+                let session = match reader.byte()? {
+                    0 => None,
+                    1 => Some(SessionRef {
+                        id: reader.u128()?,
+                        sequence: reader.u64()?,
+                        acked_below: reader.u64()?,
+                    }),
+                    tag => return Err(format!("bad session tag {tag}")),
+                };
+                commands.push(Command { cmd, session });
             }
-            Decoded::Commands(commands)
+            Decoded::Commands { stamp, commands }
         }
         TAG_COMPACT_LOG => Decoded::CompactLog {
             index: reader.u64()?,

@@ -1,13 +1,16 @@
 //! Invariants, range by range, checked after every step (and where noted, at the
 //! moment something happens), remembered across the whole run and across crashes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use raft::eraftpb::{Entry, Message, MessageType};
 use raft::StateRole;
-use rangekv_raftstore::PeerStatus;
+use rangekv_raftstore::session::encode_session;
+use rangekv_raftstore::{PeerStatus, SessionId, SessionRef};
 use rangekv_types::RangeId;
+use rustc_hash::FxHashMap;
 
+use super::host::{Cmd, Command, Sessions};
 use super::rng::{hash_bytes, Hash};
 use super::world::{range_id, World, MS, TICK};
 
@@ -35,6 +38,12 @@ pub struct RangeFacts {
     pub states: BTreeMap<u64, u64>,
     /// (index, term) → chain hash of the log up to that entry (log matching).
     pub chains: HashMap<(u64, u64), u64>,
+    /// (index, position in the entry) of the commands answered from a session table
+    /// as duplicates, and of those refused for an expired session (coverage).
+    pub duplicates: BTreeSet<(u64, usize)>,
+    pub refused_expired: BTreeSet<(u64, usize)>,
+    /// Indexes of the entries that dropped idle sessions (coverage).
+    pub expiries: BTreeSet<u64>,
 }
 
 pub struct Invariants {
@@ -44,6 +53,9 @@ pub struct Invariants {
     pub durable_term: Vec<Vec<u64>>,
     /// Per node and range, (term, role) last seen, for the trace.
     pub roles: Vec<Vec<(u64, StateRole)>>,
+    /// (session, sequence) → (range, index) of the entry whose application of that
+    /// write is the one (exactly once: no other entry may apply it).
+    pub applied_once: FxHashMap<(SessionId, u64), (usize, u64)>,
 }
 
 impl Invariants {
@@ -52,6 +64,7 @@ impl Invariants {
             ranges: (0..ranges).map(|_| RangeFacts::default()).collect(),
             durable_term: vec![vec![0; ranges]; nodes],
             roles: vec![vec![(0, StateRole::Follower); ranges]; nodes],
+            applied_once: FxHashMap::default(),
         }
     }
 }
@@ -266,6 +279,81 @@ impl World {
             ));
         }
         self.check_committed(node, r, entry, "applies");
+    }
+
+    /// A write of a session applies in one entry only, whatever the retries: other
+    /// replicas (and this one replaying its log after a crash) apply that same entry,
+    /// no other entry of any range applies it again.
+    pub fn check_applied_once(&mut self, node: usize, r: usize, session: SessionRef, index: u64) {
+        let key = (session.id, session.sequence);
+        let first = *self.inv.applied_once.entry(key).or_insert((r, index));
+        if first != (r, index) {
+            self.fail(format!(
+                "n{} {}: write {} of session {:032x} applied twice: at index {index}, and at {} index {}",
+                node + 1,
+                range_id(r),
+                session.sequence,
+                session.id,
+                range_id(first.0),
+                first.1
+            ));
+        }
+    }
+
+    /// The sessions a range's state machine holds (what survives a crash) are its
+    /// live table's after every entry: each change went into the apply batch. An
+    /// entry changes only the sessions its commands name and drops expired ones, so
+    /// the count is compared, and each named session the table did not report
+    /// changed (`written`: those it did were just persisted as it encoded them).
+    /// At each crash the whole table is compared (`check_all_sessions_persisted`).
+    pub fn check_sessions_persisted(
+        &mut self,
+        node: usize,
+        r: usize,
+        sessions: &Sessions,
+        commands: &[Command],
+        written: &[SessionId],
+    ) {
+        let persisted = &self.nodes[node].sm[r].sessions;
+        let unreported = commands
+            .iter()
+            .filter_map(|command| match command.cmd {
+                Cmd::OpenSession { id, .. } => Some(id),
+                _ => command.session.map(|session| session.id),
+            })
+            .filter(|id| !written.contains(id));
+        let same = persisted.len() == sessions.len()
+            && unreported.into_iter().all(|id| {
+                persisted.get(&id).map(|s| s.record.as_slice())
+                    == sessions.get(id).map(encode_session).as_deref()
+            });
+        if !same {
+            self.fail(format!(
+                "n{} {}: the persisted sessions ({} of them) are not the live table ({})",
+                node + 1,
+                range_id(r),
+                persisted.len(),
+                sessions.len()
+            ));
+        }
+    }
+
+    /// At a crash, the whole live table of each range is what its state machine holds.
+    pub fn check_all_sessions_persisted(&mut self, node: usize, r: usize, sessions: &Sessions) {
+        let persisted = &self.nodes[node].sm[r].sessions;
+        let same = persisted.len() == sessions.len()
+            && sessions.iter().all(|(id, session)| {
+                persisted.get(&id).map(|s| &s.record) == Some(&encode_session(session))
+            });
+        if !same {
+            self.fail(format!(
+                "n{} {}: at the crash, the persisted sessions ({} of them) are not the live table ({})",
+                node + 1,
+                range_id(r),
+                persisted.len(),
+                sessions.len()
+            ));
+        }
     }
 
     /// State machines agree on every applied prefix.

@@ -59,11 +59,20 @@ impl Hash {
         self
     }
 
+    /// The length, then each 8 bytes as a little-endian word (the last one padded
+    /// with zeros). Words are taken with `split_first_chunk`, the cheapest way in an
+    /// unoptimized build (tests are one, and the simulation hashes every entry and
+    /// every state applied).
     pub fn bytes(&mut self, bytes: &[u8]) -> &mut Self {
         self.u64(bytes.len() as u64);
-        for chunk in bytes.chunks(8) {
+        let mut rest = bytes;
+        while let Some((word, tail)) = rest.split_first_chunk::<8>() {
+            self.u64(u64::from_le_bytes(*word));
+            rest = tail;
+        }
+        if !rest.is_empty() {
             let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
+            word[..rest.len()].copy_from_slice(rest);
             self.u64(u64::from_le_bytes(word));
         }
         self

@@ -22,14 +22,14 @@ use rangekv_raftstore::{
 use rangekv_types::{PeerId, RangeId, StoreId};
 use rustc_hash::FxHashSet;
 
-use super::host::{Cmd, SimHost, SimTypes};
+use super::host::{Command, Sessions, SimHost, SimRange, SimTypes};
 use super::world::{fmt_msg, range_id, range_index, Event, World, MS, TICK};
 
 /// A request or raft traffic queued at a store's worker (its inbox).
 pub enum Inbound {
     Raft(RangeId, Message),
     Heartbeats(Vec<Heartbeat>, HeartbeatKind),
-    Write(RangeId, Cmd, u64),
+    Write(RangeId, Command, u64),
     Read(RangeId, u64),
 }
 
@@ -123,8 +123,9 @@ impl World {
     }
 
     /// Starts `node`'s store: a `Driver` with every range's replica over the store's
-    /// log, each at the applied index its state machine kept. `reopened`: the store ran
-    /// before (its log and state machine are on disk).
+    /// log, each at the applied index its state machine kept, with the client sessions
+    /// it kept. `reopened`: the store ran before (its log and state machine are on
+    /// disk).
     pub fn open(&mut self, node: usize, reopened: bool) {
         let id = self.nodes[node].id;
         // `StoreConfig::election_seed` comes from the wall clock at each store start.
@@ -139,6 +140,15 @@ impl World {
         for r in 0..self.ranges {
             let range = range_id(r);
             let applied = self.nodes[node].sm[r].applied;
+            let persisted = self.nodes[node].sm[r].sessions.iter();
+            let records = persisted.map(|(id, session)| (*id, session.record.clone()));
+            let sessions = match Sessions::load(records) {
+                Ok(sessions) => sessions,
+                Err(error) => {
+                    self.fail(format!("n{id} {range}: {error}"));
+                    return;
+                }
+            };
             let opened = Peer::open(
                 driver.config(),
                 range,
@@ -148,7 +158,10 @@ impl World {
                 applied,
                 reopened,
                 now,
-                range,
+                SimRange {
+                    id: range,
+                    sessions,
+                },
                 &self.logger,
             );
             match opened {

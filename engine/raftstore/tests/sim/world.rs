@@ -6,25 +6,29 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use raft::eraftpb::{Message, MessageType};
 use raft::StateRole;
 use rangekv_check::{History, OpId};
-use rangekv_raftstore::{CoreConfig, Driver, PeerStatus, RangeView, ReplicaConfig};
+use rangekv_raftstore::{CoreConfig, Driver, PeerStatus, RangeView, ReplicaConfig, SessionId};
 use rangekv_types::RangeId;
 
 use super::clients::{Client, Reply, Request};
 use super::host::SimTypes;
 use super::invariants::{Chain, Invariants};
 use super::log::SimLog;
-use super::rng::{Hash, Rng};
+use super::rng::{hash_bytes, Hash, Rng};
 use super::store::{Inbound, Outbox, Packet};
 
 /// Virtual time is counted in nanoseconds from the start of the run.
 pub const MS: u64 = 1_000_000;
 /// `StoreConfig::default().tick_interval`.
 pub const TICK: u64 = 100 * MS;
+/// What the stores' wall clocks read at the start of a run (ms since the Unix epoch,
+/// 2023-11-14): the leaders' entry stamps are never zero.
+const WALL_CLOCK_START_MS: u64 = 1_700_000_000_000;
 
 /// The range at `index` of a world's ranges (ids from 1).
 pub fn range_id(index: usize) -> RangeId {
@@ -55,6 +59,10 @@ pub struct Options {
     /// so nothing wakes the quiesced followers of a crashed leader. Only for the test
     /// proving the checks bite.
     pub buggy_deaf_to_silence: bool,
+    /// Deliberately broken: a write its session table knows as applied (a
+    /// `Verdict::Duplicate`) is applied again. Only for the test proving the checks
+    /// bite.
+    pub buggy_reapply: bool,
 }
 
 impl Options {
@@ -67,6 +75,7 @@ impl Options {
             buggy_reads: false,
             buggy_durable_applied: false,
             buggy_deaf_to_silence: false,
+            buggy_reapply: false,
         }
     }
 }
@@ -107,6 +116,27 @@ pub struct Summary {
     pub heartbeats: u64,
     /// Stores reported unreachable to a driver.
     pub unreachable: u64,
+    /// Whether stores dropped idle sessions within the run (a short session lifetime).
+    pub short_session_ttl: bool,
+    /// Sessions opened at a range (client requests answered).
+    pub sessions_opened: u64,
+    /// Writes sent again after an attempt's unknown outcome (each such outcome once).
+    pub retried_unknown: u64,
+    /// Commands answered from a session table (distinct entry positions).
+    pub duplicates: u64,
+    /// Entries that dropped idle sessions (distinct per range).
+    pub expiries: u64,
+    /// Commands refused because their session expired or their sequence is below
+    /// the session's floor (distinct entry positions).
+    pub refused_expired: u64,
+    /// Writes refused `SessionExpired` that the client knew unapplied: renumbered and
+    /// sent again after reopening the session.
+    pub expired_renumbered: u64,
+    /// Writes refused `SessionExpired` after an unknown outcome: given up as
+    /// unknown (applied once or not at all).
+    pub expired_given_up: u64,
+    /// Operations given up after the client's patience ran out.
+    pub given_up: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -139,12 +169,24 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// One range's state machine on one store (RocksDB's `data` for the range's keys
-/// plus its applied index, written together in one apply batch).
+/// One range's state machine on one store (RocksDB's `data` for the range's keys,
+/// its client sessions and its applied index, written together in one apply batch).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Sm {
     pub kv: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// The range's client sessions, by id (shared with the copies of the apply
+    /// batches since the last flush until changed).
+    pub sessions: Rc<BTreeMap<SessionId, PersistedSession>>,
     pub applied: u64,
+}
+
+/// A client session as a state machine holds it: its record (`encode_session`), and
+/// the record's hash, taken once when it is written (the state is hashed after every
+/// entry applied).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PersistedSession {
+    pub record: Vec<u8>,
+    pub hash: u64,
 }
 
 impl Sm {
@@ -153,7 +195,21 @@ impl Sm {
         for (k, v) in &self.kv {
             hash.bytes(k).bytes(v);
         }
+        for (id, session) in self.sessions.iter() {
+            hash.u64((id >> 64) as u64)
+                .u64(*id as u64)
+                .u64(session.hash);
+        }
         hash.0
+    }
+
+    pub fn write_session(&mut self, id: SessionId, record: Vec<u8>) {
+        let hash = hash_bytes(&record);
+        Rc::make_mut(&mut self.sessions).insert(id, PersistedSession { record, hash });
+    }
+
+    pub fn delete_session(&mut self, id: SessionId) {
+        Rc::make_mut(&mut self.sessions).remove(&id);
     }
 }
 
@@ -242,6 +298,9 @@ pub struct Node {
     /// (written without sync): a crash keeps a prefix of them.
     pub sm_synced: Vec<Sm>,
     pub sm_unsynced: Vec<Vec<Sm>>,
+    /// How far ahead the store's wall clock runs (ms): leaders stamp their entries
+    /// with it, and expiry must not depend on whose clock it was.
+    pub clock_ahead_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -438,13 +497,22 @@ impl World {
         let mut client_rng = rng.fork(2);
         let mut fault_rng = rng.fork(3);
         let mut disk_rng = rng.fork(4);
+        let mut clock_rng = rng.fork(5);
         let n = if fault_rng.chance(250) { 5 } else { 3 };
         let ranges = match fault_rng.below(100) {
             0..15 => 1,
             15..60 => 2,
             _ => 3,
         };
-        let core = core_config(&mut fault_rng);
+        let mut core = core_config(&mut fault_rng);
+        // Sometimes sessions idle for a few seconds are dropped (the default, 10
+        // minutes, is longer than a run): expiry and `SessionExpired` happen.
+        let short_session_ttl = clock_rng.chance(250);
+        if short_session_ttl {
+            core.session_ttl = Duration::from_millis(clock_rng.range(1_500, 5_000));
+        }
+        // Sometimes the stores' wall clocks disagree by up to 300 ms.
+        let skewed = clock_rng.chance(500);
         // Keys are split into contiguous spans, one per range, of one or two keys.
         let mut keys = Vec::new();
         let mut key_range = Vec::new();
@@ -469,11 +537,12 @@ impl World {
                 sm: vec![Sm::default(); ranges],
                 sm_synced: vec![Sm::default(); ranges],
                 sm_unsynced: Vec::new(),
+                clock_ahead_ms: if skewed { clock_rng.below(300) } else { 0 },
             })
             .collect();
         let client_count = client_rng.range(3, 6) as usize;
         let clients = (0..client_count)
-            .map(|c| Client::new(c as u64 + 1, c % n, ranges))
+            .map(|c| Client::new(c as u64 + 1, &mut client_rng, c % n, ranges))
             .collect();
         let chaos_end = opts.chaos_ticks * TICK;
         World {
@@ -514,6 +583,7 @@ impl World {
             summary: Summary {
                 nodes: n,
                 ranges,
+                short_session_ttl,
                 ..Default::default()
             },
             logger: slog::Logger::root(slog::Discard, slog::o!()),
@@ -527,6 +597,12 @@ impl World {
 
     pub fn instant(&self) -> Instant {
         self.base + Duration::from_nanos(self.now)
+    }
+
+    /// `node`'s wall clock (ms since the Unix epoch): the virtual time, from a fixed
+    /// start, plus how far ahead the store's clock runs.
+    pub fn wall_clock_ms(&self, node: usize) -> u64 {
+        WALL_CLOCK_START_MS + self.nodes[node].clock_ahead_ms + self.now / MS
     }
 
     pub fn schedule(&mut self, at: u64, event: Event) {
@@ -808,6 +884,8 @@ impl World {
         self.nodes[node].inc += 1;
         for peer in live.driver().peers() {
             self.summary.terms = self.summary.terms.max(peer.status().term);
+            let r = range_index(peer.range());
+            self.check_all_sessions_persisted(node, r, &peer.handle().sessions);
         }
         // Clients whose requests it held see the connection drop: outcome unknown.
         for req in std::mem::take(&mut live.open) {
@@ -963,6 +1041,11 @@ impl World {
         }
         for node in &self.nodes {
             self.summary.compactions += node.log.0.borrow().compactions_written;
+        }
+        for facts in &self.inv.ranges {
+            self.summary.duplicates += facts.duplicates.len() as u64;
+            self.summary.expiries += facts.expiries.len() as u64;
+            self.summary.refused_expired += facts.refused_expired.len() as u64;
         }
         self.summary.ops = self.history.len();
         for op in self.history.ops() {

@@ -2,6 +2,9 @@
 //!
 //! Exit status: 0 success, 1 error, 2 bad usage, 3 key not found (`get`),
 //! 4 compare-and-swap not applied (the current value differs).
+//!
+//! Each invocation is one client session: a write it has to resend (its leader died,
+//! no answer in time) applies once (see `rangekv_client`'s "Exactly-once writes").
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -44,7 +47,8 @@ pub struct KvArgs {
     /// How keys and values on the command line are written.
     #[arg(long, value_enum, default_value = "text")]
     pub input: Input,
-    /// Deadline of each operation, retries included.
+    /// Deadline of each operation, retries included (a write resent after an unknown
+    /// outcome still applies at most once).
     #[arg(long, default_value_t = 10)]
     pub timeout_secs: u64,
     #[command(subcommand)]

@@ -185,7 +185,14 @@ impl<A: Recorded> SessionTable<A> {
         };
         if session.acked_below > entry.acked_below {
             entry.acked_below = session.acked_below;
-            entry.answers = entry.answers.split_off(&session.acked_below);
+            // Usually one or two answers at the front: no new map.
+            while entry
+                .answers
+                .first_key_value()
+                .is_some_and(|(&sequence, _)| sequence < session.acked_below)
+            {
+                entry.answers.pop_first();
+            }
         }
         self.touch(session.id, now_ms);
         let Some(entry) = self.sessions.get(&session.id) else {

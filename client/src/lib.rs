@@ -477,7 +477,12 @@ impl Client {
     /// client's session: the session is opened at the range first, the write gets a
     /// sequence number at its first attempt and keeps it through every retry, so a
     /// repeat after an unknown outcome applies at most once.
-    async fn on_range<T, F, Fut>(&self, key: &[u8], write: Option<WriteSeq>, mut call: F) -> Result<T>
+    async fn on_range<T, F, Fut>(
+        &self,
+        key: &[u8],
+        write: Option<WriteSeq>,
+        mut call: F,
+    ) -> Result<T>
     where
         F: FnMut(Conn, proto::RequestHeader) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<(T, Option<proto::Error>), Status>>,
@@ -533,7 +538,11 @@ impl Client {
                                     } else {
                                         // Never sent before: nothing of it can have applied.
                                         write.renumber();
-                                        Next::Retry
+                                        if write.renumbered() > 1 {
+                                            Next::Backoff
+                                        } else {
+                                            Next::Retry
+                                        }
                                     }
                                 }
                                 _ => self.on_detail(&route, detail, &mut tried),
@@ -618,25 +627,29 @@ impl Client {
     {
         if let Some(write) = write {
             let session = &self.inner.session;
-            if !session.is_open_at(header.range_id) {
-                let floor = session.next_sequence();
-                let (high, low) = session.id_halves();
-                let r = reply!(
-                    conn,
-                    OpenSession,
-                    proto::OpenSessionRequest {
-                        header: Some(header),
-                        session_high: high,
-                        session_low: low,
-                        floor,
+            let opened_at = match session.opened_at(header.range_id) {
+                Some(opened_at) => opened_at,
+                None => {
+                    let floor = session.next_sequence();
+                    let (high, low) = session.id_halves();
+                    let r = reply!(
+                        conn,
+                        OpenSession,
+                        proto::OpenSessionRequest {
+                            header: Some(header),
+                            session_high: high,
+                            session_low: low,
+                            floor,
+                        }
+                    );
+                    if r.error.is_some() {
+                        return Ok((None, r.error));
                     }
-                );
-                if r.error.is_some() {
-                    return Ok((None, r.error));
+                    session.set_opened(header.range_id, r.opened_at);
+                    r.opened_at
                 }
-                session.opened_at(header.range_id);
-            }
-            header.session = Some(write.reference());
+            };
+            header.session = Some(write.reference(opened_at));
         }
         let (value, error) = call(conn.clone(), header).await?;
         Ok((Some(value), error))
@@ -713,24 +726,20 @@ impl Client {
                     },
                 })
                 .collect();
-            self.on_range(
-                &key,
-                Some(self.inner.session.write()),
-                |conn, header| {
-                    let mutations = group.clone();
-                    async move {
-                        let r = reply!(
-                            conn,
-                            BatchPut,
-                            proto::BatchPutRequest {
-                                header: Some(header),
-                                mutations,
-                            }
-                        );
-                        Ok(((), r.error))
-                    }
-                },
-            )
+            self.on_range(&key, Some(self.inner.session.write()), |conn, header| {
+                let mutations = group.clone();
+                async move {
+                    let r = reply!(
+                        conn,
+                        BatchPut,
+                        proto::BatchPutRequest {
+                            header: Some(header),
+                            mutations,
+                        }
+                    );
+                    Ok(((), r.error))
+                }
+            })
             .await?;
         }
         Ok(())

@@ -12,7 +12,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use rangekv_rpc::proto;
-use rustc_hash::FxHashSet;
+use rustc_hash::FxHashMap;
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
@@ -38,8 +38,9 @@ impl Shared {
 
 pub(crate) struct Session {
     shared: Arc<Shared>,
-    /// Ranges (by id) where this session is known to be open.
-    open: Mutex<FxHashSet<u64>>,
+    /// Ranges (by id) where this session is known to be open, with the registration
+    /// (`opened_at`) each gave.
+    open: Mutex<FxHashMap<u64, u64>>,
     /// Writes sent again after an unknown outcome.
     pub ambiguous_retried: AtomicU64,
 }
@@ -73,12 +74,13 @@ impl Session {
         lock(&self.shared.sequences).next
     }
 
-    pub fn is_open_at(&self, range: u64) -> bool {
-        lock(&self.open).contains(&range)
+    /// The session's registration at `range`, if it is known to be open there.
+    pub fn opened_at(&self, range: u64) -> Option<u64> {
+        lock(&self.open).get(&range).copied()
     }
 
-    pub fn opened_at(&self, range: u64) {
-        lock(&self.open).insert(range);
+    pub fn set_opened(&self, range: u64, opened_at: u64) {
+        lock(&self.open).insert(range, opened_at);
     }
 
     /// The range dropped the session (it expired there): open it again before the
@@ -92,7 +94,9 @@ impl Session {
         WriteSeq {
             shared: self.shared.clone(),
             sequence: None,
+            opened_at: 0,
             sent_before: false,
+            renumbered: 0,
         }
     }
 }
@@ -102,12 +106,16 @@ impl Session {
 pub(crate) struct WriteSeq {
     shared: Arc<Shared>,
     sequence: Option<u64>,
+    /// The registration the write was numbered under; every attempt names it.
+    opened_at: u64,
     sent_before: bool,
+    renumbered: u32,
 }
 
 impl WriteSeq {
-    /// The session reference of the next attempt, numbering the write if it is not.
-    pub fn reference(&mut self) -> proto::SessionRef {
+    /// The session reference of the next attempt, numbering the write under the
+    /// registration `opened_at` if it is not numbered yet.
+    pub fn reference(&mut self, opened_at: u64) -> proto::SessionRef {
         let mut sequences = lock(&self.shared.sequences);
         let sequence = match self.sequence {
             Some(sequence) => sequence,
@@ -116,6 +124,7 @@ impl WriteSeq {
                 sequences.next += 1;
                 sequences.in_flight.insert(sequence);
                 self.sequence = Some(sequence);
+                self.opened_at = opened_at;
                 sequence
             }
         };
@@ -125,6 +134,7 @@ impl WriteSeq {
             session_low: self.shared.id as u64,
             sequence,
             acked_below,
+            opened_at: self.opened_at,
         }
     }
 
@@ -149,6 +159,12 @@ impl WriteSeq {
         if let Some(sequence) = self.sequence.take() {
             self.shared.release(sequence);
         }
+        self.renumbered += 1;
+    }
+
+    /// How often the write was renumbered.
+    pub fn renumbered(&self) -> u32 {
+        self.renumbered
     }
 }
 
@@ -170,20 +186,31 @@ mod tests {
         let mut first = session.write();
         let mut second = session.write();
         assert_eq!(session.next_sequence(), 1, "numbered at the first attempt");
-        let a = first.reference();
-        let b = second.reference();
+        let a = first.reference(1);
+        let b = second.reference(1);
         assert_eq!((a.sequence, b.sequence), (1, 2));
         assert_eq!((a.acked_below, b.acked_below), (1, 1));
-        assert_eq!(second.reference().sequence, 2, "a retry keeps its number");
+        assert_eq!(second.reference(1).sequence, 2, "a retry keeps its number");
         drop(first);
-        assert_eq!(second.reference().acked_below, 2);
+        assert_eq!(second.reference(1).acked_below, 2);
         drop(second);
         let mut third = session.write();
-        let c = third.reference();
+        let c = third.reference(1);
         assert_eq!((c.sequence, c.acked_below), (3, 3));
         third.renumber();
         assert!(!third.numbered());
-        assert_eq!(third.reference().sequence, 4);
+        let fourth = third.reference(9);
+        assert_eq!(
+            (fourth.sequence, fourth.opened_at),
+            (4, 9),
+            "renumbered under 9"
+        );
+        assert_eq!(
+            third.reference(10).opened_at,
+            9,
+            "a retry names its registration"
+        );
+        assert_eq!(third.renumbered(), 1);
         assert_eq!(session.id_halves(), (0, 7));
     }
 }

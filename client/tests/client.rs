@@ -218,7 +218,9 @@ async fn a_write_after_the_session_expired_at_its_range_opens_it_again_and_appli
     // entry is stamped past its lifetime.
     let mut writes = 0;
     loop {
-        busy.put(&key(2), format!("{writes}").as_bytes()).await.unwrap();
+        busy.put(&key(2), format!("{writes}").as_bytes())
+            .await
+            .unwrap();
         writes += 1;
         if sessions_at(&cluster) == 1 && writes > 1 {
             break;

@@ -13,6 +13,8 @@ use rangekv_types::{limits, RangeId};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteResult {
     Done,
+    /// A session opened (or already open): its registration, `opened_at`.
+    Opened(u64),
     Cas {
         succeeded: bool,
         previous: Option<Vec<u8>>,
@@ -30,6 +32,10 @@ impl Recorded for WriteResult {
     fn encode(&self, out: &mut Vec<u8>) {
         match self {
             WriteResult::Done => out.push(0),
+            WriteResult::Opened(at) => {
+                out.push(2);
+                out.extend_from_slice(&at.to_be_bytes());
+            }
             WriteResult::Cas {
                 succeeded,
                 previous,
@@ -47,6 +53,11 @@ impl Recorded for WriteResult {
         *input = rest;
         match kind {
             0 => Some(WriteResult::Done),
+            2 => {
+                let (at, rest) = input.split_first_chunk::<8>()?;
+                *input = rest;
+                Some(WriteResult::Opened(u64::from_be_bytes(*at)))
+            }
             1 => {
                 let (&[succeeded, found], rest) = input.split_first_chunk::<2>()?;
                 let (len, rest) = rest.split_first_chunk::<4>()?;
@@ -76,6 +87,7 @@ fn session_ref(session: &proto::SessionRef) -> SessionRef {
         id: session_id(session.session_high, session.session_low),
         sequence: session.sequence,
         acked_below: session.acked_below,
+        opened_at: session.opened_at,
     }
 }
 
@@ -252,7 +264,10 @@ fn check_at_apply(
     command: &proto::Command,
     descriptor: &RangeDescriptor,
 ) -> Result<(), proto::Error> {
-    if matches!(command.op, Some(Op::CompactLog(_)) | Some(Op::OpenSession(_))) {
+    if matches!(
+        command.op,
+        Some(Op::CompactLog(_)) | Some(Op::OpenSession(_))
+    ) {
         return Ok(());
     }
     if !epoch_matches(command.epoch.as_ref(), descriptor) {
@@ -368,7 +383,7 @@ pub fn apply_entry(
                 term: compact.term,
             });
         }
-        let answer = apply_in_session(batch, command, descriptor, sessions, stamp.proposed_at_ms)
+        let answer = apply_in_session(batch, command, descriptor, sessions, stamp, entry.index)
             .map_err(state_failed)?;
         answers.push(answer);
     }
@@ -391,12 +406,19 @@ fn apply_in_session(
     command: &proto::Command,
     descriptor: &RangeDescriptor,
     sessions: &mut Sessions,
-    now_ms: u64,
+    stamp: Stamp,
+    index: u64,
 ) -> Result<CommandResult, rangekv_state::StateError> {
+    let now_ms = stamp.proposed_at_ms;
     if let Some(Op::OpenSession(open)) = &command.op {
         let id = session_id(open.session_high, open.session_low);
-        sessions.open(id, open.floor, now_ms);
-        return Ok(Ok(WriteResult::Done));
+        return Ok(match sessions.open(id, open.floor, now_ms, index) {
+            Some(opened_at) => Ok(WriteResult::Opened(opened_at)),
+            None => Err(busy(format!(
+                "the range holds {} client sessions; opened again when some expire",
+                rangekv_raftstore::session::SESSIONS_PER_RANGE_MAX
+            ))),
+        });
     }
     let Some(session) = command.session.as_ref().map(session_ref) else {
         return apply_command(batch, command, descriptor);
@@ -406,15 +428,10 @@ fn apply_in_session(
         Verdict::Duplicate(answer) => return Ok(Ok(answer.clone())),
         Verdict::Expired => return Ok(Err(session_expired(session))),
         Verdict::TooManyInFlight => {
-            return Ok(Err(proto::Error {
-                kind: Some(proto::error::Kind::ServerBusy(proto::ServerBusy {
-                    reason: format!(
-                        "session holds {} unacknowledged answers at this range",
-                        rangekv_raftstore::session::ANSWERS_PER_SESSION_MAX
-                    ),
-                    backoff_ms: 100,
-                })),
-            }))
+            return Ok(Err(busy(format!(
+                "session holds {} unacknowledged answers at this range",
+                rangekv_raftstore::session::ANSWERS_PER_SESSION_MAX
+            ))))
         }
     }
     let result = apply_command(batch, command, descriptor)?;
@@ -422,6 +439,15 @@ fn apply_in_session(
         sessions.record(session, applied.clone());
     }
     Ok(result)
+}
+
+fn busy(reason: String) -> proto::Error {
+    proto::Error {
+        kind: Some(proto::error::Kind::ServerBusy(proto::ServerBusy {
+            reason,
+            backoff_ms: 100,
+        })),
+    }
 }
 
 pub(crate) fn state_failed(error: rangekv_state::StateError) -> Fatal {
@@ -538,6 +564,7 @@ mod tests {
                 session_low: id as u64,
                 sequence,
                 acked_below: 1,
+                opened_at: 1,
             }),
         };
         let cas = |expected: Option<&[u8]>, new: &[u8]| {
@@ -586,8 +613,12 @@ mod tests {
             succeeded: true,
             previous: None,
         });
-        let first = apply(vec![open, in_session(1, cas(None, b"a"))], 100, &mut sessions);
-        assert_eq!(first, vec![Ok(WriteResult::Done), swapped.clone()]);
+        let first = apply(
+            vec![open, in_session(1, cas(None, b"a"))],
+            100,
+            &mut sessions,
+        );
+        assert_eq!(first, vec![Ok(WriteResult::Opened(1)), swapped.clone()]);
         // Another session's write (none here: a plain write) moves the value on.
         let plain = proto::Command {
             session: None,
@@ -621,6 +652,7 @@ mod tests {
     fn recorded_answers_round_trip_and_garbage_is_refused() {
         for answer in [
             WriteResult::Done,
+            WriteResult::Opened(77),
             WriteResult::Cas {
                 succeeded: false,
                 previous: Some(b"old".to_vec()),
@@ -637,7 +669,12 @@ mod tests {
             assert_eq!(WriteResult::decode(&mut input), Some(answer));
             assert_eq!(input, &[9]);
         }
-        for garbage in [&[2u8][..], &[1, 1], &[1, 2, 0, 0, 0, 0, 0], &[1, 1, 1, 0, 0, 0, 9, 1]] {
+        for garbage in [
+            &[2u8][..],
+            &[1, 1],
+            &[1, 2, 0, 0, 0, 0, 0],
+            &[1, 1, 1, 0, 0, 0, 9, 1],
+        ] {
             assert_eq!(WriteResult::decode(&mut &garbage[..]), None, "{garbage:?}");
         }
     }

@@ -665,7 +665,7 @@ impl Kv for KvService {
                 previous_found: previous.is_some(),
                 previous_value: previous.unwrap_or_default().into(),
             })),
-            Ok(Ok(WriteResult::Done)) => Err(Status::internal(
+            Ok(Ok(WriteResult::Done | WriteResult::Opened(_))) => Err(Status::internal(
                 "compare-and-swap applied without a result",
             )),
             Ok(Err(error)) => Ok(Response::new(
@@ -687,7 +687,13 @@ impl Kv for KvService {
             header.session = None;
         }
         match self.write(header.as_ref(), Op::OpenSession(request)).await {
-            Ok(Ok(_)) => Ok(Response::new(proto::OpenSessionResponse::default())),
+            Ok(Ok(WriteResult::Opened(opened_at))) => {
+                Ok(Response::new(proto::OpenSessionResponse {
+                    error: None,
+                    opened_at,
+                }))
+            }
+            Ok(Ok(_)) => Err(Status::internal("a session open applied without a result")),
             Ok(Err(error)) => Ok(Response::new(
                 proto::OpenSessionResponse::default_with_error(error),
             )),

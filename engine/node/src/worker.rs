@@ -133,7 +133,9 @@ impl Host<NodeTypes> for NodeHost<'_> {
     fn wall_clock_ms(&self) -> u64 {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+            .map_or(0, |since| {
+                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+            })
     }
 
     fn submit_log(&mut self, write: LogWrite) {

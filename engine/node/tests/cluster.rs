@@ -1004,6 +1004,9 @@ async fn an_undecodable_batch_commands_message_ends_the_stream_with_an_error() {
     cluster.shutdown().await;
 }
 
+/// The registration `OpenSession` returned to the one test that opens a session.
+static OPENED_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// A write's session reference: session `SESSION`, sequence `sequence`.
 fn in_session(header: proto::RequestHeader, sequence: u64) -> proto::RequestHeader {
     const SESSION: u128 = 0x5e55_1011_0000_0000_0000_0000_0000_0001;
@@ -1013,6 +1016,7 @@ fn in_session(header: proto::RequestHeader, sequence: u64) -> proto::RequestHead
             session_low: SESSION as u64,
             sequence,
             acked_below: 1,
+            opened_at: OPENED_AT.load(std::sync::atomic::Ordering::SeqCst),
         }),
         ..header
     }
@@ -1100,7 +1104,10 @@ async fn a_write_sent_again_after_an_ambiguous_failure_applies_once() {
     assert!(
         matches!(
             unopened.error.and_then(|e| e.kind),
-            Some(proto::error::Kind::SessionExpired(proto::SessionExpired { sequence: 1, .. }))
+            Some(proto::error::Kind::SessionExpired(proto::SessionExpired {
+                sequence: 1,
+                ..
+            }))
         ),
         "a session never opened here is refused"
     );
@@ -1117,9 +1124,11 @@ async fn a_write_sent_again_after_an_ambiguous_failure_applies_once() {
                 })
                 .await?
                 .into_inner();
+            OPENED_AT.store(r.opened_at, std::sync::atomic::Ordering::SeqCst);
             Ok(((), r.error))
         })
         .await;
+    assert!(OPENED_AT.load(std::sync::atomic::Ordering::SeqCst) > 0);
 
     // The answer of sequence 1 is lost; another client writes; sequence 1 again.
     session_put(&cluster, &k, b"first", 1).await;
@@ -1131,7 +1140,10 @@ async fn a_write_sent_again_after_an_ambiguous_failure_applies_once() {
     let cas = |expected: &'static [u8], new: &'static [u8], sequence| {
         session_cas(&cluster, &k, expected, new, sequence)
     };
-    assert_eq!(cas(b"other", b"swapped", 2).await, (true, b"other".to_vec()));
+    assert_eq!(
+        cas(b"other", b"swapped", 2).await,
+        (true, b"other".to_vec())
+    );
     cluster.put(&k, b"later").await;
     assert_eq!(
         cas(b"other", b"swapped", 2).await,

@@ -20,7 +20,10 @@
 //! A session exists at a range only once registered there ([`SessionTable::open`],
 //! the client's first call to a range), so a write whose session expired here is
 //! refused, never applied afresh: only a write the client knows was never sent
-//! before may then be sent again, under a new registration and a new sequence.
+//! before may then be sent again, under a new registration and a new sequence. Each
+//! write names its registration (`opened_at`, the log index of the entry that opened
+//! the session): a stale open applied after an expiry registers the session anew, and
+//! the writes sent under the old one stay refused.
 //!
 //! **Determinism.** Nothing here reads a clock. Each raft entry carries the time its
 //! leader proposed it and the session lifetime ([`Stamp`]); sessions idle past it are
@@ -44,6 +47,9 @@ pub struct SessionRef {
     pub sequence: u64,
     /// The client's lowest sequence still awaiting its answer.
     pub acked_below: u64,
+    /// The registration the write was first sent under: the log index of the entry
+    /// that opened the session at the range ([`SessionTable::open`] returns it).
+    pub opened_at: u64,
 }
 
 /// The time a raft entry was proposed (the leader's wall clock, milliseconds since
@@ -59,6 +65,11 @@ pub struct Stamp {
 /// by the client. A client that keeps more in flight at once is refused (nothing
 /// applies) until it acknowledges some; the client never sends that many.
 pub const ANSWERS_PER_SESSION_MAX: usize = 100_000;
+
+/// Sessions one range holds at most (each ~300 bytes in memory, ~50 persisted); more
+/// are refused until some expire. A CLI opening one session per invocation at 100
+/// invocations a second stays far below it with the default 10-minute lifetime.
+pub const SESSIONS_PER_RANGE_MAX: usize = 100_000;
 
 /// What a range does with a write of a session.
 #[derive(Debug, PartialEq, Eq)]
@@ -83,6 +94,8 @@ pub trait Recorded: Clone {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session<A> {
+    /// The log index of the entry that opened the session here (its registration).
+    pub opened_at: u64,
     pub acked_below: u64,
     pub last_active_ms: u64,
     pub answers: BTreeMap<u64, A>,
@@ -163,18 +176,31 @@ impl<A: Recorded> SessionTable<A> {
         self.changed.insert(id);
     }
 
-    /// Registers `id` here, every sequence below `floor` refused; an already
-    /// registered session is only marked active (its answers stay).
-    pub fn open(&mut self, id: SessionId, floor: u64, now_ms: u64) {
-        if let std::collections::hash_map::Entry::Vacant(vacant) = self.sessions.entry(id) {
-            vacant.insert(Session {
-                acked_below: floor,
-                last_active_ms: now_ms,
-                answers: BTreeMap::new(),
-            });
-            self.by_activity.insert((now_ms, id));
-        }
+    /// Registers `id` here by the entry at log index `index`, every sequence below
+    /// `floor` refused; an already registered session is only marked active (its
+    /// answers stay). Returns the registration (`opened_at`) writes must name: a write
+    /// first sent under an earlier registration (one that expired since) is refused,
+    /// even if a stale open with an old floor registered the session again.
+    /// Refused (`None`) when the range already holds [`SESSIONS_PER_RANGE_MAX`].
+    pub fn open(&mut self, id: SessionId, floor: u64, now_ms: u64, index: u64) -> Option<u64> {
+        let opened_at = match self.sessions.entry(id) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.get().opened_at,
+            std::collections::hash_map::Entry::Vacant(vacant) => {
+                if self.by_activity.len() >= SESSIONS_PER_RANGE_MAX {
+                    return None;
+                }
+                vacant.insert(Session {
+                    opened_at: index,
+                    acked_below: floor,
+                    last_active_ms: now_ms,
+                    answers: BTreeMap::new(),
+                });
+                self.by_activity.insert((now_ms, id));
+                index
+            }
+        };
         self.touch(id, now_ms);
+        Some(opened_at)
     }
 
     /// What to do with a write of `session` applied at `now_ms`. Forgets the answers
@@ -183,6 +209,9 @@ impl<A: Recorded> SessionTable<A> {
         let Some(entry) = self.sessions.get_mut(&session.id) else {
             return Verdict::Expired;
         };
+        if entry.opened_at != session.opened_at {
+            return Verdict::Expired;
+        }
         if session.acked_below > entry.acked_below {
             entry.acked_below = session.acked_below;
             // Usually one or two answers at the front: no new map.
@@ -264,11 +293,12 @@ pub struct CorruptSession {
 
 const SESSION_FORMAT: u8 = 1;
 
-/// One session as persisted: format, `acked_below`, last active, the answer count,
-/// then each answer's sequence and the answer.
+/// One session as persisted: format, `opened_at`, `acked_below`, last active, the
+/// answer count, then each answer's sequence and the answer.
 pub fn encode_session<A: Recorded>(session: &Session<A>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(25 + session.answers.len() * 12);
+    let mut out = Vec::with_capacity(33 + session.answers.len() * 12);
     out.push(SESSION_FORMAT);
+    out.extend_from_slice(&session.opened_at.to_be_bytes());
     out.extend_from_slice(&session.acked_below.to_be_bytes());
     out.extend_from_slice(&session.last_active_ms.to_be_bytes());
     out.extend_from_slice(&(session.answers.len() as u64).to_be_bytes());
@@ -290,6 +320,7 @@ pub fn decode_session<A: Recorded>(raw: &[u8]) -> Option<Session<A>> {
     if format != SESSION_FORMAT {
         return None;
     }
+    let opened_at = take_u64(&mut input)?;
     let acked_below = take_u64(&mut input)?;
     let last_active_ms = take_u64(&mut input)?;
     let count = take_u64(&mut input)?;
@@ -299,6 +330,7 @@ pub fn decode_session<A: Recorded>(raw: &[u8]) -> Option<Session<A>> {
         answers.insert(sequence, A::decode(&mut input)?);
     }
     input.is_empty().then_some(Session {
+        opened_at,
         acked_below,
         last_active_ms,
         answers,
@@ -331,6 +363,7 @@ mod tests {
             id: S,
             sequence,
             acked_below,
+            opened_at: 1,
         }
     }
 
@@ -349,19 +382,25 @@ mod tests {
     #[test]
     fn a_duplicate_answers_what_was_recorded_and_applies_nothing() {
         let mut table = SessionTable::default();
-        table.open(S, 1, 10);
+        table.open(S, 1, 10, 1).unwrap();
         assert_eq!(apply(&mut table, write(1, 1), 10), Ok(1));
-        assert_eq!(apply(&mut table, write(1, 1), 11), Err("duplicate 1".into()));
+        assert_eq!(
+            apply(&mut table, write(1, 1), 11),
+            Err("duplicate 1".into())
+        );
         // A refusal (not recorded) may be retried under the same sequence.
         assert_eq!(table.check(write(2, 1), 12), Verdict::Apply);
         assert_eq!(apply(&mut table, write(2, 1), 12), Ok(2));
-        assert_eq!(apply(&mut table, write(2, 1), 13), Err("duplicate 2".into()));
+        assert_eq!(
+            apply(&mut table, write(2, 1), 13),
+            Err("duplicate 2".into())
+        );
     }
 
     #[test]
     fn writes_in_flight_at_once_apply_out_of_order_and_across_gaps() {
         let mut table = SessionTable::default();
-        table.open(S, 1, 0);
+        table.open(S, 1, 0, 1).unwrap();
         // Sequences 2 and 5 went to other ranges: the gaps are nothing to wait for.
         for sequence in [4, 1, 6, 3] {
             assert_eq!(apply(&mut table, write(sequence, 1), 0), Ok(sequence as u8));
@@ -378,7 +417,7 @@ mod tests {
     #[test]
     fn acknowledged_answers_are_forgotten_and_their_sequences_refused() {
         let mut table = SessionTable::default();
-        table.open(S, 1, 0);
+        table.open(S, 1, 0, 1).unwrap();
         for sequence in 1..=100 {
             apply(&mut table, write(sequence, 1), 0).unwrap();
         }
@@ -390,13 +429,16 @@ mod tests {
         assert_eq!(session.answers.len(), 12, "90..=101 kept");
         // A stale copy of an acknowledged write never applies again.
         assert_eq!(apply(&mut table, write(5, 1), 0), Err("Expired".into()));
-        assert_eq!(apply(&mut table, write(95, 1), 0), Err("duplicate 95".into()));
+        assert_eq!(
+            apply(&mut table, write(95, 1), 0),
+            Err("duplicate 95".into())
+        );
     }
 
     #[test]
     fn answers_in_flight_are_bounded() {
         let mut table = SessionTable::default();
-        table.open(S, 0, 0);
+        table.open(S, 0, 0, 1).unwrap();
         for sequence in 0..ANSWERS_PER_SESSION_MAX as u64 {
             apply(&mut table, write(sequence, 0), 0).unwrap();
         }
@@ -410,7 +452,7 @@ mod tests {
     fn an_unregistered_or_expired_session_is_refused_and_never_reapplies() {
         let mut table = SessionTable::default();
         assert_eq!(apply(&mut table, write(1, 1), 0), Err("Expired".into()));
-        table.open(S, 1, 1_000);
+        table.open(S, 1, 1_000, 1).unwrap();
         assert_eq!(apply(&mut table, write(1, 1), 1_000), Ok(1));
         let ttl = 600_000;
         // Idle for exactly the lifetime: kept.
@@ -425,19 +467,69 @@ mod tests {
         });
         assert!(table.is_empty());
         // The retry of the applied write: refused, not applied a second time.
-        assert_eq!(apply(&mut table, write(1, 1), 601_001), Err("Expired".into()));
-        // Registered again, the sequences before the new floor stay refused.
-        table.open(S, 7, 601_002);
-        assert_eq!(apply(&mut table, write(1, 1), 601_002), Err("Expired".into()));
-        assert_eq!(apply(&mut table, write(7, 1), 601_002), Ok(7));
+        assert_eq!(
+            apply(&mut table, write(1, 1), 601_001),
+            Err("Expired".into())
+        );
+        // Registered again (by the entry at index 5), the sequences before the new
+        // floor stay refused, and writes name the new registration.
+        assert_eq!(table.open(S, 7, 601_002, 5), Some(5));
+        let again = |sequence| SessionRef {
+            opened_at: 5,
+            ..write(sequence, 1)
+        };
+        assert_eq!(apply(&mut table, again(1), 601_002), Err("Expired".into()));
+        assert_eq!(apply(&mut table, again(7), 601_002), Ok(7));
+        assert_eq!(
+            apply(&mut table, write(8, 1), 601_002),
+            Err("Expired".into())
+        );
+    }
+
+    /// A stale open (sent with an old floor, applied after the session expired)
+    /// registers the session again; a write first sent under the old registration,
+    /// resent now, must still be refused: it may have applied before.
+    #[test]
+    fn a_stale_open_after_expiry_cannot_let_an_applied_write_apply_again() {
+        let mut table = SessionTable::default();
+        assert_eq!(table.open(S, 5, 0, 1), Some(1));
+        assert_eq!(apply(&mut table, write(5, 5), 0), Ok(5));
+        table.expire(Stamp {
+            proposed_at_ms: 2_000,
+            session_ttl_ms: 1_000,
+        });
+        assert!(table.is_empty());
+        assert_eq!(table.open(S, 5, 2_000, 9), Some(9), "the stale open");
+        assert_eq!(apply(&mut table, write(5, 5), 2_000), Err("Expired".into()));
+        // Opening again while registered keeps the registration.
+        assert_eq!(table.open(S, 6, 2_001, 12), Some(9));
+    }
+
+    #[test]
+    fn sessions_per_range_are_bounded_and_expiry_makes_room() {
+        let mut table: SessionTable<Answer> = SessionTable::default();
+        for id in 0..SESSIONS_PER_RANGE_MAX as u128 {
+            assert!(table.open(id, 0, 10, 1).is_some());
+        }
+        assert_eq!(table.open(S, 0, 20, 2), None);
+        assert_eq!(
+            table.open(0, 0, 20, 2),
+            Some(1),
+            "an open session still opens"
+        );
+        table.expire(Stamp {
+            proposed_at_ms: 20,
+            session_ttl_ms: 5,
+        });
+        assert_eq!(table.open(S, 0, 20, 3), Some(3));
     }
 
     #[test]
     fn activity_postpones_expiry_and_a_zero_stamp_expires_nothing() {
         let mut table: SessionTable<Answer> = SessionTable::default();
         let other = S + 1;
-        table.open(S, 0, 100);
-        table.open(other, 0, 100);
+        table.open(S, 0, 100, 1).unwrap();
+        table.open(other, 0, 100, 1).unwrap();
         apply(&mut table, write(0, 0), 500).unwrap();
         // A leader with a slower clock: activity never goes back in time.
         apply(&mut table, write(1, 0), 300).unwrap();
@@ -454,8 +546,8 @@ mod tests {
     #[test]
     fn changes_persist_and_reload_to_the_same_table() {
         let mut table = SessionTable::default();
-        table.open(S, 3, 10);
-        table.open(S + 1, 0, 20);
+        table.open(S, 3, 10, 1).unwrap();
+        table.open(S + 1, 0, 20, 1).unwrap();
         apply(&mut table, write(3, 3), 30).unwrap();
         apply(&mut table, write(9, 3), 30).unwrap();
         let changes = table.take_changes();

@@ -549,7 +549,10 @@ mod tests {
         let key = session_key(left, 1);
         assert_eq!(batch.get(&key).unwrap(), None);
         batch.set_apply_state(left, at(3));
-        assert!(state.sessions(left).unwrap().is_empty(), "not before commit");
+        assert!(
+            state.sessions(left).unwrap().is_empty(),
+            "not before commit"
+        );
         batch.commit().unwrap();
         assert_eq!(
             state.sessions(left).unwrap(),
@@ -561,7 +564,10 @@ mod tests {
         let mut batch = state.batch();
         batch.set_session(left, 1, None);
         batch.commit().unwrap();
-        assert_eq!(state.sessions(left).unwrap(), vec![(u128::MAX, b"max".to_vec())]);
+        assert_eq!(
+            state.sessions(left).unwrap(),
+            vec![(u128::MAX, b"max".to_vec())]
+        );
     }
 
     fn at(index: u64) -> ApplyState {

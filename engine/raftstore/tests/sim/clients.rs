@@ -48,6 +48,8 @@ pub const FINAL_PROCESS: u64 = 100;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reply {
     Written,
+    /// A session opened at the range: its registration (`opened_at`).
+    Opened(u64),
     Cas(bool),
     Read(Option<Vec<u8>>),
     /// The node does not lead (hint: the leader it knows), or the proposal was
@@ -108,8 +110,9 @@ pub struct Pending {
     pub key: Vec<u8>,
     pub range: usize,
     pub action: Action,
-    /// The write's sequence, from its first attempt (`None`: not yet, or renumbered).
-    pub sequence: Option<u64>,
+    /// The write's sequence and the registration it was numbered under, from its
+    /// first attempt (`None`: not yet, or renumbered).
+    pub sequence: Option<(u64, u64)>,
     /// An attempt had an unknown outcome: the write may have applied.
     pub maybe_applied: bool,
     /// An attempt had an unknown outcome since the write was last sent.
@@ -130,7 +133,8 @@ pub struct Client {
     /// The sequence the next write takes (the floor of a session opened now).
     pub next_sequence: u64,
     /// Per range, whether the session is open there as far as this client knows.
-    pub open_at: Vec<bool>,
+    /// Per range, the session's registration there, once opened.
+    pub open_at: Vec<Option<u64>>,
     pub pending: Option<Pending>,
     /// The attempt in flight.
     pub current: Option<u64>,
@@ -153,7 +157,7 @@ impl Client {
             process,
             session: (u128::from(rng.next_u64()) << 64) | u128::from(rng.next_u64()),
             next_sequence: 1,
-            open_at: vec![false; ranges],
+            open_at: vec![None; ranges],
             pending: None,
             current: None,
             guess: vec![guess; ranges],
@@ -264,7 +268,7 @@ impl World {
         let pending = client.pending.as_mut().expect("pending");
         let kind = match &pending.action {
             Action::Read(key) => ReqKind::Read(key.clone()),
-            Action::Write(_) if !client.open_at[range] => ReqKind::Open(Command {
+            Action::Write(_) if client.open_at[range].is_none() => ReqKind::Open(Command {
                 cmd: Cmd::OpenSession {
                     id: client.session,
                     floor: client.next_sequence,
@@ -272,9 +276,10 @@ impl World {
                 session: None,
             }),
             Action::Write(cmd) => {
-                let sequence = *pending.sequence.get_or_insert_with(|| {
+                let opened_at = client.open_at[range].unwrap_or_default();
+                let (sequence, opened_at) = *pending.sequence.get_or_insert_with(|| {
                     client.next_sequence += 1;
-                    client.next_sequence - 1
+                    (client.next_sequence - 1, opened_at)
                 });
                 ReqKind::Write(Command {
                     cmd: cmd.clone(),
@@ -282,6 +287,7 @@ impl World {
                         id: client.session,
                         sequence,
                         acked_below: sequence,
+                        opened_at,
                     }),
                 })
             }
@@ -452,13 +458,16 @@ impl World {
         let range = request.range;
         let opening = matches!(request.kind, ReqKind::Open(_));
         match reply {
-            Reply::Written | Reply::Cas(_) | Reply::Read(_) if opening => {
-                self.clients[c].open_at[range] = true;
+            Reply::Opened(opened_at) if opening => {
+                self.clients[c].open_at[range] = Some(opened_at);
                 self.summary.sessions_opened += 1;
                 let delay = self.client_rng.range(0, MS);
                 self.retry(c, delay);
             }
-            Reply::Written | Reply::Cas(_) | Reply::Read(_) => self.complete(c, reply),
+            Reply::Written | Reply::Cas(_) | Reply::Read(_) if !opening => self.complete(c, reply),
+            Reply::Opened(_) | Reply::Written | Reply::Cas(_) | Reply::Read(_) => {
+                panic!("client {process}: r{req} answered {reply:?}, not what it asked")
+            }
             Reply::NotLeader(hint) => {
                 let (guess, hinted) = match hint {
                     Some(leader) if leader as usize != request.node + 1 => {
@@ -509,7 +518,7 @@ impl World {
     /// sequence above the floor of a new opening; one that may have applied ends
     /// unknown: its earlier attempt applied once or not at all.
     fn session_expired(&mut self, c: usize, range: usize) {
-        self.clients[c].open_at[range] = false;
+        self.clients[c].open_at[range] = None;
         let pending = self.clients[c].pending.as_mut().expect("pending");
         if pending.maybe_applied {
             self.summary.expired_given_up += 1;

@@ -343,8 +343,10 @@ impl SimHost<'_> {
     ) -> Reply {
         let now_ms = stamp.proposed_at_ms;
         if let Cmd::OpenSession { id, floor } = command.cmd {
-            sessions.open(id, floor, now_ms);
-            return Reply::Written;
+            return match sessions.open(id, floor, now_ms, at.0) {
+                Some(opened_at) => Reply::Opened(opened_at),
+                None => Reply::Busy,
+            };
         }
         let sm = &mut self.world.nodes[self.node].sm[r];
         let Some(session) = command.session else {
@@ -452,6 +454,7 @@ pub fn encode_entry(commands: &[Command], stamp: Stamp) -> Vec<u8> {
                 out.extend_from_slice(&session.id.to_le_bytes());
                 out.extend_from_slice(&session.sequence.to_le_bytes());
                 out.extend_from_slice(&session.acked_below.to_le_bytes());
+                out.extend_from_slice(&session.opened_at.to_le_bytes());
             }
         }
     }
@@ -546,6 +549,7 @@ pub fn decode_entry(data: &[u8]) -> Result<Decoded, String> {
                         id: reader.u128()?,
                         sequence: reader.u64()?,
                         acked_below: reader.u64()?,
+                        opened_at: reader.u64()?,
                     }),
                     tag => return Err(format!("bad session tag {tag}")),
                 };

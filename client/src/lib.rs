@@ -649,7 +649,7 @@ impl Client {
                     r.opened_at
                 }
             };
-            header.session = Some(write.reference(opened_at));
+            header.session = Some(write.reference(header.range_id, opened_at));
         }
         let (value, error) = call(conn.clone(), header).await?;
         Ok((Some(value), error))

@@ -1,6 +1,14 @@
 //! The client's session: a random 128-bit id, the sequence numbers of its writes,
-//! which of them still await their answer (the lowest is what every write tells the
-//! range it may forget below), and the ranges the session is open at.
+//! which of them still await their answer, per range they were sent to (the lowest
+//! at a range is what a write tells that range it may forget below), and the ranges
+//! the session is open at.
+//!
+//! Why per range: with one low-water mark for the whole client, each range would keep
+//! the answers of every write issued while the client's oldest write anywhere is in
+//! flight (hundreds, with many callers), and rewrite them with each entry. Per range,
+//! it keeps about the writes in flight to it. A write counts at every range it was
+//! sent to until it is answered or given up; a write sent to a range whose mark
+//! passed it (its route changed) is refused there, never applied twice.
 //!
 //! Why a random id rather than one from PD's id allocator: opening a session then
 //! costs no round trip to PD and works while PD is unreachable (writes do not need
@@ -21,8 +29,9 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Default)]
 struct Sequences {
     next: u64,
-    /// Numbered writes whose answer has not been received and that may still be sent.
-    in_flight: BTreeSet<u64>,
+    /// Per range, numbered writes sent there whose answer has not been received and
+    /// that may still be sent.
+    in_flight: FxHashMap<u64, BTreeSet<u64>>,
 }
 
 struct Shared {
@@ -31,8 +40,16 @@ struct Shared {
 }
 
 impl Shared {
-    fn release(&self, sequence: u64) {
-        lock(&self.sequences).in_flight.remove(&sequence);
+    fn release(&self, sequence: u64, ranges: &[u64]) {
+        let mut sequences = lock(&self.sequences);
+        for range in ranges {
+            if let Some(set) = sequences.in_flight.get_mut(range) {
+                set.remove(&sequence);
+                if set.is_empty() {
+                    sequences.in_flight.remove(range);
+                }
+            }
+        }
     }
 }
 
@@ -56,7 +73,7 @@ impl Session {
                 id,
                 sequences: Mutex::new(Sequences {
                     next: 1,
-                    in_flight: BTreeSet::new(),
+                    in_flight: FxHashMap::default(),
                 }),
             }),
             open: Mutex::default(),
@@ -94,6 +111,7 @@ impl Session {
         WriteSeq {
             shared: self.shared.clone(),
             sequence: None,
+            ranges: Vec::new(),
             opened_at: 0,
             sent_before: false,
             renumbered: 0,
@@ -106,6 +124,8 @@ impl Session {
 pub(crate) struct WriteSeq {
     shared: Arc<Shared>,
     sequence: Option<u64>,
+    /// The ranges the numbered write was sent to (it counts as in flight at each).
+    ranges: Vec<u64>,
     /// The registration the write was numbered under; every attempt names it.
     opened_at: u64,
     sent_before: bool,
@@ -113,22 +133,33 @@ pub(crate) struct WriteSeq {
 }
 
 impl WriteSeq {
-    /// The session reference of the next attempt, numbering the write under the
-    /// registration `opened_at` if it is not numbered yet.
-    pub fn reference(&mut self, opened_at: u64) -> proto::SessionRef {
+    /// The session reference of the next attempt, to `range`, numbering the write
+    /// under the registration `opened_at` if it is not numbered yet.
+    pub fn reference(&mut self, range: u64, opened_at: u64) -> proto::SessionRef {
         let mut sequences = lock(&self.shared.sequences);
         let sequence = match self.sequence {
             Some(sequence) => sequence,
             None => {
                 let sequence = sequences.next;
                 sequences.next += 1;
-                sequences.in_flight.insert(sequence);
                 self.sequence = Some(sequence);
                 self.opened_at = opened_at;
                 sequence
             }
         };
-        let acked_below = sequences.in_flight.first().copied().unwrap_or(sequence);
+        if !self.ranges.contains(&range) {
+            self.ranges.push(range);
+            sequences
+                .in_flight
+                .entry(range)
+                .or_default()
+                .insert(sequence);
+        }
+        let acked_below = sequences
+            .in_flight
+            .get(&range)
+            .and_then(|set| set.first().copied())
+            .unwrap_or(sequence);
         proto::SessionRef {
             session_high: (self.shared.id >> 64) as u64,
             session_low: self.shared.id as u64,
@@ -157,8 +188,9 @@ impl WriteSeq {
     /// new opening).
     pub fn renumber(&mut self) {
         if let Some(sequence) = self.sequence.take() {
-            self.shared.release(sequence);
+            self.shared.release(sequence, &self.ranges);
         }
+        self.ranges.clear();
         self.renumbered += 1;
     }
 
@@ -171,7 +203,7 @@ impl WriteSeq {
 impl Drop for WriteSeq {
     fn drop(&mut self) {
         if let Some(sequence) = self.sequence {
-            self.shared.release(sequence);
+            self.shared.release(sequence, &self.ranges);
         }
     }
 }
@@ -181,36 +213,59 @@ mod tests {
     use super::*;
 
     #[test]
-    fn acked_below_is_the_lowest_write_still_in_flight() {
+    fn acked_below_is_the_lowest_write_still_in_flight_to_the_range() {
         let session = Session::with_id(7);
         let mut first = session.write();
         let mut second = session.write();
+        let mut elsewhere = session.write();
         assert_eq!(session.next_sequence(), 1, "numbered at the first attempt");
-        let a = first.reference(1);
-        let b = second.reference(1);
-        assert_eq!((a.sequence, b.sequence), (1, 2));
-        assert_eq!((a.acked_below, b.acked_below), (1, 1));
-        assert_eq!(second.reference(1).sequence, 2, "a retry keeps its number");
+        let a = first.reference(10, 1);
+        let x = elsewhere.reference(20, 1);
+        let b = second.reference(10, 1);
+        assert_eq!((a.sequence, x.sequence, b.sequence), (1, 2, 3));
+        assert_eq!((a.acked_below, x.acked_below, b.acked_below), (1, 2, 1));
+        assert_eq!(
+            second.reference(10, 1).sequence,
+            3,
+            "a retry keeps its number"
+        );
         drop(first);
-        assert_eq!(second.reference(1).acked_below, 2);
+        assert_eq!(
+            second.reference(10, 1).acked_below,
+            3,
+            "range 10 no longer waits for 1"
+        );
+        // Sent to another range too (its route changed): it holds both back.
+        assert_eq!(second.reference(20, 1).acked_below, 2);
+        drop(elsewhere);
+        assert_eq!(second.reference(20, 1).acked_below, 3);
         drop(second);
         let mut third = session.write();
-        let c = third.reference(1);
-        assert_eq!((c.sequence, c.acked_below), (3, 3));
+        let c = third.reference(10, 1);
+        assert_eq!((c.sequence, c.acked_below), (4, 4));
         third.renumber();
         assert!(!third.numbered());
-        let fourth = third.reference(9);
+        let fourth = third.reference(10, 9);
         assert_eq!(
             (fourth.sequence, fourth.opened_at),
-            (4, 9),
+            (5, 9),
             "renumbered under 9"
         );
         assert_eq!(
-            third.reference(10).opened_at,
+            fourth.acked_below, 5,
+            "the old number no longer holds the range back"
+        );
+        assert_eq!(
+            third.reference(10, 10).opened_at,
             9,
             "a retry names its registration"
         );
         assert_eq!(third.renumbered(), 1);
+        drop(third);
+        assert!(
+            lock(&session.shared.sequences).in_flight.is_empty(),
+            "nothing leaks"
+        );
         assert_eq!(session.id_halves(), (0, 7));
     }
 }

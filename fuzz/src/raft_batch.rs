@@ -67,7 +67,7 @@ fn apply_entry(entry: &Entry) {
     if entry.get_entry_type() != EntryType::EntryNormal || entry.data.is_empty() {
         return;
     }
-    // The node applies an entry that does not decode as nothing.
+    // The node stops on an entry that does not decode (`Fatal::Unappliable`).
     if let Ok(commands) = proto::CommandBatch::decode(&entry.data[..]) {
         apply(&commands);
     }
@@ -93,6 +93,11 @@ fn apply(batch: &proto::CommandBatch) {
             Some(Op::DeleteRange(span)) => {
                 std::hint::black_box(span.start_key[..] < span.end_key[..]);
             }
+            Some(Op::OpenSession(open)) => {
+                std::hint::black_box((open.session_high, open.session_low, open.floor));
+            }
         }
+        std::hint::black_box(&command.session);
     }
+    std::hint::black_box((batch.proposed_at_ms, batch.session_ttl_ms));
 }

@@ -97,6 +97,7 @@ fn commands() -> proto::CommandBatch {
                     session_low: 2,
                     sequence: 3,
                     acked_below: 1,
+                    opened_at: 7,
                 }),
             })
             .collect(),

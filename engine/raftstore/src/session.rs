@@ -3,8 +3,9 @@
 //!
 //! A client holds a session (a random 128-bit id) and numbers its writes with one
 //! sequence per session. Every write carries `(session, sequence, acked_below)`:
-//! `acked_below` is the client's lowest sequence whose answer it has not received
-//! yet, so every answer below it can be forgotten. Each range keeps a
+//! `acked_below` is the client's lowest sequence, among the writes it sent to the
+//! range, whose answer it has not received yet, so every answer below it can be
+//! forgotten (and those sequences are refused if they come again). Each range keeps a
 //! [`SessionTable`]: per session, `acked_below`, the time it was last active, and the
 //! answer of every write it applied at or above `acked_below`. At apply:
 //!

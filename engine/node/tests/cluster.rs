@@ -8,6 +8,23 @@ fn key(i: usize) -> Vec<u8> {
     format!("key{i:04}").into_bytes()
 }
 
+/// A CAS of `key` from `expected` (present) to `new`.
+fn cas_request(
+    header: proto::RequestHeader,
+    key: Vec<u8>,
+    expected: &[u8],
+    new: &[u8],
+) -> proto::CompareAndSwapRequest {
+    proto::CompareAndSwapRequest {
+        header: Some(header),
+        key: key.into(),
+        expected_absent: false,
+        expected_value: expected.to_vec().into(),
+        new_value: new.to_vec().into(),
+        delete: false,
+    }
+}
+
 fn splits() -> Vec<Vec<u8>> {
     vec![
         b"key0250".to_vec(),
@@ -235,14 +252,7 @@ async fn cas_batch_scan_and_delete_range() {
     let cas = |expected: &'static [u8], new: &'static [u8]| {
         move |mut kv: proto::kv_client::KvClient<tonic::transport::Channel>, header| async move {
             let r = kv
-                .compare_and_swap(proto::CompareAndSwapRequest {
-                    header: Some(header),
-                    key: key(10).into(),
-                    expected_absent: false,
-                    expected_value: expected.to_vec().into(),
-                    new_value: new.to_vec().into(),
-                    delete: false,
-                })
+                .compare_and_swap(cas_request(header, key(10), expected, new))
                 .await?
                 .into_inner();
             Ok(((r.succeeded, r.previous_value.to_vec()), r.error))
@@ -1055,14 +1065,7 @@ async fn session_cas(
             let k = k.clone();
             async move {
                 let r = kv
-                    .compare_and_swap(proto::CompareAndSwapRequest {
-                        header: Some(in_session(header, sequence)),
-                        key: k.into(),
-                        expected_absent: false,
-                        expected_value: expected.to_vec().into(),
-                        new_value: new.to_vec().into(),
-                        delete: false,
-                    })
+                    .compare_and_swap(cas_request(in_session(header, sequence), k, expected, new))
                     .await?
                     .into_inner();
                 Ok(((r.succeeded, r.previous_value.to_vec()), r.error))

@@ -382,12 +382,14 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
 }
 
 fn peer_label(peer: &proto::Peer) -> String {
-    let learner = if peer.role == proto::PeerRole::Learner as i32 {
-        " (learner)"
-    } else {
-        ""
+    let role = match proto::PeerRole::try_from(peer.role) {
+        Ok(proto::PeerRole::Voter) => "",
+        Ok(proto::PeerRole::Learner) => " (learner)",
+        Ok(proto::PeerRole::IncomingVoter) => " (incoming voter)",
+        Ok(proto::PeerRole::DemotingVoter) => " (demoting voter)",
+        Err(_) => " (unknown role)",
     };
-    format!("{}@s{}{learner}", peer.peer_id, peer.store_id)
+    format!("{}@s{}{role}", peer.peer_id, peer.store_id)
 }
 
 fn route_row(route: &proto::RangeRoute) -> Vec<String> {

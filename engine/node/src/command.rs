@@ -223,10 +223,12 @@ pub fn key_not_in_range(key: &[u8], descriptor: &RangeDescriptor) -> proto::Erro
     }
 }
 
-/// Whether `epoch` (as the client knows it) is the range's current one.
+/// Whether `epoch` (as the client knows it) names the range's current span: its
+/// `version` (splits and merges). A membership change (`conf_ver`) does not move a
+/// key, so a write sent before one still applies after it.
 pub fn epoch_matches(epoch: Option<&proto::RangeEpoch>, descriptor: &RangeDescriptor) -> bool {
     let current = descriptor.epoch.unwrap_or_default();
-    epoch.is_some_and(|e| e.version == current.version && e.conf_ver == current.conf_ver)
+    epoch.is_some_and(|e| e.version == current.version)
 }
 
 /// Every key a command touches, for the key-in-range check. A delete-range's span is
@@ -353,8 +355,8 @@ pub fn decode_entry(
 /// Applies one committed entry to `batch`: one answer per command, in order; a log
 /// compaction also as an [`AdminEffect`]. Sessions idle past the entry's stamp are
 /// dropped first; a write of a session applies at most once (see
-/// `rangekv_raftstore::session`), and the sessions it changed are written into
-/// `batch` with it. An entry that does not decode is [`Fatal`]: applying it as
+/// `rangekv_raftstore::session`); the sessions it changed go into `batch` at
+/// [`persist_sessions`], before the batch commits. An entry that does not decode is [`Fatal`]: applying it as
 /// nothing on this replica while another (a different build, a bit flip) applied it
 /// would let the replicas diverge silently.
 pub fn apply_entry(
@@ -387,16 +389,23 @@ pub fn apply_entry(
             .map_err(state_failed)?;
         answers.push(answer);
     }
-    if sessions.has_changes() {
-        let SessionChanges { write, delete } = sessions.take_changes();
-        for (id, record) in write {
-            batch.set_session(range, id, Some(record));
-        }
-        for id in delete {
-            batch.set_session(range, id, None);
-        }
-    }
     Ok(())
+}
+
+/// Writes the sessions the entries applied since the last call changed into `batch`:
+/// once per range per apply batch (a session's record holds every answer its client
+/// has not acknowledged, so writing it per entry would write it many times over).
+pub fn persist_sessions(batch: &mut ApplyBatch<'_>, sessions: &mut Sessions, range: RangeId) {
+    if !sessions.has_changes() {
+        return;
+    }
+    let SessionChanges { write, delete } = sessions.take_changes();
+    for (id, record) in write {
+        batch.set_session(range, id, Some(record));
+    }
+    for id in delete {
+        batch.set_session(range, id, None);
+    }
 }
 
 /// Applies one command under its session (if it has one): at most once per
@@ -606,6 +615,7 @@ mod tests {
                 &mut effects,
             )
             .unwrap();
+            persist_sessions(&mut batch, sessions, range);
             batch.commit().unwrap();
             answers
         };

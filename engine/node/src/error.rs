@@ -7,6 +7,12 @@ use rangekv_types::{RangeId, StoreId};
 pub enum NodeError {
     #[error("{range} has no replica on {store}")]
     NoLocalReplica { range: RangeId, store: StoreId },
+    #[error("descriptor of {range}: replica {peer} has the unknown role {role}")]
+    UnknownRole {
+        range: RangeId,
+        peer: u64,
+        role: i32,
+    },
     #[error("descriptor of {range} in the state machine does not decode: {error}")]
     Descriptor {
         range: RangeId,

@@ -15,8 +15,8 @@ use protobuf::Message as _;
 use raft::eraftpb::{Entry, Message};
 use rangekv_log::LogBatch;
 use rangekv_raftstore::{
-    Applying, CoreConfig, Driver, Fatal, Heartbeat, HeartbeatKind, Host, LogWrite, Peer, RangeView,
-    Refusal, ReplicaSpec, Stamp, Types,
+    Applying, CoreConfig, Driver, Fatal, Heartbeat, HeartbeatKind, Host, LogWrite, Member,
+    Membership, Peer, RangeView, Refusal, Role, Stamp, Types,
 };
 use rangekv_rpc::proto;
 use rangekv_rpc::RangeDescriptor;
@@ -182,8 +182,43 @@ impl Host<NodeTypes> for NodeHost<'_> {
         )
     }
 
-    fn set_applied(&mut self, range: RangeId, index: u64, term: u64) {
+    fn apply_membership(
+        &mut self,
+        handle: &mut RangeHandle,
+        range: RangeId,
+        _index: u64,
+        membership: &Membership,
+    ) {
+        let descriptor = &mut handle.descriptor;
+        descriptor
+            .epoch
+            .get_or_insert_with(Default::default)
+            .conf_ver = membership.conf_ver;
+        descriptor.replicas = membership
+            .members
+            .iter()
+            .map(|m| proto::Peer {
+                peer_id: m.peer.get(),
+                store_id: m.store.get(),
+                role: match m.role {
+                    Role::Voter => proto::PeerRole::Voter,
+                    Role::Learner => proto::PeerRole::Learner,
+                    Role::IncomingVoter => proto::PeerRole::IncomingVoter,
+                    Role::DemotingVoter => proto::PeerRole::DemotingVoter,
+                } as i32,
+            })
+            .collect();
+        if let Ok(mut shared) = handle.info.descriptor.write() {
+            *shared = descriptor.clone();
+        }
         if let Some(batch) = self.batch.as_mut() {
+            batch.set_descriptor(range, descriptor.encode_to_vec());
+        }
+    }
+
+    fn set_applied(&mut self, handle: &mut RangeHandle, range: RangeId, index: u64, term: u64) {
+        if let Some(batch) = self.batch.as_mut() {
+            command::persist_sessions(batch, &mut handle.sessions, range);
             batch.set_apply_state(
                 range,
                 rangekv_state::ApplyState {
@@ -324,15 +359,7 @@ impl Worker {
             .find(|p| p.store_id == store.get())
             .ok_or(NodeError::NoLocalReplica { range, store })?
             .peer_id;
-        let members: Vec<ReplicaSpec> = descriptor
-            .replicas
-            .iter()
-            .map(|p| ReplicaSpec {
-                peer: PeerId(p.peer_id),
-                store: StoreId(p.store_id),
-                learner: p.role == proto::PeerRole::Learner as i32,
-            })
-            .collect();
+        let members = membership_of(&descriptor)?;
         let apply_state = self.shared.state.apply_state(range)?;
         let sessions = command::Sessions::load(self.shared.state.sessions(range)?)
             .map_err(|error| NodeError::CorruptSession { range, error })?;
@@ -556,4 +583,33 @@ fn internal(why: &str) -> proto::Error {
             backoff_ms: 100,
         })),
     }
+}
+
+/// The core's view of a descriptor's members (`conf_ver` from its epoch).
+fn membership_of(descriptor: &RangeDescriptor) -> Result<Membership, NodeError> {
+    let mut members = Vec::with_capacity(descriptor.replicas.len());
+    for p in &descriptor.replicas {
+        let role = match proto::PeerRole::try_from(p.role) {
+            Ok(proto::PeerRole::Voter) => Role::Voter,
+            Ok(proto::PeerRole::Learner) => Role::Learner,
+            Ok(proto::PeerRole::IncomingVoter) => Role::IncomingVoter,
+            Ok(proto::PeerRole::DemotingVoter) => Role::DemotingVoter,
+            Err(_) => {
+                return Err(NodeError::UnknownRole {
+                    range: RangeId(descriptor.range_id),
+                    peer: p.peer_id,
+                    role: p.role,
+                })
+            }
+        };
+        members.push(Member {
+            peer: PeerId(p.peer_id),
+            store: StoreId(p.store_id),
+            role,
+        });
+    }
+    Ok(Membership::new(
+        descriptor.epoch.unwrap_or_default().conf_ver,
+        members,
+    ))
 }

@@ -15,7 +15,9 @@ use rustc_hash::FxHashSet;
 use crate::host::{
     Applying, Fatal, Heartbeat, HeartbeatKind, Host, LogWrite, RangeView, Refusal, Types,
 };
-use crate::peer::{Peer, ReplicaSpec};
+use crate::membership::{Member, MemberChange, Membership, Role};
+use crate::operation::conf_change::ConfChangeRefusal;
+use crate::peer::Peer;
 use crate::storage::{EntriesResult, LogRead};
 use crate::{CoreConfig, Driver};
 
@@ -106,6 +108,7 @@ struct TestHost {
     corrupt: bool,
     applied: Vec<(RangeId, u64)>,
     committed_batches: usize,
+    memberships: Vec<(RangeId, u64, Membership)>,
 }
 
 impl Host<TestTypes> for TestHost {
@@ -138,7 +141,10 @@ impl Host<TestTypes> for TestHost {
         }
         Ok(())
     }
-    fn set_applied(&mut self, range: RangeId, index: u64, _term: u64) {
+    fn apply_membership(&mut self, _: &mut (), range: RangeId, index: u64, m: &Membership) {
+        self.memberships.push((range, index, m.clone()));
+    }
+    fn set_applied(&mut self, _: &mut (), range: RangeId, index: u64, _term: u64) {
         self.applied.push((range, index));
     }
     fn commit_apply(&mut self) -> Result<(), Fatal> {
@@ -195,11 +201,14 @@ fn open(ranges: &[u64]) -> (Driver<TestTypes>, TestHost, Instant) {
     });
     let logger = slog::Logger::root(slog::Discard, slog::o!());
     for &range in ranges {
-        let members = [ReplicaSpec {
-            peer: PeerId(1),
-            store: StoreId(1),
-            learner: false,
-        }];
+        let members = Membership::new(
+            1,
+            vec![Member {
+                peer: PeerId(1),
+                store: StoreId(1),
+                role: Role::Voter,
+            }],
+        );
         let peer = Peer::open(
             driver.config(),
             RangeId(range),
@@ -306,4 +315,61 @@ fn a_write_for_a_range_not_here_is_handed_back_and_a_follower_refuses() {
     driver.on_write(RangeId(1), vec![1], 6, &mut host).unwrap();
     driver.process(now, &mut host).unwrap();
     assert_eq!(host.refused, vec![(6, Refusal::NotLeader { leader: None })]);
+}
+
+/// A learner added, then removed: each change applies with `conf_ver + 1` and is
+/// handed to the host for the apply batch; a change asked against an old
+/// `conf_ver`, or while one is pending, is refused and nothing is proposed.
+#[test]
+fn membership_changes_apply_in_order_and_stale_or_overlapping_ones_are_refused() {
+    let (mut driver, mut host, mut now) = open(&[1]);
+    elect(&mut driver, &mut host, &mut now);
+    let range = RangeId(1);
+    let add = [MemberChange::AddLearner {
+        peer: PeerId(2),
+        store: StoreId(2),
+    }];
+    driver
+        .propose_conf_change(range, 1, &add, now, &mut host)
+        .unwrap();
+    assert_eq!(
+        driver.propose_conf_change(range, 1, &add, now, &mut host),
+        Err(ConfChangeRefusal::Busy),
+        "one change at a time"
+    );
+    driver.process(now, &mut host).unwrap();
+    host.persist_all(&mut driver);
+    driver.process(now, &mut host).unwrap();
+    let membership = driver.peer(range).unwrap().membership().clone();
+    assert_eq!(membership.conf_ver, 2);
+    assert_eq!(
+        membership.get(PeerId(2)).map(|m| (m.store, m.role)),
+        Some((StoreId(2), Role::Learner))
+    );
+    assert_eq!(host.memberships.len(), 1);
+    assert_eq!(host.memberships[0].2, membership);
+    assert_eq!(
+        host.memberships[0].1,
+        host.applied.last().unwrap().1,
+        "recorded in the batch that applies it"
+    );
+
+    let remove = [MemberChange::RemoveLearner(PeerId(2))];
+    assert_eq!(
+        driver.propose_conf_change(range, 1, &remove, now, &mut host),
+        Err(ConfChangeRefusal::StaleEpoch {
+            asked: 1,
+            current: 2
+        })
+    );
+    driver
+        .propose_conf_change(range, 2, &remove, now, &mut host)
+        .unwrap();
+    driver.process(now, &mut host).unwrap();
+    host.persist_all(&mut driver);
+    driver.process(now, &mut host).unwrap();
+    let membership = driver.peer(range).unwrap().membership();
+    assert_eq!(membership.conf_ver, 3);
+    assert_eq!(membership.members.len(), 1);
+    assert!(membership.matches(&driver.peer(range).unwrap().conf_state()));
 }

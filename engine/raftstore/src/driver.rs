@@ -216,10 +216,11 @@ impl<T: Types> Driver<T> {
     pub fn on_unreachable(&mut self, store: StoreId) {
         for (range, peer) in &mut self.peers {
             let peers: Vec<u64> = peer
-                .replicas()
+                .membership
+                .members
                 .iter()
-                .filter(|(_, s)| *s == store)
-                .map(|(id, _)| *id)
+                .filter(|m| m.store == store)
+                .map(|m| m.peer.get())
                 .collect();
             for id in peers {
                 peer.replica.raw.report_unreachable(id);

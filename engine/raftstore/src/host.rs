@@ -8,6 +8,7 @@ use std::time::Instant;
 use raft::eraftpb::{Entry, HardState, Message};
 use rangekv_types::{RangeId, StoreId};
 
+use crate::membership::Membership;
 use crate::session::Stamp;
 use crate::storage::LogRead;
 
@@ -164,8 +165,19 @@ pub trait Host<T: Types> {
     /// per command, in order, and the admin effects. An entry that cannot be applied
     /// (it does not decode) is an error: the store must stop rather than diverge.
     fn apply_entry(&mut self, entry: &Entry, to: Applying<'_, T>) -> Result<(), Fatal>;
-    /// Records `range`'s applied index and term in the apply batch.
-    fn set_applied(&mut self, range: RangeId, index: u64, term: u64);
+    /// Records `range`'s new membership, applied by the entry at `index`, in the apply
+    /// batch (with the applied index that `set_applied` records after it).
+    fn apply_membership(
+        &mut self,
+        handle: &mut T::Range,
+        range: RangeId,
+        index: u64,
+        membership: &Membership,
+    );
+    /// Records `range`'s applied index and term in the apply batch, once per range
+    /// per batch after its entries: state the entries changed in `handle` (the
+    /// range's client sessions) goes into the batch here, once, not per entry.
+    fn set_applied(&mut self, handle: &mut T::Range, range: RangeId, index: u64, term: u64);
     /// Writes the apply batch (data and applied indexes together).
     fn commit_apply(&mut self) -> Result<(), Fatal>;
     /// The applied index of `range` that survives a crash (what the state machine

@@ -5,8 +5,8 @@
 //! raftstore-v2: propose batching (`write`), Ready handling into one store-level log
 //! write (`ready`), apply and outcome matching (`apply`), log compaction
 //! (`compact_log`), quiescence (`quiesce`), leadership transfer
-//! (`transfer_leader`). Split, membership change and snapshot land as
-//! `split`, `conf_change` and `snapshot` beside them.
+//! (`transfer_leader`), membership changes (`conf_change`, over the [`Membership`]
+//! of each range). Split and snapshot land as `split` and `snapshot` beside them.
 //!
 //! The caller names its types with [`Types`] and supplies I/O through [`Host`]: sending raft messages and
 //! coalesced heartbeats, submitting log writes, the state machine's apply batch,
@@ -23,6 +23,7 @@
 mod core_tests;
 pub mod driver;
 pub mod host;
+pub mod membership;
 pub mod operation;
 pub mod peer;
 pub mod replica;
@@ -38,7 +39,8 @@ pub use host::{
     AdminEffect, Applying, Fatal, Heartbeat, HeartbeatKind, Host, LogWrite, RangeView, Refusal,
     Types,
 };
-pub use peer::{Peer, PeerStatus, ReplicaSpec};
+pub use membership::{Member, MemberChange, Membership, Role};
+pub use peer::{Peer, PeerStatus};
 pub use session::{SessionId, SessionRef, SessionTable, Stamp, Verdict};
 pub use storage::{LogRead, PeerStorage};
 

@@ -5,22 +5,15 @@
 
 use std::time::Instant;
 
-use raft::eraftpb::{ConfState, Entry, Message, MessageType};
+use raft::eraftpb::{Entry, Message, MessageType};
 use raft::{GetEntriesContext, RawNode, StateRole};
 use rangekv_types::{PeerId, RangeId, StoreId};
 
 use crate::host::{Heartbeat, HeartbeatKind, Host, RangeView, Types};
+use crate::membership::Membership;
 use crate::replica::Replica;
 use crate::storage::PeerStorage;
 use crate::CoreConfig;
-
-/// One member of a range's raft group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReplicaSpec {
-    pub peer: PeerId,
-    pub store: StoreId,
-    pub learner: bool,
-}
 
 /// A read-only view of a replica's raft state, for tests and the simulation's
 /// invariants.
@@ -46,8 +39,8 @@ pub struct Peer<T: Types> {
     pub(crate) range: RangeId,
     pub(crate) replica: CoreReplica<T>,
     pub(crate) handle: T::Range,
-    /// peer id → store, for every member of the group.
-    replicas: Vec<(u64, StoreId)>,
+    /// The members as of the applied index (see [`Membership`]).
+    pub(crate) membership: Membership,
     /// Writes gathered in this loop, proposed as one entry.
     pub(crate) writes: Vec<(T::Command, T::WriteReply)>,
     /// Log writes holding a `Ready` of this range that are not durable yet.
@@ -75,7 +68,7 @@ impl<T: Types> Peer<T> {
         config: &CoreConfig,
         range: RangeId,
         local: PeerId,
-        members: &[ReplicaSpec],
+        membership: &Membership,
         log: T::Log,
         applied: u64,
         reopened: bool,
@@ -83,19 +76,7 @@ impl<T: Types> Peer<T> {
         handle: T::Range,
         logger: &slog::Logger,
     ) -> Result<Self, raft::Error> {
-        let conf_state = ConfState {
-            voters: members
-                .iter()
-                .filter(|m| !m.learner)
-                .map(|m| m.peer.get())
-                .collect(),
-            learners: members
-                .iter()
-                .filter(|m| m.learner)
-                .map(|m| m.peer.get())
-                .collect(),
-            ..Default::default()
-        };
+        let conf_state = membership.conf_state();
         let storage = PeerStorage::new(log, range, conf_state, applied);
         let raft_config = config.replica.raft_config(local, applied)?;
         let raw = RawNode::new(&raft_config, storage, logger)?;
@@ -106,7 +87,7 @@ impl<T: Types> Peer<T> {
             range,
             replica: Replica::new(raw, applied, config.lease_duration(), seed),
             handle,
-            replicas: members.iter().map(|m| (m.peer.get(), m.store)).collect(),
+            membership: membership.clone(),
             writes: Vec::new(),
             persisting: 0,
             votes_refused_until,
@@ -187,14 +168,17 @@ impl<T: Types> Peer<T> {
     }
 
     pub(crate) fn store_of(&self, peer: u64) -> Option<StoreId> {
-        self.replicas
-            .iter()
-            .find(|(id, _)| *id == peer)
-            .map(|(_, store)| *store)
+        self.membership.store_of(peer)
     }
 
-    pub(crate) fn replicas(&self) -> &[(u64, StoreId)] {
-        &self.replicas
+    /// The members as of the applied index.
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    /// The configuration raft-rs holds (for checks that it is the membership's).
+    pub fn conf_state(&self) -> raft::eraftpb::ConfState {
+        self.replica.raw.raft.prs().conf().to_conf_state()
     }
 
     pub(crate) fn view(&self) -> RangeView {

@@ -57,6 +57,10 @@ pub struct Replica<S: Storage, P, R> {
     /// even within the lease they gave this leader, and its MsgTimeoutNow may arrive
     /// late — after the transfer seemed aborted — as long as the term has not moved on.
     lease_void_term: u64,
+    /// Evidence of leadership gathered before this instant (a proposal or ReadIndex
+    /// sent earlier) extends no lease: a membership change applied then, and the
+    /// quorum that granted it may not be the quorum now.
+    lease_floor: Option<Instant>,
     /// Index of the first entry of this leader's term: lease reads wait until it is
     /// applied (then every write acknowledged by an earlier leader is applied here).
     term_start_index: u64,
@@ -89,6 +93,7 @@ impl<S: Storage, P, R> Replica<S, P, R> {
             lease_term: 0,
             lease_duration,
             lease_void_term: 0,
+            lease_floor: None,
             term_start_index: u64::MAX,
             led_term: 0,
             applied,
@@ -252,7 +257,7 @@ impl<S: Storage, P, R> Replica<S, P, R> {
             }
             if self.is_leader() && term == self.raw.raft.term {
                 // A quorum accepted this leader after `proposed_at`.
-                self.extend_lease(pending.proposed_at + self.lease_duration);
+                self.extend_lease(pending.proposed_at);
             }
             return Some(pending.callback);
         }
@@ -277,7 +282,13 @@ impl<S: Storage, P, R> Replica<S, P, R> {
         self.proposals.drain(..).map(|p| p.callback).collect()
     }
 
-    fn extend_lease(&mut self, until: Instant) {
+    /// A quorum acknowledged this leader after `since`: the lease runs to
+    /// `since + lease_duration` (unless a membership change applied after `since`).
+    fn extend_lease(&mut self, since: Instant) {
+        if self.lease_floor.is_some_and(|floor| since < floor) {
+            return;
+        }
+        let until = since + self.lease_duration;
         let term = self.raw.raft.term;
         if self.lease_term != term {
             self.lease_term = term;
@@ -286,6 +297,52 @@ impl<S: Storage, P, R> Replica<S, P, R> {
         if self.lease_until.is_none_or(|current| until > current) {
             self.lease_until = Some(until);
         }
+    }
+
+    /// A membership change applied at `now`: the lease is void until a quorum of the
+    /// new configuration acknowledges something sent after it.
+    pub fn on_conf_change(&mut self, now: Instant) {
+        self.lease_until = None;
+        self.lease_floor = Some(now);
+    }
+
+    /// Proposes a membership change (`ConfChangeV2`) as one entry; `callback` comes
+    /// back like a proposal's. The caller has checked that raft-rs takes it (no
+    /// change pending, joint state matching): raft-rs would otherwise append an
+    /// empty entry in its place without an error.
+    pub fn propose_conf_change(
+        &mut self,
+        now: Instant,
+        context: Vec<u8>,
+        change: raft::eraftpb::ConfChangeV2,
+        callback: P,
+    ) -> Result<(), NotLeader<P>> {
+        if !self.is_leader() {
+            return Err(NotLeader {
+                returned: callback,
+                leader: self.leader_id(),
+            });
+        }
+        let before = self.raw.raft.raft_log.last_index();
+        if self.raw.propose_conf_change(context, change).is_err() {
+            return Err(NotLeader {
+                returned: callback,
+                leader: self.leader_id(),
+            });
+        }
+        let index = self.raw.raft.raft_log.last_index();
+        assert_eq!(index, before + 1, "a proposal appends exactly one entry");
+        assert_eq!(
+            self.raw.raft.pending_conf_index, index,
+            "raft-rs took the membership change (not an empty entry in its place)"
+        );
+        self.proposals.push_back(Pending {
+            index,
+            term: self.raw.raft.term,
+            proposed_at: now,
+            callback,
+        });
+        Ok(())
     }
 
     /// Hands leadership to `to` (raft-rs's `transfer_leader`). Use this, not
@@ -371,7 +428,7 @@ impl<S: Storage, P, R> Replica<S, P, R> {
                 };
                 if batch.id == id {
                     if self.is_leader() {
-                        self.extend_lease(batch.sent_at + self.lease_duration);
+                        self.extend_lease(batch.sent_at);
                     }
                     self.reads_waiting_apply
                         .push_back((state.index, batch.reads));

@@ -54,7 +54,12 @@
 //!   leader is isolated just after), lossy and slow windows, a targeted "lease steal"
 //!   (the vote refusal after a reopen), idle windows (no client traffic: ranges
 //!   quiesce) and crashes of a quiesced range's leader (its followers must hasten
-//!   their election).
+//!   their election). In three worlds of four, a membership operator (its own
+//!   random stream) every 0.5–3 s reads a range's members at its leader and proposes,
+//!   against that `conf_ver`, a demotion (at least 2 voters of 3, 3 of 5 stay), a
+//!   promotion, or both as one joint change; never the leader's demotion. The state
+//!   machine keeps the members with the applied index; a store reopens a range with
+//!   them.
 //! - `sim/clients.rs`: 3–5 processes, get / put / delete / CAS with unique values,
 //!   each key routed to its range with a leader guess per range. Each process has a
 //!   session, as the real client (`client/src/lib.rs`): opened at a range before its
@@ -67,15 +72,17 @@
 //!   touched): one leader per term, no double votes (and votes durable before they
 //!   leave), MsgAppend entries follow their index, log matching, committed entries
 //!   never change, applied ≤ committed ≤ last (and applied ≤ persisted), equal state
-//!   machines on every applied prefix, durable terms never go back, the durable log
+//!   machines at the end of every apply batch (compared by applied index), durable terms never go back, the durable log
 //!   starts at most one past the flushed applied index (and after a crash at most one
 //!   past the applied index that survived, which is at most its last index), a quiesced
 //!   follower does not sleep through its leader's store's silence, a lease is only
 //!   published by a leader, and no follower needs a snapshot (there are none): a
 //!   leader's next index for each follower stays past its log's compaction point;
+//!   every replica applies each `conf_ver` at the same entry as the same members,
+//!   one `conf_ver` at a time, and raft's configuration is the applied membership;
 //!   a write of a session applies in one entry only, however often it is retried
 //!   (`check_applied_once`), and what a range's state machine holds of its sessions
-//!   is its live table after every entry (and whole at each crash). A `Fatal` from
+//!   is its live table after every apply batch (and at each crash). A `Fatal` from
 //!   the core (e.g. `Snapshot`) fails the seed.
 //!
 //! Environment:
@@ -173,6 +180,13 @@ struct Coverage {
     expired_renumbered: u64,
     expired_given_up: u64,
     given_up: u64,
+    /// Membership changes proposed, refused, applied; joint configurations entered
+    /// and left.
+    membership_proposed: u64,
+    membership_refused: u64,
+    membership_applied: u64,
+    joint_entered: u64,
+    joint_left: u64,
 }
 
 impl Coverage {
@@ -203,6 +217,11 @@ impl Coverage {
         self.expired_renumbered += summary.expired_renumbered;
         self.expired_given_up += summary.expired_given_up;
         self.given_up += summary.given_up;
+        self.membership_proposed += summary.membership_proposed;
+        self.membership_refused += summary.membership_refused;
+        self.membership_applied += summary.membership_applied;
+        self.joint_entered += summary.joint_entered;
+        self.joint_left += summary.joint_left;
     }
 }
 
@@ -216,7 +235,8 @@ impl std::fmt::Display for Coverage {
              sessions: {} opened, {} writes sent again after an unknown outcome, {} duplicates answered \
              from a session table, {} entries expiring sessions (short lifetime in {} seeds), {} commands \
              refused for an expired session ({} writes renumbered, {} given up after an unknown outcome), \
-             {} operations given up",
+             {} operations given up; membership: {} changes proposed, {} refused, {} applied, {} joint \
+             configurations entered and {} left",
             self.writes_multi_range,
             self.quiesces,
             self.wakes,
@@ -236,7 +256,12 @@ impl std::fmt::Display for Coverage {
             self.refused_expired,
             self.expired_renumbered,
             self.expired_given_up,
-            self.given_up
+            self.given_up,
+            self.membership_proposed,
+            self.membership_refused,
+            self.membership_applied,
+            self.joint_entered,
+            self.joint_left
         )
     }
 }
@@ -442,6 +467,19 @@ fn a_retried_write_applied_twice_is_caught() {
     );
 }
 
+/// The checks bite: with membership changes applied but never written to the state
+/// machine (a reopened store would start its replicas with their first members),
+/// some seed must catch a `conf_ver` applied over a state machine that does not
+/// hold the one before it.
+#[test]
+fn a_membership_change_not_persisted_is_caught() {
+    assert_caught(
+        "forgotten membership",
+        |opts| opts.buggy_forget_membership = true,
+        "over conf_ver",
+    );
+}
+
 /// The checks bite: with stores that never report silent stores to their driver,
 /// the quiesced followers of a crashed leader sleep on, which the silent-leader check
 /// must catch in some seed.
@@ -508,6 +546,14 @@ fn the_simulation_exercises_batching_quiescence_compaction_and_sessions() {
     assert!(
         coverage.expired_given_up > 0,
         "no write sent again after an unknown outcome was refused for its expired session: {coverage:?}"
+    );
+    assert!(
+        coverage.membership_applied > 0 && coverage.membership_refused > 0,
+        "no membership change applied, or none refused: {coverage:?}"
+    );
+    assert!(
+        coverage.joint_entered > 0 && coverage.joint_left > 0,
+        "no joint configuration entered and left: {coverage:?}"
     );
 }
 

@@ -268,6 +268,7 @@ impl StateMachine {
             batch: WriteBatch::default(),
             applied: Vec::new(),
             sessions: Vec::new(),
+            descriptors: Vec::new(),
             written: None,
             deleted_spans: Vec::new(),
         }
@@ -385,6 +386,8 @@ pub struct ApplyBatch<'a> {
     applied: Vec<(RangeId, ApplyState)>,
     /// Session records to write (`Some`) or delete (`None`), added at `commit`.
     sessions: Vec<([u8; 25], Option<Vec<u8>>)>,
+    /// Range descriptors a membership change applied, added at `commit`.
+    descriptors: Vec<(RangeId, Vec<u8>)>,
     written: Option<HashMap<Vec<u8>, Option<Vec<u8>>>>,
     deleted_spans: Vec<(Vec<u8>, Vec<u8>)>,
 }
@@ -466,6 +469,12 @@ impl ApplyBatch<'_> {
         self.sessions.push((session_key(range, session), record));
     }
 
+    /// Records `range`'s descriptor (encoded by the caller) in this batch: a
+    /// membership change, with the applied index of the entry that made it.
+    pub fn set_descriptor(&mut self, range: RangeId, encoded: Vec<u8>) {
+        self.descriptors.push((range, encoded));
+    }
+
     /// Writes the batch atomically, without the WAL: the raft log is the durable
     /// record, and replaying it from the flushed applied index is idempotent.
     pub fn commit(mut self) -> Result<(), StateError> {
@@ -475,6 +484,9 @@ impl ApplyBatch<'_> {
                 Some(value) => self.batch.put_cf(meta, key, value),
                 None => self.batch.delete_cf(meta, key),
             }
+        }
+        for (range, encoded) in &self.descriptors {
+            self.batch.put_cf(meta, descriptor_key(*range), encoded);
         }
         for (range, state) in &self.applied {
             self.batch

@@ -4,6 +4,8 @@
 //! entries that are committed *and* locally durable, so an acknowledged write is on a
 //! quorum's disks and applied on the leader.
 //!
+//! Membership changes apply here too, in log order (`conf_change`).
+//!
 //! A proposal's answer is matched by (index, term): when the entry at its index
 //! applies with another term, it was overwritten and never applies (`Dropped`, safe
 //! to retry). An entry the host cannot apply stops the store ([`Fatal`]): replicas
@@ -56,12 +58,30 @@ impl<T: Types> Driver<T> {
                 let proposal = peer
                     .replica
                     .take_outcome(entry.index, entry.term, &mut overwritten);
-                if entry.get_entry_type() != EntryType::EntryNormal || entry.data.is_empty() {
-                    // A new leader's empty entry; conf changes land with `conf_change`.
-                    if let Some(proposal) = proposal {
-                        overwritten.push(proposal);
+                match entry.get_entry_type() {
+                    EntryType::EntryConfChangeV2 => {
+                        // Proposed by the core with no reply.
+                        if let Some(proposal) = proposal {
+                            overwritten.push(proposal);
+                        }
+                        peer.apply_conf_change(&entry, now, host)?;
+                        continue;
                     }
-                    continue;
+                    EntryType::EntryConfChange => {
+                        return Err(Fatal::Unappliable {
+                            range,
+                            index: entry.index,
+                            reason: "a version 1 membership change (never proposed here)".into(),
+                        });
+                    }
+                    EntryType::EntryNormal if entry.data.is_empty() => {
+                        // A new leader's empty entry.
+                        if let Some(proposal) = proposal {
+                            overwritten.push(proposal);
+                        }
+                        continue;
+                    }
+                    EntryType::EntryNormal => {}
                 }
                 results.clear();
                 effects.clear();
@@ -94,7 +114,7 @@ impl<T: Types> Driver<T> {
             }
             dropped.push((range, overwritten));
             if last.0 > 0 {
-                host.set_applied(range, last.0, last.1);
+                host.set_applied(&mut peer.handle, range, last.0, last.1);
                 applied_to.push((range, last.0));
             }
         }
@@ -116,6 +136,8 @@ impl<T: Types> Driver<T> {
                 continue;
             };
             peer.replica.on_applied(applied, &mut reads);
+            // A joint configuration just entered is left as soon as it applied.
+            peer.finish_joint(now);
             self.touched.insert(range);
             // Entries applied here (and, on a leader, held by every follower) are read
             // no more: the log's cache keeps only what is in flight.

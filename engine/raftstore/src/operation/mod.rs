@@ -11,7 +11,9 @@
 //! - [`quiesce`]: idle ranges stop ticking; silent leaders' followers wake early;
 //!   votes refused after a reopen.
 //! - [`transfer_leader`]: leadership transfer, which voids the lease.
-//! - [`snapshot`], [`split`], [`conf_change`]: where those admin operations land.
+//! - [`conf_change`]: membership changes (learners, promotion, demotion, joint
+//!   consensus), proposed, applied and left.
+//! - [`snapshot`], [`split`]: where those admin operations land.
 
 pub mod apply;
 pub mod compact_log;

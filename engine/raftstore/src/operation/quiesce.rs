@@ -57,6 +57,7 @@ impl<T: Types> Peer<T> {
             && raft.raft_log.committed == last
             && self.replica.applied() == last
             && !self.replica.raw.has_ready()
+            && !self.membership.is_joint()
             && raft
                 .prs()
                 .iter()
@@ -124,6 +125,9 @@ impl<T: Types> Driver<T> {
                 self.touched.insert(*range);
             }
             if peer.replica.is_leader() {
+                if peer.finish_joint(now) {
+                    self.touched.insert(*range);
+                }
                 peer.idle_ticks = peer.idle_ticks.saturating_add(1);
                 // Going idle: drop the whole applied log, not just big prefixes.
                 // (Two: the compaction's own entry stays, or each would beget another.)
@@ -153,7 +157,8 @@ impl<T: Types> Driver<T> {
             return;
         };
         let status = peer.status();
-        for &(peer_id, store) in peer.replicas() {
+        for member in &peer.membership.members {
+            let (peer_id, store) = (member.peer.get(), member.store);
             if peer_id == status.id {
                 continue;
             }

@@ -4,6 +4,8 @@
 //! ranges quiesce) and crashes of a quiesced range's leader.
 
 use raft::StateRole;
+use rangekv_raftstore::{MemberChange, Role};
+use rangekv_types::PeerId;
 
 use super::world::{range_id, Event, Heal, Phase, World, MS, TICK};
 
@@ -411,5 +413,87 @@ impl World {
                 self.active_faults.remove("slow");
             }
         }
+    }
+}
+
+impl World {
+    /// The membership operator, as PD will be: every 0.5–3 s of the chaos phase, it
+    /// reads a range's membership at its leader and proposes one step against that
+    /// `conf_ver` — demote a voter (keeping at least 2 voters of 3, 3 of 5), promote a
+    /// learner, or both in one joint change — never demoting the leader. Refusals
+    /// (a change under way, a stale `conf_ver`) are counted; the next step reads
+    /// again.
+    pub fn membership_change(&mut self) {
+        if self.phase != Phase::Chaos {
+            return;
+        }
+        let next = self.member_rng.range(500 * MS, 3_000 * MS);
+        self.after(next, Event::Membership);
+        let r = self.member_rng.below(self.ranges as u64) as usize;
+        let Some(leader) = self.leader(r) else {
+            return;
+        };
+        let Some(peer) = self.live(leader).driver().peer(range_id(r)) else {
+            return;
+        };
+        let membership = peer.membership().clone();
+        let local = PeerId(self.nodes[leader].id);
+        let voters: Vec<PeerId> = membership
+            .members
+            .iter()
+            .filter(|m| m.role == Role::Voter && m.peer != local)
+            .map(|m| m.peer)
+            .collect();
+        let learners: Vec<PeerId> = membership
+            .members
+            .iter()
+            .filter(|m| m.role == Role::Learner)
+            .map(|m| m.peer)
+            .collect();
+        let min_voters = if self.nodes.len() >= 5 { 3 } else { 2 };
+        // Voters besides the leader, so the leader itself counts one more.
+        let may_demote = voters.len() + 1 > min_voters && !voters.is_empty();
+        let mut changes = Vec::new();
+        match self.member_rng.below(3) {
+            0 if may_demote => {
+                changes.push(MemberChange::Demote(*self.member_rng.pick(&voters)));
+            }
+            1 if !learners.is_empty() => {
+                changes.push(MemberChange::Promote(*self.member_rng.pick(&learners)));
+            }
+            _ if !learners.is_empty() && !voters.is_empty() => {
+                changes.push(MemberChange::Promote(*self.member_rng.pick(&learners)));
+                changes.push(MemberChange::Demote(*self.member_rng.pick(&voters)));
+            }
+            _ if may_demote => {
+                changes.push(MemberChange::Demote(*self.member_rng.pick(&voters)));
+            }
+            _ => return,
+        }
+        let range = range_id(r);
+        let conf_ver = membership.conf_ver;
+        let now = self.instant();
+        let Some(result) = self.drive(leader, |driver, host| {
+            driver.propose_conf_change(range, conf_ver, &changes, now, host)
+        }) else {
+            return;
+        };
+        self.wake_at(leader, self.now);
+        match result {
+            Ok(()) => {
+                self.summary.membership_proposed += 1;
+                self.log(|| {
+                    format!(
+                        "MEMBERSHIP {range} at n{}: {changes:?} against conf_ver {conf_ver}",
+                        leader + 1
+                    )
+                });
+            }
+            Err(refusal) => {
+                self.summary.membership_refused += 1;
+                self.log(|| format!("MEMBERSHIP {range} at n{} refused: {refusal}", leader + 1));
+            }
+        }
+        self.trace.u64(31).u64(r as u64).u64(changes.len() as u64);
     }
 }

@@ -17,8 +17,8 @@
 use raft::eraftpb::{Entry, Message};
 use rangekv_raftstore::session::{Recorded, SessionChanges};
 use rangekv_raftstore::{
-    AdminEffect, Applying, Fatal, Heartbeat, HeartbeatKind, Host, LogWrite, RangeView, Refusal,
-    SessionId, SessionRef, SessionTable, Stamp, Types, Verdict,
+    AdminEffect, Applying, Fatal, Heartbeat, HeartbeatKind, Host, LogWrite, Membership, RangeView,
+    Refusal, SessionId, SessionRef, SessionTable, Stamp, Types, Verdict,
 };
 use rangekv_types::{RangeId, StoreId};
 
@@ -227,30 +227,43 @@ impl Host<SimTypes> for SimHost<'_> {
                     let answer = self.apply_in_session(r, at, sessions, command, stamp);
                     to.answers.push(answer);
                 }
-                // Into the same apply batch as the data (the node's `set_session`).
-                let SessionChanges { write, delete } = sessions.take_changes();
-                let sm = &mut self.world.nodes[self.node].sm[r];
-                let written: Vec<SessionId> = write.iter().map(|(id, _)| *id).collect();
-                for (id, record) in write {
-                    sm.write_session(id, record);
-                }
-                for id in delete {
-                    sm.delete_session(id);
-                }
-                self.world
-                    .check_sessions_persisted(self.node, r, sessions, &commands, &written);
             }
             Decoded::CompactLog { index, term } => {
                 to.effects.push(AdminEffect::CompactLog { index, term });
             }
         }
         self.world.live_mut(self.node).batch_applied[r] = entry.index;
-        self.world.check_applied_state(self.node, r, entry.index);
         Ok(())
     }
 
-    fn set_applied(&mut self, range: RangeId, index: u64, _term: u64) {
+    fn apply_membership(
+        &mut self,
+        _handle: &mut SimRange,
+        range: RangeId,
+        index: u64,
+        membership: &Membership,
+    ) {
         let r = range_index(range);
+        self.world.check_membership(self.node, r, index, membership);
+        if !self.world.opts.buggy_forget_membership {
+            self.world.nodes[self.node].sm[r].membership = Some(membership.clone());
+        }
+    }
+
+    fn set_applied(&mut self, handle: &mut SimRange, range: RangeId, index: u64, _term: u64) {
+        let r = range_index(range);
+        // The sessions the batch's entries changed, into the same apply batch as the
+        // data, once per range (the node's `persist_sessions`).
+        let SessionChanges { write, delete } = handle.sessions.take_changes();
+        let sm = &mut self.world.nodes[self.node].sm[r];
+        for (id, record) in write {
+            sm.write_session(id, record);
+        }
+        for id in delete {
+            sm.delete_session(id);
+        }
+        self.world
+            .check_all_sessions_persisted(self.node, r, &handle.sessions);
         let batch_applied = self.world.live_mut(self.node).batch_applied[r];
         let before = self.world.nodes[self.node].sm[r].applied;
         if index < batch_applied || index <= before {
@@ -260,10 +273,9 @@ impl Host<SimTypes> for SimHost<'_> {
             ));
         }
         self.world.nodes[self.node].sm[r].applied = index;
-        // Entries skipped by apply (a new leader's empty one) change nothing.
-        if index != batch_applied {
-            self.world.check_applied_state(self.node, r, index);
-        }
+        // Sessions are persisted per batch, so the state is compared at the batch's
+        // last entry (every node's state after applying `index` is the same).
+        self.world.check_applied_state(self.node, r, index);
     }
 
     fn commit_apply(&mut self) -> Result<(), Fatal> {

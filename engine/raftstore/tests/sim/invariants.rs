@@ -6,11 +6,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use raft::eraftpb::{Entry, Message, MessageType};
 use raft::StateRole;
 use rangekv_raftstore::session::encode_session;
-use rangekv_raftstore::{PeerStatus, SessionId, SessionRef};
+use rangekv_raftstore::{Membership, PeerStatus, SessionId, SessionRef};
 use rangekv_types::RangeId;
 use rustc_hash::FxHashMap;
 
-use super::host::{Cmd, Command, Sessions};
+use super::host::Sessions;
 use super::rng::{hash_bytes, Hash};
 use super::world::{range_id, World, MS, TICK};
 
@@ -44,6 +44,9 @@ pub struct RangeFacts {
     pub refused_expired: BTreeSet<(u64, usize)>,
     /// Indexes of the entries that dropped idle sessions (coverage).
     pub expiries: BTreeSet<u64>,
+    /// conf_ver → (index of the entry that applied it, the membership): the same on
+    /// every replica.
+    pub confs: BTreeMap<u64, (u64, Membership)>,
 }
 
 pub struct Invariants {
@@ -124,6 +127,17 @@ impl World {
             });
         }
         self.check_silent_leader(node, r, &status);
+        // raft-rs's configuration is the core's membership, at every step.
+        let agrees = self
+            .live(node)
+            .driver()
+            .peer(range)
+            .is_none_or(|peer| peer.membership().matches(&peer.conf_state()));
+        if !agrees {
+            self.fail(format!(
+                "n{id} {range}: raft's configuration is not the applied membership"
+            ));
+        }
         let facts = &mut self.inv.ranges[r];
         // At most one leader per term, over the whole run.
         if status.role == StateRole::Leader {
@@ -301,31 +315,13 @@ impl World {
     }
 
     /// The sessions a range's state machine holds (what survives a crash) are its
-    /// live table's after every entry: each change went into the apply batch. An
-    /// entry changes only the sessions its commands name and drops expired ones, so
-    /// the count is compared, and each named session the table did not report
-    /// changed (`written`: those it did were just persisted as it encoded them).
-    /// At each crash the whole table is compared (`check_all_sessions_persisted`).
-    pub fn check_sessions_persisted(
-        &mut self,
-        node: usize,
-        r: usize,
-        sessions: &Sessions,
-        commands: &[Command],
-        written: &[SessionId],
-    ) {
+    /// live table, at the end of every apply batch and at a crash: each change went
+    /// into the batch with the data it applied.
+    pub fn check_all_sessions_persisted(&mut self, node: usize, r: usize, sessions: &Sessions) {
         let persisted = &self.nodes[node].sm[r].sessions;
-        let unreported = commands
-            .iter()
-            .filter_map(|command| match command.cmd {
-                Cmd::OpenSession { id, .. } => Some(id),
-                _ => command.session.map(|session| session.id),
-            })
-            .filter(|id| !written.contains(id));
         let same = persisted.len() == sessions.len()
-            && unreported.into_iter().all(|id| {
-                persisted.get(&id).map(|s| s.record.as_slice())
-                    == sessions.get(id).map(encode_session).as_deref()
+            && sessions.iter().all(|(id, session)| {
+                persisted.get(&id).map(|s| &s.record) == Some(&encode_session(session))
             });
         if !same {
             self.fail(format!(
@@ -338,21 +334,46 @@ impl World {
         }
     }
 
-    /// At a crash, the whole live table of each range is what its state machine holds.
-    pub fn check_all_sessions_persisted(&mut self, node: usize, r: usize, sessions: &Sessions) {
-        let persisted = &self.nodes[node].sm[r].sessions;
-        let same = persisted.len() == sessions.len()
-            && sessions.iter().all(|(id, session)| {
-                persisted.get(&id).map(|s| &s.record) == Some(&encode_session(session))
-            });
-        if !same {
+    /// A membership change applied by `node` at `index`: every replica applies
+    /// `conf_ver` v at the same entry as the same members, and a replica's `conf_ver`
+    /// only grows (one at a time).
+    pub fn check_membership(&mut self, node: usize, r: usize, index: u64, membership: &Membership) {
+        let id = node + 1;
+        let range = range_id(r);
+        let before = self.nodes[node].sm[r].membership.clone();
+        let previous = before.as_ref().map_or(1, |m| m.conf_ver);
+        if membership.conf_ver != previous + 1 {
             self.fail(format!(
-                "n{} {}: at the crash, the persisted sessions ({} of them) are not the live table ({})",
-                node + 1,
-                range_id(r),
-                persisted.len(),
-                sessions.len()
+                "n{id} {range}: conf_ver {} applied at {index} over conf_ver {previous}",
+                membership.conf_ver
             ));
+            return;
+        }
+        let facts = &mut self.inv.ranges[r];
+        match facts.confs.get(&membership.conf_ver) {
+            Some((first_index, first)) => {
+                if (*first_index, first) != (index, membership) {
+                    let first_index = *first_index;
+                    self.fail(format!(
+                        "n{id} {range}: conf_ver {} applied at {index} as {membership:?}, elsewhere at {first_index} as another membership",
+                        membership.conf_ver
+                    ));
+                }
+            }
+            None => {
+                facts
+                    .confs
+                    .insert(membership.conf_ver, (index, membership.clone()));
+                self.summary.membership_applied += 1;
+                if membership.is_joint() {
+                    self.summary.joint_entered += 1;
+                } else if before.is_some_and(|m| m.is_joint()) {
+                    self.summary.joint_left += 1;
+                }
+                self.log(|| {
+                    format!("n{id} {range}: membership applied at {index}: {membership:?}")
+                });
+            }
         }
     }
 

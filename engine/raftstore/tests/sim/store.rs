@@ -17,7 +17,7 @@ use std::collections::BTreeSet;
 
 use raft::eraftpb::{Message, MessageType};
 use rangekv_raftstore::{
-    CoreConfig, Driver, Heartbeat, HeartbeatKind, LogWrite, Peer, ReplicaSpec,
+    CoreConfig, Driver, Heartbeat, HeartbeatKind, LogWrite, Member, Membership, Peer, Role,
 };
 use rangekv_types::{PeerId, RangeId, StoreId};
 use rustc_hash::FxHashSet;
@@ -111,15 +111,19 @@ fn is_local_only(kind: MessageType) -> bool {
 }
 
 impl World {
-    /// The members of every range: one replica per store, peer id = store id.
-    fn members(&self) -> Vec<ReplicaSpec> {
-        (1..=self.nodes.len() as u64)
-            .map(|id| ReplicaSpec {
-                peer: PeerId(id),
-                store: StoreId(id),
-                learner: false,
-            })
-            .collect()
+    /// The members every range starts with: one voter per store, peer id = store
+    /// id, `conf_ver` 1.
+    pub fn bootstrap_membership(&self) -> Membership {
+        Membership::new(
+            1,
+            (1..=self.nodes.len() as u64)
+                .map(|id| Member {
+                    peer: PeerId(id),
+                    store: StoreId(id),
+                    role: Role::Voter,
+                })
+                .collect(),
+        )
     }
 
     /// Starts `node`'s store: a `Driver` with every range's replica over the store's
@@ -135,7 +139,7 @@ impl World {
         };
         self.dirty[node] = true;
         let mut driver = Box::new(Driver::new(config));
-        let members = self.members();
+        let bootstrap = self.bootstrap_membership();
         let now = self.instant();
         for r in 0..self.ranges {
             let range = range_id(r);
@@ -149,6 +153,11 @@ impl World {
                     return;
                 }
             };
+            // The members as of the applied index the state machine kept.
+            let members = self.nodes[node].sm[r]
+                .membership
+                .clone()
+                .unwrap_or_else(|| bootstrap.clone());
             let opened = Peer::open(
                 driver.config(),
                 range,

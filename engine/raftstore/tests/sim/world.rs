@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use raft::eraftpb::{Message, MessageType};
 use raft::StateRole;
 use rangekv_check::{History, OpId};
-use rangekv_raftstore::{CoreConfig, Driver, PeerStatus, RangeView, ReplicaConfig, SessionId};
+use rangekv_raftstore::{
+    CoreConfig, Driver, Membership, PeerStatus, RangeView, ReplicaConfig, SessionId,
+};
 use rangekv_types::RangeId;
 
 use super::clients::{Client, Reply, Request};
@@ -63,6 +65,10 @@ pub struct Options {
     /// `Verdict::Duplicate`) is applied again. Only for the test proving the checks
     /// bite.
     pub buggy_reapply: bool,
+    /// Deliberately broken: the host applies membership changes without writing
+    /// them to the state machine, so a reopened store starts its replicas with the
+    /// members it began with. Only for the test proving the checks bite.
+    pub buggy_forget_membership: bool,
 }
 
 impl Options {
@@ -76,6 +82,7 @@ impl Options {
             buggy_durable_applied: false,
             buggy_deaf_to_silence: false,
             buggy_reapply: false,
+            buggy_forget_membership: false,
         }
     }
 }
@@ -137,6 +144,14 @@ pub struct Summary {
     pub expired_given_up: u64,
     /// Operations given up after the client's patience ran out.
     pub given_up: u64,
+    /// Membership changes proposed, and refused by the leader (nothing proposed).
+    pub membership_proposed: u64,
+    pub membership_refused: u64,
+    /// Membership changes applied (distinct range and `conf_ver`), of which joint
+    /// configurations entered and left.
+    pub membership_applied: u64,
+    pub joint_entered: u64,
+    pub joint_left: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -178,6 +193,9 @@ pub struct Sm {
     /// batches since the last flush until changed).
     pub sessions: Rc<BTreeMap<SessionId, PersistedSession>>,
     pub applied: u64,
+    /// The range's members (its descriptor), written with the entry that changed
+    /// them; `None` until the first change: the bootstrap membership.
+    pub membership: Option<Membership>,
 }
 
 /// A client session as a state machine holds it: its record (`encode_session`), and
@@ -199,6 +217,11 @@ impl Sm {
             hash.u64((id >> 64) as u64)
                 .u64(*id as u64)
                 .u64(session.hash);
+        }
+        if let Some(membership) = &self.membership {
+            let mut raw = Vec::new();
+            membership.encode(&mut raw);
+            hash.bytes(&raw);
         }
         hash.0
     }
@@ -350,6 +373,8 @@ pub enum Event {
         req: u64,
     },
     Fault,
+    /// The membership operator's next step (see `faults.rs`).
+    Membership,
     Isolate {
         node: usize,
         duration: u64,
@@ -418,6 +443,9 @@ pub struct World {
     pub client_rng: Rng,
     pub fault_rng: Rng,
     pub disk_rng: Rng,
+    /// Drives the membership operator (its own stream: the other faults' draws
+    /// stay where they were).
+    pub member_rng: Rng,
     /// Every store's core settings (each store start draws its own election seed).
     pub core: CoreConfig,
     pub ranges: usize,
@@ -498,6 +526,7 @@ impl World {
         let mut fault_rng = rng.fork(3);
         let mut disk_rng = rng.fork(4);
         let mut clock_rng = rng.fork(5);
+        let member_rng = rng.fork(6);
         let n = if fault_rng.chance(250) { 5 } else { 3 };
         let ranges = match fault_rng.below(100) {
             0..15 => 1,
@@ -554,6 +583,7 @@ impl World {
             client_rng,
             fault_rng,
             disk_rng,
+            member_rng,
             core,
             ranges,
             nodes,
@@ -670,6 +700,11 @@ impl World {
         }
         let first_fault = self.fault_rng.range(TICK * 10, TICK * 30);
         self.schedule(first_fault, Event::Fault);
+        // Three worlds in four change their ranges' members as they run.
+        if self.member_rng.chance(750) {
+            let first = self.member_rng.range(TICK * 5, TICK * 40);
+            self.schedule(first, Event::Membership);
+        }
         self.schedule(self.chaos_end, Event::EndChaos);
         // Liveness bound: after healing, the final writes and reads must succeed well
         // within this.
@@ -793,6 +828,7 @@ impl World {
             Event::ClientGo(client) => self.client_go(client),
             Event::ClientTimeout { client, req } => self.client_timeout(client, req),
             Event::Fault => self.fault(),
+            Event::Membership => self.membership_change(),
             Event::Isolate { node, duration } => self.isolate(node, duration),
             Event::LeaseSteal { duration } => self.lease_steal(duration),
             Event::Bounce {

@@ -1,5 +1,7 @@
 //! `rangekv local`: PD and N nodes as child processes on loopback, data and logs under
-//! one directory; stops them cleanly on Ctrl-C.
+//! one directory; stops them cleanly on Ctrl-C. A process that dies is reported and
+//! the others keep serving; it is started again on SIGHUP, or at once with
+//! `--restart-on-exit`.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -48,35 +50,69 @@ pub struct LocalArgs {
     /// Seconds to wait for every range to elect a leader.
     #[arg(long, default_value_t = 60)]
     pub ready_timeout_secs: u64,
+    /// Start a node or PD that exits again at once (after a second), instead of
+    /// waiting for SIGHUP.
+    #[arg(long)]
+    pub restart_on_exit: bool,
 }
 
 struct Process {
     name: String,
+    args: Vec<String>,
     child: Child,
     log: PathBuf,
+    /// Exited and not started again yet.
+    down: bool,
 }
 
-fn spawn(name: &str, args: &[String], log: &Path) -> anyhow::Result<Process> {
+fn start(name: &str, args: &[String], log: &Path, append: bool) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("cannot find the rangekv executable")?;
-    let out = File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let out = File::options()
+        .create(true)
+        .append(append)
+        .write(true)
+        .truncate(!append)
+        .open(log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
     let err = out.try_clone()?;
-    let child = Command::new(exe)
+    Command::new(exe)
         .args(args)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
         .spawn()
-        .with_context(|| format!("cannot start {name}"))?;
+        .with_context(|| format!("cannot start {name}"))
+}
+
+fn spawn(name: &str, args: &[String], log: &Path) -> anyhow::Result<Process> {
+    let child = start(name, args, log, false)?;
     Ok(Process {
         name: name.to_string(),
+        args: args.to_vec(),
         child,
         log: log.to_path_buf(),
+        down: false,
     })
+}
+
+impl Process {
+    /// Starts the process again with the same arguments, its log appended to.
+    fn restart(&mut self) -> anyhow::Result<()> {
+        self.child = start(&self.name, &self.args, &self.log, true)?;
+        self.down = false;
+        Ok(())
+    }
+}
+
+/// A port on 127.0.0.1 the OS has free now (released for a child to take).
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("cannot pick a free port")?;
+    Ok(listener.local_addr()?.port())
 }
 
 /// SIGTERM every process, then wait; SIGKILL what is still running after `grace`.
 fn stop_all(processes: &mut [Process], grace: Duration) {
-    for process in processes.iter_mut().rev() {
+    for process in processes.iter_mut().rev().filter(|p| !p.down) {
         if let Ok(pid) = i32::try_from(process.child.id()) {
             // SAFETY: plain kill(2) on a child we spawned and have not reaped.
             unsafe {
@@ -85,7 +121,7 @@ fn stop_all(processes: &mut [Process], grace: Duration) {
         }
     }
     let give_up = std::time::Instant::now() + grace;
-    for process in processes.iter_mut() {
+    for process in processes.iter_mut().filter(|p| !p.down) {
         loop {
             match process.child.try_wait() {
                 Ok(Some(_)) | Err(_) => break,
@@ -112,6 +148,46 @@ fn exited(processes: &mut [Process]) -> Option<String> {
         )),
         _ => None,
     })
+}
+
+/// Marks the processes that exited since the last look, saying so; returns whether
+/// any did.
+fn report_exits(processes: &mut [Process], restart_on_exit: bool) -> bool {
+    let mut any = false;
+    for process in processes.iter_mut().filter(|p| !p.down) {
+        if let Ok(Some(status)) = process.child.try_wait() {
+            process.down = true;
+            any = true;
+            let then = if restart_on_exit {
+                "starting it again in a second".to_string()
+            } else {
+                format!(
+                    "the others keep serving; `kill -HUP {}` starts it again",
+                    std::process::id()
+                )
+            };
+            println!(
+                "{} exited ({status}); see {}; {then}",
+                process.name,
+                process.log.display()
+            );
+        }
+    }
+    any
+}
+
+/// Starts every process that is down again.
+fn restart_down(processes: &mut [Process]) {
+    for process in processes.iter_mut().filter(|p| p.down) {
+        match process.restart() {
+            Ok(()) => println!(
+                "{} started again (pid {})",
+                process.name,
+                process.child.id()
+            ),
+            Err(error) => println!("{} could not be started again: {error:#}", process.name),
+        }
+    }
 }
 
 async fn wait_ready(
@@ -172,8 +248,10 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<()> {
     )?];
     let mut node_addrs = Vec::new();
     for i in 0..args.nodes {
+        // A fixed port per node, also when the OS picks it: a node started again
+        // comes back where its clients and peers know it.
         let port = if args.node_port == 0 {
-            0
+            free_port()?
         } else {
             args.node_port
                 .checked_add(i as u16)
@@ -227,21 +305,11 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<()> {
             return Err(error);
         }
     };
-    // The addresses the nodes registered (they differ from --listen with port 0).
-    if let Ok(mut client) = PlacementClient::connect(pd_url.clone()).await {
-        if let Ok(stores) = client.list_stores(proto::ListStoresRequest {}).await {
-            node_addrs = stores
-                .into_inner()
-                .stores
-                .into_iter()
-                .map(|s| s.address)
-                .collect();
-        }
-    }
     println!("rangekv local cluster ready");
-    println!("  PD     {pd_url}");
+    println!("  PD     {pd_url}  (pid {})", processes[0].child.id());
+    // Named as their data directories and logs are (nodeN/, nodeN.log).
     for (i, addr) in node_addrs.iter().enumerate() {
-        println!("  node{i}  {addr}");
+        println!("  node{i}  {addr}  (pid {})", processes[i + 1].child.id());
     }
     println!(
         "  {ranges} ranges, 3 replicas each; data and logs under {}",
@@ -286,18 +354,29 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<()> {
         println!("  {exe} ctl --pd {pd_url} ranges");
     }
     println!("Press Ctrl-C to stop.");
-    let mut watch = tokio::time::interval(Duration::from_millis(500));
-    let result = loop {
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot listen for SIGHUP")?;
+    let mut watch = tokio::time::interval(Duration::from_millis(200));
+    let mut restart_at: Option<tokio::time::Instant> = None;
+    loop {
         tokio::select! {
-            _ = &mut stop => break Ok(()),
+            _ = &mut stop => break,
+            _ = hangup.recv() => {
+                report_exits(&mut processes, args.restart_on_exit);
+                restart_down(&mut processes);
+            }
             _ = watch.tick() => {
-                if let Some(why) = exited(&mut processes) {
-                    break Err(anyhow::anyhow!(why));
+                if report_exits(&mut processes, args.restart_on_exit) && args.restart_on_exit {
+                    restart_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                }
+                if restart_at.is_some_and(|at| tokio::time::Instant::now() >= at) {
+                    restart_at = None;
+                    restart_down(&mut processes);
                 }
             }
         }
-    };
+    }
     println!("stopping the local cluster");
     stop_all(&mut processes, Duration::from_secs(10));
-    result
+    Ok(())
 }

@@ -113,6 +113,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Node(_) | Command::Pd(_) | Command::Local(_)
+    ) {
+        node_cmd::hold_stop_signals();
+    }
     match cli.command {
         Command::Node(args) => run_async("node", node_cmd::run_node(args)),
         Command::Pd(args) => run_async("pd", node_cmd::run_pd(args)),

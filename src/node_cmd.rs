@@ -163,22 +163,54 @@ impl NodeArgs {
     }
 }
 
-/// Resolves on SIGTERM or Ctrl-C. The SIGTERM handler is installed when this is
-/// called (not when first polled), so a signal arriving in between is not lost.
+fn stop_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill a set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        set
+    }
+}
+
+/// Blocks SIGTERM and SIGINT in this thread (and the threads it starts from now on)
+/// until [`terminated`] has installed their handlers: one arriving while a node or
+/// PD starts is held, then handled as a request to stop, never the default action
+/// (death by the signal, with nothing shut down).
+pub fn hold_stop_signals() {
+    let set = stop_signals();
+    // SAFETY: pthread_sigmask on the calling thread with a valid set.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C). Both handlers are installed when this is
+/// called (not when first polled), then the signals held since start-up
+/// ([`hold_stop_signals`]) are released to them: none is lost.
 pub fn terminated() -> impl std::future::Future<Output = ()> {
-    #[cfg(unix)]
-    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate()).ok();
+    let interrupt = signal(SignalKind::interrupt()).ok();
+    let set = stop_signals();
+    // SAFETY: pthread_sigmask on the calling thread with a valid set.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
     async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        if let Some(mut term) = term {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
+        match (term, interrupt) {
+            (Some(mut term), Some(mut interrupt)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
             }
-            return;
+            // No handler could be installed: Ctrl-C through tokio's own.
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
-        let _ = ctrl_c.await;
     }
 }
 

@@ -467,16 +467,16 @@ fn a_retried_write_applied_twice_is_caught() {
     );
 }
 
-/// The checks bite: with membership changes applied but never written to the state
-/// machine (a reopened store would start its replicas with their first members),
-/// some seed must catch a `conf_ver` applied over a state machine that does not
-/// hold the one before it.
+/// The checks bite: with stores that reopen their replicas with the members they
+/// began with (not those the state machine kept), the reopened replica takes the
+/// next membership change as stale and applies it as nothing while the others apply
+/// it: some seed must catch the state machines differing.
 #[test]
-fn a_membership_change_not_persisted_is_caught() {
+fn a_store_reopened_with_stale_members_is_caught() {
     assert_caught(
-        "forgotten membership",
+        "stale members after a reopen",
         |opts| opts.buggy_forget_membership = true,
-        "over conf_ver",
+        "differs from another node's",
     );
 }
 

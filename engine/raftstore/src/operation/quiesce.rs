@@ -45,7 +45,8 @@ impl<T: Types> Peer<T> {
     }
 
     /// Whether this leader may quiesce its range: nothing pending, every follower has
-    /// every entry, everything committed is applied.
+    /// every entry, everything committed is applied, no membership change or
+    /// leadership transfer under way (a demoted leader hands over first).
     fn can_quiesce(&self) -> bool {
         let raft = &self.replica.raw.raft;
         let last = raft.raft_log.last_index();
@@ -58,6 +59,11 @@ impl<T: Types> Peer<T> {
             && self.replica.applied() == last
             && !self.replica.raw.has_ready()
             && !self.membership.is_joint()
+            && raft.lead_transferee.is_none()
+            && self
+                .membership
+                .get(rangekv_types::PeerId(raft.id))
+                .is_some_and(|m| m.role == crate::membership::Role::Voter)
             && raft
                 .prs()
                 .iter()

@@ -451,8 +451,12 @@ impl World {
             .map(|m| m.peer)
             .collect();
         let min_voters = if self.nodes.len() >= 5 { 3 } else { 2 };
-        // Voters besides the leader, so the leader itself counts one more.
-        let may_demote = voters.len() + 1 > min_voters && !voters.is_empty();
+        let all_voters = membership
+            .members
+            .iter()
+            .filter(|m| m.role == Role::Voter)
+            .count();
+        let may_demote = all_voters > min_voters && !voters.is_empty();
         let mut changes = Vec::new();
         match self.member_rng.below(3) {
             0 if may_demote => {

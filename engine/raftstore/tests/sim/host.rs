@@ -233,21 +233,24 @@ impl Host<SimTypes> for SimHost<'_> {
             }
         }
         self.world.live_mut(self.node).batch_applied[r] = entry.index;
+        self.world
+            .check_entry_state(self.node, r, entry.index, &to.handle.sessions);
         Ok(())
     }
 
     fn apply_membership(
         &mut self,
-        _handle: &mut SimRange,
+        handle: &mut SimRange,
         range: RangeId,
         index: u64,
         membership: &Membership,
     ) {
         let r = range_index(range);
         self.world.check_membership(self.node, r, index, membership);
-        if !self.world.opts.buggy_forget_membership {
-            self.world.nodes[self.node].sm[r].membership = Some(membership.clone());
-        }
+        self.world.nodes[self.node].sm[r].membership = Some(membership.clone());
+        self.world.live_mut(self.node).batch_applied[r] = index;
+        self.world
+            .check_entry_state(self.node, r, index, &handle.sessions);
     }
 
     fn set_applied(&mut self, handle: &mut SimRange, range: RangeId, index: u64, _term: u64) {

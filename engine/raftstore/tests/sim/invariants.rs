@@ -377,9 +377,26 @@ impl World {
         }
     }
 
-    /// State machines agree on every applied prefix.
+    /// State machines agree on every applied prefix: after each entry, the data,
+    /// the members and the live session table (`sessions`).
+    pub fn check_entry_state(&mut self, node: usize, r: usize, index: u64, sessions: &Sessions) {
+        let mut live: Vec<(SessionId, u64)> = sessions
+            .iter()
+            .map(|(id, session)| (id, hash_bytes(&encode_session(session))))
+            .collect();
+        live.sort_unstable();
+        let hash = self.nodes[node].sm[r].hash_with(live.into_iter());
+        self.check_state_hash(node, r, index, hash);
+    }
+
+    /// State machines agree on every applied prefix: at the end of an apply batch,
+    /// as written (the persisted sessions are the live table then).
     pub fn check_applied_state(&mut self, node: usize, r: usize, index: u64) {
         let hash = self.nodes[node].sm[r].hash();
+        self.check_state_hash(node, r, index, hash);
+    }
+
+    fn check_state_hash(&mut self, node: usize, r: usize, index: u64, hash: u64) {
         let first = *self.inv.ranges[r].states.entry(index).or_insert(hash);
         if first != hash {
             let id = self.nodes[node].id;

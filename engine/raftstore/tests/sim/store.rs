@@ -154,10 +154,10 @@ impl World {
                 }
             };
             // The members as of the applied index the state machine kept.
-            let members = self.nodes[node].sm[r]
-                .membership
-                .clone()
-                .unwrap_or_else(|| bootstrap.clone());
+            let members = match &self.nodes[node].sm[r].membership {
+                Some(kept) if !self.opts.buggy_forget_membership => kept.clone(),
+                _ => bootstrap.clone(),
+            };
             let opened = Peer::open(
                 driver.config(),
                 range,

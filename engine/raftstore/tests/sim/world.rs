@@ -65,9 +65,9 @@ pub struct Options {
     /// `Verdict::Duplicate`) is applied again. Only for the test proving the checks
     /// bite.
     pub buggy_reapply: bool,
-    /// Deliberately broken: the host applies membership changes without writing
-    /// them to the state machine, so a reopened store starts its replicas with the
-    /// members it began with. Only for the test proving the checks bite.
+    /// Deliberately broken: a reopened store starts its replicas with the members
+    /// they began with, not those its state machine kept. Only for the test proving
+    /// the checks bite.
     pub buggy_forget_membership: bool,
 }
 
@@ -208,15 +208,21 @@ pub struct PersistedSession {
 }
 
 impl Sm {
+    /// The state as written: data, persisted sessions, members.
     pub fn hash(&self) -> u64 {
+        self.hash_with(self.sessions.iter().map(|(id, s)| (*id, s.hash)))
+    }
+
+    /// The state with `sessions` (id order; each its record's hash) in place of the
+    /// persisted ones: what the state is after an entry, before its apply batch
+    /// writes the sessions it changed.
+    pub fn hash_with(&self, sessions: impl Iterator<Item = (SessionId, u64)>) -> u64 {
         let mut hash = Hash::default();
         for (k, v) in &self.kv {
             hash.bytes(k).bytes(v);
         }
-        for (id, session) in self.sessions.iter() {
-            hash.u64((id >> 64) as u64)
-                .u64(*id as u64)
-                .u64(session.hash);
+        for (id, record_hash) in sessions {
+            hash.u64((id >> 64) as u64).u64(id as u64).u64(record_hash);
         }
         if let Some(membership) = &self.membership {
             let mut raw = Vec::new();

@@ -381,13 +381,21 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
     }
 }
 
+/// A replica's role as `ctl` names it (JSON `role`).
+fn role_name(role: i32) -> &'static str {
+    match proto::PeerRole::try_from(role) {
+        Ok(proto::PeerRole::Voter) => "voter",
+        Ok(proto::PeerRole::Learner) => "learner",
+        Ok(proto::PeerRole::IncomingVoter) => "incoming_voter",
+        Ok(proto::PeerRole::DemotingVoter) => "demoting_voter",
+        Err(_) => "unknown",
+    }
+}
+
 fn peer_label(peer: &proto::Peer) -> String {
-    let role = match proto::PeerRole::try_from(peer.role) {
-        Ok(proto::PeerRole::Voter) => "",
-        Ok(proto::PeerRole::Learner) => " (learner)",
-        Ok(proto::PeerRole::IncomingVoter) => " (incoming voter)",
-        Ok(proto::PeerRole::DemotingVoter) => " (demoting voter)",
-        Err(_) => " (unknown role)",
+    let role = match role_name(peer.role) {
+        "voter" => String::new(),
+        other => format!(" ({})", other.replace('_', " ")),
     };
     format!("{}@s{}{role}", peer.peer_id, peer.store_id)
 }
@@ -428,7 +436,7 @@ fn route_json(route: &proto::RangeRoute) -> serde_json::Value {
         "start_key": json_bytes(&range.start_key),
         "end_key": json_bytes(&range.end_key),
         "epoch": { "conf_ver": epoch.conf_ver, "version": epoch.version },
-        "replicas": range.replicas.iter().map(|p| json!({"peer_id": p.peer_id, "store_id": p.store_id})).collect::<Vec<_>>(),
+        "replicas": range.replicas.iter().map(|p| json!({"peer_id": p.peer_id, "store_id": p.store_id, "role": role_name(p.role)})).collect::<Vec<_>>(),
         "leader": route.leader.as_ref().map(|p| json!({"peer_id": p.peer_id, "store_id": p.store_id})),
     })
 }

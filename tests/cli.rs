@@ -197,6 +197,16 @@ fn local_cluster_starts_serves_and_stops_on_sigterm() {
         String::from_utf8_lossy(&get.stdout).contains("yes"),
         "{get:?}"
     );
+    // Each replica's store and role.
+    let ranges = rangekv(&["ctl", "--pd", &pd, "--format", "json", "ranges"]);
+    assert!(ranges.status.success(), "{ranges:?}");
+    let text = String::from_utf8_lossy(&ranges.stdout);
+    let voters = text.matches("\"role\":\"voter\"").count();
+    assert_eq!(
+        voters,
+        4 * 3,
+        "every replica of the 4 ranges a voter: {text}"
+    );
 
     // SAFETY: kill(2) on our own child.
     unsafe {

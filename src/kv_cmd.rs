@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use rangekv_client::{Client, Config, Mutation};
-use rangekv_rpc::proto::{self, placement_client::PlacementClient};
+use rangekv_rpc::proto::{self, kv_client::KvClient, placement_client::PlacementClient};
 use serde_json::json;
 
 pub const EXIT_NOT_FOUND: u8 = 3;
@@ -357,6 +357,15 @@ pub enum CtlCommand {
     Range { key: String },
     /// The leader of range RANGE_ID.
     Leader { range_id: u64 },
+    /// Hand the leadership of range RANGE_ID to its replica on store STORE_ID (a
+    /// voter); waits until PD sees the new leader.
+    TransferLeader {
+        range_id: u64,
+        store_id: u64,
+        /// Seconds to wait for PD to report the new leader.
+        #[arg(long, default_value_t = 10)]
+        wait_secs: u64,
+    },
 }
 
 /// Prints rows as columns aligned under `header`.
@@ -556,8 +565,97 @@ pub async fn run_ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
                 ),
             }
         }
+        CtlCommand::TransferLeader {
+            range_id,
+            store_id,
+            wait_secs,
+        } => {
+            transfer_leader(&mut pd, args.format, range_id, store_id, wait_secs).await?;
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The route of `range_id` as PD knows it.
+async fn route_of(
+    pd: &mut PlacementClient<tonic::transport::Channel>,
+    range_id: u64,
+) -> anyhow::Result<proto::RangeRoute> {
+    pd.get_range_by_id(proto::GetRangeByIdRequest { range_id })
+        .await?
+        .into_inner()
+        .route
+        .with_context(|| format!("PD knows no range {range_id}"))
+}
+
+/// `ctl transfer-leader`: asks the range's leader to hand over to `to_store`, then
+/// waits for PD to report the new leader.
+async fn transfer_leader(
+    pd: &mut PlacementClient<tonic::transport::Channel>,
+    format: Format,
+    range_id: u64,
+    to_store: u64,
+    wait_secs: u64,
+) -> anyhow::Result<()> {
+    let route = route_of(pd, range_id).await?;
+    let range = route.range.clone().unwrap_or_default();
+    anyhow::ensure!(
+        range.replicas.iter().any(|p| p.store_id == to_store),
+        "store {to_store} holds no replica of range {range_id}"
+    );
+    let leader = route
+        .leader
+        .with_context(|| format!("range {range_id} has no known leader now; retry"))?;
+    if leader.store_id != to_store {
+        let address = pd
+            .get_store(proto::GetStoreRequest {
+                store_id: leader.store_id,
+            })
+            .await?
+            .into_inner()
+            .store
+            .context("PD does not know the leader's store")?
+            .address;
+        let mut node = KvClient::connect(format!("http://{address}"))
+            .await
+            .with_context(|| format!("cannot reach the leader's store at {address}"))?;
+        let answer = node
+            .transfer_leader(proto::TransferLeaderRequest {
+                header: Some(proto::RequestHeader {
+                    range_id,
+                    epoch: range.epoch,
+                    ..Default::default()
+                }),
+                to_store_id: to_store,
+            })
+            .await
+            .map_err(|status| anyhow::anyhow!("{}", status.message()))?
+            .into_inner();
+        if let Some(error) = answer.error {
+            anyhow::bail!("the leader refused: {error:?}");
+        }
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(wait_secs);
+        loop {
+            let now = route_of(pd, range_id).await?.leader;
+            if now.as_ref().is_some_and(|l| l.store_id == to_store) {
+                break;
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < give_up,
+                "the leadership of range {range_id} did not reach store {to_store} within {wait_secs} s (leader now: {})",
+                now.map_or("none known".to_string(), |l| format!("store {}", l.store_id))
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    match format {
+        Format::Json => println!(
+            "{}",
+            json!({"range_id": range_id, "leader_store_id": to_store})
+        ),
+        _ => println!("range {range_id} is led by store {to_store}"),
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -208,6 +208,36 @@ fn local_cluster_starts_serves_and_stops_on_sigterm() {
         "every replica of the 4 ranges a voter: {text}"
     );
 
+    // Leadership moves on request; a store without a replica is refused by name.
+    let ctl_json = |args: &[&str]| {
+        let mut all = vec!["ctl", "--pd", &pd, "--format", "json"];
+        all.extend_from_slice(args);
+        let out = rangekv(&all);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let routes = ctl_json(&["ranges"]);
+    let first = &routes.as_array().unwrap()[0];
+    let range = first["range_id"].as_u64().unwrap().to_string();
+    let from = ctl_json(&["leader", &range])["store_id"].as_u64().unwrap();
+    let to = first["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["store_id"].as_u64().unwrap())
+        .find(|&store| store != from)
+        .unwrap();
+    let moved = ctl_json(&["transfer-leader", &range, &to.to_string()]);
+    assert_eq!(moved["leader_store_id"], to, "{moved}");
+    assert_eq!(ctl_json(&["leader", &range])["store_id"], to);
+    let refused = rangekv(&["ctl", "--pd", &pd, "transfer-leader", &range, "99"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains(&format!("store 99 holds no replica of range {range}")),
+        "{stderr}"
+    );
+
     // SAFETY: kill(2) on our own child.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);

@@ -12,7 +12,9 @@
 //! the lease; a partition of one node from the other nodes and PD; the isolation of a
 //! range leader; a ring where one link is cut (each node still sees a majority); and a
 //! failpoint that makes a node's raft-log fsync fail, after which that node must stop
-//! by itself (exit status 1) while the cluster keeps serving.
+//! by itself (exit status 1) while the cluster keeps serving; and a range's leadership
+//! handed to another of its stores through `rangekv ctl transfer-leader` (the outcome
+//! is in the report's `exit` of that fault).
 //!
 //! Each kind of fault comes once, in a seeded order, before any repeats. The report
 //! (printed and written as JSON) gives ok / failed / unknown operations, acknowledged
@@ -289,14 +291,64 @@ impl Drop for Proc {
 }
 
 /// The kinds of fault, in the order the report names them.
-const KINDS: [&str; 6] = [
+const KINDS: [&str; 7] = [
     "kill -9, restart",
     "SIGSTOP a range leader, SIGCONT",
     "partition one node",
     "isolate a range leader",
     "ring: one link cut",
     "fsync fails on one node",
+    "transfer a range's leadership",
 ];
+
+/// A range with a known leader and another of its stores, chosen by `rng`:
+/// (range id, leader's host, the other store's id, its host).
+async fn transfer_target(
+    net: &Net,
+    pd_url: &str,
+    rng: &mut Rng,
+) -> Option<(u64, usize, u64, usize)> {
+    let mut pd = PlacementClient::connect(pd_url.to_string()).await.ok()?;
+    let stores = pd.list_stores(ListStoresRequest {}).await.ok()?;
+    let host_of_store: HashMap<u64, usize> = stores
+        .into_inner()
+        .stores
+        .iter()
+        .filter_map(|s| {
+            let ip = s.address.rsplit_once(':')?.0;
+            Some((s.store_id, net.host_of_ip(ip)?))
+        })
+        .collect();
+    let routes = pd
+        .scan_ranges(ScanRangesRequest::default())
+        .await
+        .ok()?
+        .into_inner()
+        .routes;
+    let led: Vec<_> = routes.iter().filter(|r| r.leader.is_some()).collect();
+    if led.is_empty() {
+        return None;
+    }
+    let route = led[rng.below(led.len() as u64) as usize];
+    let leader = route.leader.as_ref()?.store_id;
+    let range = route.range.as_ref()?;
+    let others: Vec<u64> = range
+        .replicas
+        .iter()
+        .map(|p| p.store_id)
+        .filter(|&s| s != leader)
+        .collect();
+    if others.is_empty() {
+        return None;
+    }
+    let to = others[rng.below(others.len() as u64) as usize];
+    Some((
+        range.range_id,
+        *host_of_store.get(&leader)?,
+        to,
+        *host_of_store.get(&to)?,
+    ))
+}
 
 /// What the nemesis did, for the report.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -651,6 +703,36 @@ async fn register_and_set_workloads_under_process_and_network_faults() {
                 tokio::time::sleep(hold).await;
                 net.heal();
                 vec![a, b]
+            }
+            6 => {
+                // Through the CLI, as an operator would: the leader hands over (its
+                // lease void), the clients follow the new leader.
+                match transfer_target(&net, &pd_url, &mut rng).await {
+                    Some((range, from, to_store, to)) => {
+                        let pd = pd_url.clone();
+                        let out = tokio::task::spawn_blocking(move || {
+                            Command::new(env!("CARGO_BIN_EXE_rangekv"))
+                                .args(["ctl", "--pd", &pd, "transfer-leader"])
+                                .args([range.to_string(), to_store.to_string()])
+                                .output()
+                        })
+                        .await
+                        .unwrap()
+                        .unwrap();
+                        // A refusal under other faults (no leader now, a slow
+                        // follower) is no bug; it is reported, not asserted.
+                        exit = Some(format!(
+                            "range {range}: {}",
+                            if out.status.success() {
+                                String::from_utf8_lossy(&out.stdout).trim().to_string()
+                            } else {
+                                String::from_utf8_lossy(&out.stderr).trim().to_string()
+                            }
+                        ));
+                        vec![from, to]
+                    }
+                    None => Vec::new(),
+                }
             }
             _ => {
                 // Restarted with a failpoint: some group syncs succeed, then one

@@ -34,6 +34,12 @@ pub(crate) enum Inbound {
         range: RangeId,
         respond: ReadResponder,
     },
+    /// Hand the leadership of `range` (led here) to peer `to_peer`.
+    TransferLeader {
+        range: RangeId,
+        to_peer: u64,
+        respond: tokio::sync::oneshot::Sender<Result<(), proto::Error>>,
+    },
 }
 
 impl Inbound {
@@ -42,7 +48,7 @@ impl Inbound {
         match self {
             Inbound::Raft { message, .. } => message.entries.iter().map(|e| e.data.len()).sum(),
             Inbound::Write { command, .. } => command.encoded_len(),
-            Inbound::Heartbeats { .. } | Inbound::Read { .. } => 0,
+            Inbound::Heartbeats { .. } | Inbound::Read { .. } | Inbound::TransferLeader { .. } => 0,
         }
     }
 }

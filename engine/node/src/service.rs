@@ -320,7 +320,8 @@ with_error!(
     proto::BatchPutResponse,
     proto::CompareAndSwapResponse,
     proto::DeleteRangeResponse,
-    proto::OpenSessionResponse
+    proto::OpenSessionResponse,
+    proto::TransferLeaderResponse
 );
 
 /// A batch of one mutation (what a put or a delete proposes).
@@ -698,6 +699,45 @@ impl Kv for KvService {
                 proto::OpenSessionResponse::default_with_error(error),
             )),
             Err(refusal) => refuse!(refusal, proto::OpenSessionResponse),
+        }
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<proto::TransferLeaderRequest>,
+    ) -> Result<Response<proto::TransferLeaderResponse>, Status> {
+        let request = request.into_inner();
+        let store = self.store()?;
+        let (range, _info, descriptor) = match locate(&store, request.header.as_ref()) {
+            Ok(located) => located,
+            Err(refusal) => return refuse!(refusal, proto::TransferLeaderResponse),
+        };
+        let to = request.to_store_id;
+        let Some(target) = descriptor.replicas.iter().find(|p| p.store_id == to) else {
+            return Err(Status::invalid_argument(format!(
+                "store {to} holds no replica of range {}",
+                range.get()
+            )));
+        };
+        if target.role != proto::PeerRole::Voter as i32 {
+            return Err(Status::invalid_argument(format!(
+                "the replica of range {} on store {to} is not a voter: only a voter can lead",
+                range.get()
+            )));
+        }
+        let (respond, answer) = oneshot::channel();
+        if let Err(error) = store.transfer_leader(range, target.peer_id, respond) {
+            return refuse!(route_refusal(error, range), proto::TransferLeaderResponse);
+        }
+        match tokio::time::timeout(REQUEST_TIMEOUT, answer).await {
+            Ok(Ok(Ok(()))) => Ok(Response::new(proto::TransferLeaderResponse::default())),
+            Ok(Ok(Err(error))) => Ok(Response::new(
+                proto::TransferLeaderResponse::default_with_error(error),
+            )),
+            Ok(Err(_)) => Err(Status::unavailable("the store stopped")),
+            Err(_) => Err(Status::deadline_exceeded(
+                "the range's worker did not take the transfer in time",
+            )),
         }
     }
 

@@ -266,6 +266,24 @@ impl Store {
             })
     }
 
+    /// Asks `range`'s replica here, if it leads, to hand leadership to `to_peer`.
+    pub fn transfer_leader(
+        &self,
+        range: RangeId,
+        to_peer: u64,
+        respond: tokio::sync::oneshot::Sender<Result<(), proto::Error>>,
+    ) -> Result<(), RouteError> {
+        let inbox = self.inbox_for(range)?;
+        self.send_inbound(
+            inbox,
+            Inbound::TransferLeader {
+                range,
+                to_peer,
+                respond,
+            },
+        )
+    }
+
     /// Asks for a linearizable read point on `range`: answered once the local state
     /// machine may serve the read (lease or ReadIndex, then apply).
     pub fn read(

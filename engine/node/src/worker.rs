@@ -540,6 +540,21 @@ impl Worker {
                     let _ = respond.send(Err(range_not_found(range)));
                 }
             }
+            Inbound::TransferLeader {
+                range,
+                to_peer,
+                respond,
+            } => {
+                let answer = match self.driver.peer(range) {
+                    None => Err(range_not_found(range)),
+                    Some(peer) if !peer.is_leader() => Err(peer.handle().info.not_leader()),
+                    Some(_) => {
+                        self.driver.transfer_leader(range, to_peer, &mut host);
+                        Ok(())
+                    }
+                };
+                let _ = respond.send(answer);
+            }
         }
     }
 

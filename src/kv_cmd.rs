@@ -589,7 +589,9 @@ async fn route_of(
 }
 
 /// `ctl transfer-leader`: asks the range's leader to hand over to `to_store`, then
-/// waits for PD to report the new leader.
+/// waits for PD to report the new leader, asking again every 2 s meanwhile (raft
+/// abandons a transfer to a follower that does not catch up within an election
+/// timeout, and the leader may have moved).
 async fn transfer_leader(
     pd: &mut PlacementClient<tonic::transport::Channel>,
     format: Format,
@@ -603,50 +605,26 @@ async fn transfer_leader(
         range.replicas.iter().any(|p| p.store_id == to_store),
         "store {to_store} holds no replica of range {range_id}"
     );
-    let leader = route
-        .leader
-        .with_context(|| format!("range {range_id} has no known leader now; retry"))?;
-    if leader.store_id != to_store {
-        let address = pd
-            .get_store(proto::GetStoreRequest {
-                store_id: leader.store_id,
-            })
-            .await?
-            .into_inner()
-            .store
-            .context("PD does not know the leader's store")?
-            .address;
-        let mut node = KvClient::connect(format!("http://{address}"))
-            .await
-            .with_context(|| format!("cannot reach the leader's store at {address}"))?;
-        let answer = node
-            .transfer_leader(proto::TransferLeaderRequest {
-                header: Some(proto::RequestHeader {
-                    range_id,
-                    epoch: range.epoch,
-                    ..Default::default()
-                }),
-                to_store_id: to_store,
-            })
-            .await
-            .map_err(|status| anyhow::anyhow!("{}", status.message()))?
-            .into_inner();
-        if let Some(error) = answer.error {
-            anyhow::bail!("the leader refused: {error:?}");
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(wait_secs);
+    let mut asked_at: Option<tokio::time::Instant> = None;
+    loop {
+        let route = route_of(pd, range_id).await?;
+        let leader = route.leader.as_ref().map(|l| l.store_id);
+        if leader == Some(to_store) {
+            break;
         }
-        let give_up = tokio::time::Instant::now() + Duration::from_secs(wait_secs);
-        loop {
-            let now = route_of(pd, range_id).await?.leader;
-            if now.as_ref().is_some_and(|l| l.store_id == to_store) {
-                break;
-            }
-            anyhow::ensure!(
-                tokio::time::Instant::now() < give_up,
-                "the leadership of range {range_id} did not reach store {to_store} within {wait_secs} s (leader now: {})",
-                now.map_or("none known".to_string(), |l| format!("store {}", l.store_id))
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        anyhow::ensure!(
+            tokio::time::Instant::now() < give_up,
+            "the leadership of range {range_id} did not reach store {to_store} within {wait_secs} s (leader now: {})",
+            leader.map_or("none known".to_string(), |s| format!("store {s}"))
+        );
+        let due = asked_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(2));
+        if let (Some(leader), true) = (leader, due) {
+            asked_at = Some(tokio::time::Instant::now());
+            let range = route.range.unwrap_or_default();
+            ask_transfer(pd, leader, range_id, range.epoch, to_store).await?;
         }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     match format {
         Format::Json => println!(
@@ -656,6 +634,44 @@ async fn transfer_leader(
         _ => println!("range {range_id} is led by store {to_store}"),
     }
     Ok(())
+}
+
+/// Asks the store `leader` (the range's leader, as PD knows it) to hand range
+/// `range_id` to `to_store`. A refusal that is not about the request itself (no
+/// longer the leader) leaves the caller to ask again.
+async fn ask_transfer(
+    pd: &mut PlacementClient<tonic::transport::Channel>,
+    leader: u64,
+    range_id: u64,
+    epoch: Option<proto::RangeEpoch>,
+    to_store: u64,
+) -> anyhow::Result<()> {
+    let address = pd
+        .get_store(proto::GetStoreRequest { store_id: leader })
+        .await?
+        .into_inner()
+        .store
+        .context("PD does not know the leader's store")?
+        .address;
+    let Ok(mut node) = KvClient::connect(format!("http://{address}")).await else {
+        return Ok(());
+    };
+    let request = proto::TransferLeaderRequest {
+        header: Some(proto::RequestHeader {
+            range_id,
+            epoch,
+            ..Default::default()
+        }),
+        to_store_id: to_store,
+    };
+    match node.transfer_leader(request).await {
+        Err(status) if status.code() == tonic::Code::InvalidArgument => {
+            anyhow::bail!("{}", status.message())
+        }
+        // Not the leader any more, unreachable, busy: asked again with a fresh route.
+        Err(_) => Ok(()),
+        Ok(_) => Ok(()),
+    }
 }
 
 #[cfg(test)]

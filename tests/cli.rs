@@ -227,7 +227,13 @@ fn local_cluster_starts_serves_and_stops_on_sigterm() {
         .map(|p| p["store_id"].as_u64().unwrap())
         .find(|&store| store != from)
         .unwrap();
-    let moved = ctl_json(&["transfer-leader", &range, &to.to_string()]);
+    let moved = ctl_json(&[
+        "transfer-leader",
+        &range,
+        &to.to_string(),
+        "--wait-secs",
+        "30",
+    ]);
     assert_eq!(moved["leader_store_id"], to, "{moved}");
     assert_eq!(ctl_json(&["leader", &range])["store_id"], to);
     let refused = rangekv(&["ctl", "--pd", &pd, "transfer-leader", &range, "99"]);

@@ -308,23 +308,7 @@ async fn transfer_target(
     pd_url: &str,
     rng: &mut Rng,
 ) -> Option<(u64, usize, u64, usize)> {
-    let mut pd = PlacementClient::connect(pd_url.to_string()).await.ok()?;
-    let stores = pd.list_stores(ListStoresRequest {}).await.ok()?;
-    let host_of_store: HashMap<u64, usize> = stores
-        .into_inner()
-        .stores
-        .iter()
-        .filter_map(|s| {
-            let ip = s.address.rsplit_once(':')?.0;
-            Some((s.store_id, net.host_of_ip(ip)?))
-        })
-        .collect();
-    let routes = pd
-        .scan_ranges(ScanRangesRequest::default())
-        .await
-        .ok()?
-        .into_inner()
-        .routes;
+    let (host_of_store, routes) = cluster_view(net, pd_url).await?;
     let led: Vec<_> = routes.iter().filter(|r| r.leader.is_some()).collect();
     if led.is_empty() {
         return None;
@@ -391,13 +375,23 @@ fn epoch(start: Instant) -> u64 {
 /// Which node (1..=NODES) leads each range, as PD last heard; ranges without a
 /// reported leader are left out.
 async fn leaders(net: &Net, pd_url: &str) -> Vec<usize> {
-    let Ok(mut pd) = PlacementClient::connect(pd_url.to_string()).await else {
+    let Some((host_of_store, routes)) = cluster_view(net, pd_url).await else {
         return Vec::new();
     };
-    let Ok(stores) = pd.list_stores(ListStoresRequest {}).await else {
-        return Vec::new();
-    };
-    let host_of_store: HashMap<u64, usize> = stores
+    routes
+        .iter()
+        .filter_map(|r| host_of_store.get(&r.leader.as_ref()?.store_id).copied())
+        .collect()
+}
+
+/// PD's view: the node (host) of each store id, and every range's route.
+async fn cluster_view(
+    net: &Net,
+    pd_url: &str,
+) -> Option<(HashMap<u64, usize>, Vec<rangekv_rpc::proto::RangeRoute>)> {
+    let mut pd = PlacementClient::connect(pd_url.to_string()).await.ok()?;
+    let stores = pd.list_stores(ListStoresRequest {}).await.ok()?;
+    let host_of_store = stores
         .into_inner()
         .stores
         .iter()
@@ -406,22 +400,13 @@ async fn leaders(net: &Net, pd_url: &str) -> Vec<usize> {
             Some((s.store_id, net.host_of_ip(ip)?))
         })
         .collect();
-    let Ok(routes) = pd
-        .scan_ranges(ScanRangesRequest {
-            start_key: Default::default(),
-            end_key: Default::default(),
-            limit: 0,
-        })
+    let routes = pd
+        .scan_ranges(ScanRangesRequest::default())
         .await
-    else {
-        return Vec::new();
-    };
-    routes
+        .ok()?
         .into_inner()
-        .routes
-        .iter()
-        .filter_map(|r| host_of_store.get(&r.leader.as_ref()?.store_id).copied())
-        .collect()
+        .routes;
+    Some((host_of_store, routes))
 }
 
 /// A leader node to act on (any node if PD knows of none yet).

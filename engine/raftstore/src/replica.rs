@@ -204,6 +204,18 @@ impl<S: Storage, P, R> Replica<S, P, R> {
         data: Vec<u8>,
         callback: P,
     ) -> Result<(), NotLeader<P>> {
+        self.propose_with(now, callback, |raw| raw.propose(Vec::new(), data))
+            .map(|_| ())
+    }
+
+    /// Appends one entry through `append` (on a leader) and queues `callback` for its
+    /// outcome; returns the entry's index.
+    fn propose_with(
+        &mut self,
+        now: Instant,
+        callback: P,
+        append: impl FnOnce(&mut RawNode<S>) -> raft::Result<()>,
+    ) -> Result<u64, NotLeader<P>> {
         if !self.is_leader() {
             return Err(NotLeader {
                 returned: callback,
@@ -211,7 +223,7 @@ impl<S: Storage, P, R> Replica<S, P, R> {
             });
         }
         let before = self.raw.raft.raft_log.last_index();
-        if self.raw.propose(Vec::new(), data).is_err() {
+        if append(&mut self.raw).is_err() {
             return Err(NotLeader {
                 returned: callback,
                 leader: self.leader_id(),
@@ -231,11 +243,11 @@ impl<S: Storage, P, R> Replica<S, P, R> {
         );
         self.proposals.push_back(Pending {
             index,
-            term: self.raw.raft.term,
+            term,
             proposed_at: now,
             callback,
         });
-        Ok(())
+        Ok(index)
     }
 
     /// The proposal (if any) made at `index`, now that the entry `(index, term)`
@@ -317,31 +329,13 @@ impl<S: Storage, P, R> Replica<S, P, R> {
         change: raft::eraftpb::ConfChangeV2,
         callback: P,
     ) -> Result<(), NotLeader<P>> {
-        if !self.is_leader() {
-            return Err(NotLeader {
-                returned: callback,
-                leader: self.leader_id(),
-            });
-        }
-        let before = self.raw.raft.raft_log.last_index();
-        if self.raw.propose_conf_change(context, change).is_err() {
-            return Err(NotLeader {
-                returned: callback,
-                leader: self.leader_id(),
-            });
-        }
-        let index = self.raw.raft.raft_log.last_index();
-        assert_eq!(index, before + 1, "a proposal appends exactly one entry");
+        let index = self.propose_with(now, callback, |raw| {
+            raw.propose_conf_change(context, change)
+        })?;
         assert_eq!(
             self.raw.raft.pending_conf_index, index,
             "raft-rs took the membership change (not an empty entry in its place)"
         );
-        self.proposals.push_back(Pending {
-            index,
-            term: self.raw.raft.term,
-            proposed_at: now,
-            callback,
-        });
         Ok(())
     }
 

@@ -140,6 +140,12 @@ impl Host<NodeTypes> for NodeHost<'_> {
 
     fn submit_log(&mut self, write: LogWrite) {
         let mut batch = LogBatch::new();
+        for (range, index, term) in write.resets {
+            // The log restarts after the snapshot: every entry gone, divergent ones
+            // above its index too.
+            batch.remove_range(range);
+            batch.compact_to(range, index, term);
+        }
         for (range, entries) in write.appends {
             batch.append(range, entries);
         }
@@ -227,6 +233,34 @@ impl Host<NodeTypes> for NodeHost<'_> {
                 },
             );
         }
+    }
+
+    fn generate_snapshot(
+        &mut self,
+        _handle: &RangeHandle,
+        _range: RangeId,
+        _index: u64,
+        _term: u64,
+    ) -> Result<Option<Vec<u8>>, Fatal> {
+        // Not built by the node yet: its log is never compacted past a follower
+        // (`log_gc_lag_entries` is off), so no follower needs one.
+        Ok(None)
+    }
+
+    fn install_snapshot(
+        &mut self,
+        _handle: &mut RangeHandle,
+        range: RangeId,
+        index: u64,
+        _term: u64,
+        _membership: &Membership,
+        _payload: &[u8],
+    ) -> Result<(), Fatal> {
+        Err(Fatal::Snapshot {
+            range,
+            index,
+            reason: "this node does not install snapshots yet".into(),
+        })
     }
 
     fn commit_apply(&mut self) -> Result<(), Fatal> {
@@ -324,6 +358,8 @@ impl Worker {
             quiesce: config.quiesce,
             quiesce_after_ticks: config.quiesce_after_ticks,
             log_gc_entries: config.log_gc_entries,
+            // The node builds no snapshots yet: compact only what every follower holds.
+            log_gc_lag_entries: u64::MAX,
             log_gc_flush_after: config.log_gc_flush_after,
             loop_bytes_target: LOOP_BYTES_TARGET.min(shared.log.batch_bytes_max() / 4),
             entry_bytes_target: command::ENTRY_BYTES_TARGET,

@@ -147,6 +147,30 @@ impl Host<TestTypes> for TestHost {
     fn set_applied(&mut self, _: &mut (), range: RangeId, index: u64, _term: u64) {
         self.applied.push((range, index));
     }
+    fn generate_snapshot(
+        &mut self,
+        _: &(),
+        _: RangeId,
+        _: u64,
+        _: u64,
+    ) -> Result<Option<Vec<u8>>, Fatal> {
+        Ok(None)
+    }
+    fn install_snapshot(
+        &mut self,
+        _: &mut (),
+        range: RangeId,
+        index: u64,
+        _: u64,
+        _: &Membership,
+        _: &[u8],
+    ) -> Result<(), Fatal> {
+        Err(Fatal::Snapshot {
+            range,
+            index,
+            reason: "these tests send none".into(),
+        })
+    }
     fn commit_apply(&mut self) -> Result<(), Fatal> {
         self.committed_batches += 1;
         Ok(())

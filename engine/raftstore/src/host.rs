@@ -42,6 +42,10 @@ pub struct LogWrite {
     pub seq: Option<u64>,
     pub appends: Vec<(RangeId, Vec<Entry>)>,
     pub hard_states: Vec<(RangeId, HardState)>,
+    /// (range, index, term): a snapshot was installed, the range's log restarts after
+    /// it — every entry dropped, the compaction point set there. Before the appends
+    /// of the same write.
+    pub resets: Vec<(RangeId, u64, u64)>,
     /// (range, truncated index, truncated term).
     pub compactions: Vec<(RangeId, u64, u64)>,
     /// Payload bytes (entry data), to bound one write.
@@ -50,7 +54,10 @@ pub struct LogWrite {
 
 impl LogWrite {
     pub fn is_empty(&self) -> bool {
-        self.appends.is_empty() && self.hard_states.is_empty() && self.compactions.is_empty()
+        self.appends.is_empty()
+            && self.hard_states.is_empty()
+            && self.compactions.is_empty()
+            && self.resets.is_empty()
     }
 }
 
@@ -97,8 +104,12 @@ pub enum Fatal {
         index: u64,
         reason: String,
     },
-    #[error("range {range}: raft handed over a snapshot, and snapshots are not built yet")]
-    Snapshot { range: RangeId },
+    #[error("range {range}: the snapshot at {index} cannot be installed: {reason}")]
+    Snapshot {
+        range: RangeId,
+        index: u64,
+        reason: String,
+    },
 }
 
 /// The types a store's core works with, and the encoding of the commands it
@@ -178,6 +189,31 @@ pub trait Host<T: Types> {
     /// per batch after its entries: state the entries changed in `handle` (the
     /// range's client sessions) goes into the batch here, once, not per entry.
     fn set_applied(&mut self, handle: &mut T::Range, range: RangeId, index: u64, term: u64);
+    /// A snapshot of `range` for followers behind this leader's log: its state
+    /// machine as applied through `index` (of `term`) — data, sessions, apply state;
+    /// the core adds the membership. Called between apply batches, so the state is
+    /// exactly that. `None`: none can be had now (raft-rs asks again).
+    fn generate_snapshot(
+        &mut self,
+        handle: &T::Range,
+        range: RangeId,
+        index: u64,
+        term: u64,
+    ) -> Result<Option<Vec<u8>>, Fatal>;
+    /// Replaces `range`'s state machine with a snapshot's (`payload`, as
+    /// `generate_snapshot` made it on the leader), applied through `index` of `term`
+    /// with `membership`: durable and atomic before this returns (a crash leaves the
+    /// old state or the new one), the session table in `handle` reloaded. A payload
+    /// that does not decode is an error.
+    fn install_snapshot(
+        &mut self,
+        handle: &mut T::Range,
+        range: RangeId,
+        index: u64,
+        term: u64,
+        membership: &Membership,
+        payload: &[u8],
+    ) -> Result<(), Fatal>;
     /// Writes the apply batch (data and applied indexes together).
     fn commit_apply(&mut self) -> Result<(), Fatal>;
     /// The applied index of `range` that survives a crash (what the state machine

@@ -6,7 +6,7 @@
 //! write (`ready`), apply and outcome matching (`apply`), log compaction
 //! (`compact_log`), quiescence (`quiesce`), leadership transfer
 //! (`transfer_leader`), membership changes (`conf_change`, over the [`Membership`]
-//! of each range). Split and snapshot land as `split` and `snapshot` beside them.
+//! of each range), snapshots (`snapshot`). Split lands as `split` beside them.
 //!
 //! The caller names its types with [`Types`] and supplies I/O through [`Host`]: sending raft messages and
 //! coalesced heartbeats, submitting log writes, the state machine's apply batch,
@@ -110,6 +110,10 @@ pub struct CoreConfig {
     /// A leader proposes log compaction once at least this many applied entries, held
     /// by every follower, can be dropped.
     pub log_gc_entries: u64,
+    /// A follower more than this many entries behind the leader's applied index no
+    /// longer holds the log back: it is compacted past it, and the follower catches
+    /// up by snapshot (a dead replica would otherwise pin the log forever).
+    pub log_gc_lag_entries: u64,
     /// A log compaction waiting for the state machine's flush asks for one after this
     /// long (a busy store flushes by itself far sooner; an idle one would never).
     pub log_gc_flush_after: Duration,
@@ -132,6 +136,10 @@ impl Default for CoreConfig {
             quiesce: true,
             quiesce_after_ticks: 20,
             log_gc_entries: 4096,
+            // TiKV compacts past laggards at ~74k entries (`raft-log-gc-count-limit`
+            // for its 96 MiB regions); ranges here are smaller and a snapshot of a
+            // small range is cheaper than replaying 50k entries.
+            log_gc_lag_entries: 50_000,
             log_gc_flush_after: Duration::from_secs(10),
             loop_bytes_target: 32 * 1024 * 1024,
             entry_bytes_target: 4 * 1024 * 1024,

@@ -30,6 +30,11 @@ pub struct PeerStatus {
     pub first_index: u64,
     pub applied: u64,
     pub quiesced: bool,
+    /// Snapshots this replica built (leading) and installed (following).
+    pub snapshots_built: u64,
+    pub snapshots_installed: u64,
+    /// The index of a snapshot installed whose log reset is not durable yet (0: none).
+    pub snapshot_pending: u64,
 }
 
 pub(crate) type CoreReplica<T> =
@@ -57,6 +62,10 @@ pub struct Peer<T: Types> {
     pub(crate) hastened_in_term: u64,
     /// The highest index this leader proposed to compact the log to.
     pub(crate) compact_proposed: u64,
+    pub(crate) snapshots_built: u64,
+    pub(crate) snapshots_installed: u64,
+    /// The index of a snapshot installed whose log reset is not durable yet (0: none).
+    pub(crate) snapshot_unpersisted: u64,
 }
 
 impl<T: Types> Peer<T> {
@@ -95,6 +104,9 @@ impl<T: Types> Peer<T> {
             idle_ticks: 0,
             hastened_in_term: 0,
             compact_proposed: 0,
+            snapshots_built: 0,
+            snapshots_installed: 0,
+            snapshot_unpersisted: 0,
         })
     }
 
@@ -128,6 +140,9 @@ impl<T: Types> Peer<T> {
             first_index: raft.raft_log.first_index(),
             applied: self.replica.applied(),
             quiesced: self.quiesced,
+            snapshots_built: self.snapshots_built,
+            snapshots_installed: self.snapshots_installed,
+            snapshot_pending: self.snapshot_unpersisted,
         }
     }
 

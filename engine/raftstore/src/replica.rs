@@ -465,6 +465,28 @@ impl<S: Storage, P, R> Replica<S, P, R> {
         self.release_reads(ready_reads);
     }
 
+    /// A snapshot through `index` replaced the state machine: it is applied there.
+    /// Returns the proposals still awaited (this replica led before): whether the
+    /// snapshot holds them is unknown.
+    pub fn on_snapshot(&mut self, index: u64) -> Vec<P> {
+        assert!(
+            index >= self.applied,
+            "a snapshot never goes back: {} -> {index}",
+            self.applied
+        );
+        self.applied = index;
+        self.drain_proposals()
+    }
+
+    /// Tells raft-rs what is applied once it may know (a snapshot's index, after the
+    /// snapshot is persisted): raft-rs reads the log from its applied index on.
+    pub fn sync_raft_applied(&mut self) {
+        let log = &self.raw.raft.raft_log;
+        if log.applied < self.applied && self.applied <= log.committed.min(log.persisted) {
+            self.raw.advance_apply_to(self.applied);
+        }
+    }
+
     /// Notes a role change seen in a `Ready`'s soft state. `not_served` gets the reads
     /// that can no longer be answered here (this replica stopped leading).
     ///

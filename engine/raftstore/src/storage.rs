@@ -6,6 +6,7 @@
 //! back through `Storage` from then on. A log indexes entries only once they are
 //! durable, so until then they live in `unstable` here.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::ops::Range;
 
@@ -41,6 +42,20 @@ pub struct PeerStorage<L> {
     /// Applied index when the replica was opened: the durable commit index is at
     /// least this (apply may run ahead of the hard state's own write).
     applied_at_open: u64,
+    /// A snapshot installed here restarts the log after (index, term); the log write
+    /// `seq` carries that reset and is not durable yet.
+    reset: Option<(u64, u64, u64)>,
+    /// raft-rs asks for snapshots through `&self`: see [`Snapshots`].
+    pub(crate) snapshots: RefCell<Snapshots>,
+}
+
+/// A leader's snapshots: the last one built (raft-rs sends it to every follower
+/// that needs one while the log still continues it), and the followers raft-rs
+/// asked one for since the core last looked.
+#[derive(Default)]
+pub(crate) struct Snapshots {
+    pub built: Option<Snapshot>,
+    pub wanted_by: Vec<u64>,
 }
 
 impl<L: LogRead> PeerStorage<L> {
@@ -51,7 +66,16 @@ impl<L: LogRead> PeerStorage<L> {
             conf_state,
             unstable: VecDeque::new(),
             applied_at_open,
+            reset: None,
+            snapshots: RefCell::new(Snapshots::default()),
         }
+    }
+
+    /// A snapshot at (index, term) was installed; log write `seq` restarts the log
+    /// after it. Until that write is durable, this overlay is the log.
+    pub fn reset(&mut self, index: u64, term: u64, seq: u64) {
+        self.unstable.clear();
+        self.reset = Some((index, term, seq));
     }
 
     fn unstable_first(&self) -> Option<u64> {
@@ -77,6 +101,13 @@ impl<L: LogRead> PeerStorage<L> {
                 .is_none_or(|(e, s)| e.index + 1 == first.index && *s <= seq),
             "unstable entries stay contiguous and in write order"
         );
+        assert!(
+            !self.unstable.is_empty()
+                || self
+                    .reset
+                    .is_none_or(|(index, _, _)| index + 1 == first.index),
+            "entries after a snapshot start right after its index"
+        );
         self.unstable
             .extend(entries.iter().map(|entry| (entry.clone(), seq)));
     }
@@ -84,6 +115,9 @@ impl<L: LogRead> PeerStorage<L> {
     /// Log write `seq` (and every one before it) is durable: the log serves those
     /// entries now.
     pub fn on_durable(&mut self, seq: u64) {
+        if self.reset.is_some_and(|(_, _, s)| s <= seq) {
+            self.reset = None;
+        }
         while self.unstable.front().is_some_and(|(_, s)| *s <= seq) {
             self.unstable.pop_front();
         }
@@ -115,6 +149,14 @@ impl<L: LogRead> raft::Storage for PeerStorage<L> {
         _context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
         let max_size = max_size.into();
+        if let Some((index, _, _)) = self.reset {
+            if low <= index {
+                return Err(raft::Error::Store(StorageError::Compacted));
+            }
+            if self.unstable.is_empty() {
+                return Err(raft::Error::Store(StorageError::Unavailable));
+            }
+        }
         let split = self.unstable_first().unwrap_or(u64::MAX);
         let mut out = if low < split {
             self.log
@@ -151,22 +193,34 @@ impl<L: LogRead> raft::Storage for PeerStorage<L> {
                     .ok_or(raft::Error::Store(StorageError::Unavailable));
             }
         }
+        if let Some((reset, term, _)) = self.reset {
+            return match index.cmp(&reset) {
+                std::cmp::Ordering::Equal => Ok(term),
+                std::cmp::Ordering::Less => Err(raft::Error::Store(StorageError::Compacted)),
+                std::cmp::Ordering::Greater => Err(raft::Error::Store(StorageError::Unavailable)),
+            };
+        }
         self.log.term(self.range, index)
     }
 
     fn first_index(&self) -> raft::Result<u64> {
-        Ok(self.log.first_index(self.range))
+        Ok(match self.reset {
+            Some((index, _, _)) => index + 1,
+            None => self.log.first_index(self.range),
+        })
     }
 
     fn last_index(&self) -> raft::Result<u64> {
-        Ok(match self.unstable.back() {
-            Some((entry, _)) => entry.index,
-            None => self.log.last_index(self.range),
+        Ok(match (self.unstable.back(), self.reset) {
+            (Some((entry, _)), _) => entry.index,
+            (None, Some((index, _, _))) => index,
+            (None, None) => self.log.last_index(self.range),
         })
     }
 
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        crate::operation::snapshot::generate(request_index, to)
+        let first = self.first_index()?;
+        crate::operation::snapshot::offer(&self.snapshots, first, request_index, to)
     }
 }
 

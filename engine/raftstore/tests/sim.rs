@@ -187,6 +187,11 @@ struct Coverage {
     membership_applied: u64,
     joint_entered: u64,
     joint_left: u64,
+    /// Snapshots built and installed; logs reset at open after a crash between a
+    /// snapshot's install and its log reset.
+    snapshots_built: u64,
+    snapshots_installed: u64,
+    logs_reset_at_open: u64,
 }
 
 impl Coverage {
@@ -222,6 +227,9 @@ impl Coverage {
         self.membership_applied += summary.membership_applied;
         self.joint_entered += summary.joint_entered;
         self.joint_left += summary.joint_left;
+        self.snapshots_built += summary.snapshots_built;
+        self.snapshots_installed += summary.snapshots_installed;
+        self.logs_reset_at_open += summary.logs_reset_at_open;
     }
 }
 
@@ -236,7 +244,7 @@ impl std::fmt::Display for Coverage {
              from a session table, {} entries expiring sessions (short lifetime in {} seeds), {} commands \
              refused for an expired session ({} writes renumbered, {} given up after an unknown outcome), \
              {} operations given up; membership: {} changes proposed, {} refused, {} applied, {} joint \
-             configurations entered and {} left",
+             configurations entered and {} left; snapshots: {} built, {} installed, {} logs reset at open",
             self.writes_multi_range,
             self.quiesces,
             self.wakes,
@@ -261,7 +269,10 @@ impl std::fmt::Display for Coverage {
             self.membership_refused,
             self.membership_applied,
             self.joint_entered,
-            self.joint_left
+            self.joint_left,
+            self.snapshots_built,
+            self.snapshots_installed,
+            self.logs_reset_at_open
         )
     }
 }
@@ -480,6 +491,18 @@ fn a_store_reopened_with_stale_members_is_caught() {
     );
 }
 
+/// The checks bite: a snapshot install that a crash can lose once the log was
+/// reset past it leaves a state machine behind a log that no longer holds what it
+/// must replay (the flushed-applied-index rule).
+#[test]
+fn a_snapshot_install_a_crash_can_lose_is_caught() {
+    assert_caught(
+        "snapshot install not durable",
+        |opts| opts.buggy_snapshot_not_durable = true,
+        "past the flushed applied index",
+    );
+}
+
 /// The checks bite: with stores that never report silent stores to their driver,
 /// the quiesced followers of a crashed leader sleep on, which the silent-leader check
 /// must catch in some seed.
@@ -554,6 +577,10 @@ fn the_simulation_exercises_batching_quiescence_compaction_and_sessions() {
     assert!(
         coverage.joint_entered > 0 && coverage.joint_left > 0,
         "no joint configuration entered and left: {coverage:?}"
+    );
+    assert!(
+        coverage.snapshots_installed > 0,
+        "no follower caught up by snapshot: {coverage:?}"
     );
 }
 

@@ -5,7 +5,9 @@
 //!
 //! Phases:
 //! - propose ([`Peer::propose_compaction`], on a leader's tick): once at least
-//!   `log_gc_entries` entries are applied here and held by every follower — two when
+//!   `log_gc_entries` entries are applied here and held by every follower (but a
+//!   follower more than `log_gc_lag_entries` behind is left to catch up by
+//!   snapshot, see `snapshot`) — two when
 //!   the range goes idle, so a quiet range drops its whole applied log — and as many
 //!   past the last proposal (a compaction may wait for a flush, and meanwhile the
 //!   log's first index stands still).
@@ -39,11 +41,18 @@ pub(crate) struct Deferred {
 impl<T: Types> Peer<T> {
     /// Proposes compacting this leader's log when at least `gc_entries` entries are
     /// applied here and held by every follower. Returns whether it proposed.
-    pub(crate) fn propose_compaction(&mut self, gc_entries: u64, now: Instant) -> bool {
+    pub(crate) fn propose_compaction(
+        &mut self,
+        gc_entries: u64,
+        lag_entries: u64,
+        now: Instant,
+    ) -> bool {
         let Some(held_by_all) = self.replica.matched_by_all() else {
             return false;
         };
-        let target = self.replica.applied().min(held_by_all);
+        // A follower further behind than `lag_entries` catches up by snapshot.
+        let applied = self.replica.applied();
+        let target = applied.min(held_by_all.max(applied.saturating_sub(lag_entries)));
         let first = self.log().first_index(self.range);
         let gc_entries = gc_entries.max(1);
         if target <= self.compact_proposed

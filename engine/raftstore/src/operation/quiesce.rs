@@ -142,7 +142,8 @@ impl<T: Types> Driver<T> {
                 } else {
                     self.config.log_gc_entries
                 };
-                if peer.propose_compaction(gc_entries, now) {
+                let lag_entries = self.config.log_gc_lag_entries;
+                if peer.propose_compaction(gc_entries, lag_entries, now) {
                     self.touched.insert(*range);
                 }
                 if self.config.quiesce && peer.idle_ticks >= quiesce_after && peer.can_quiesce() {

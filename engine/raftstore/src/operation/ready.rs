@@ -47,6 +47,9 @@ impl<T: Types> Driver<T> {
                 }
             }
         }
+        // Followers raft-rs found behind the log while stepping: their snapshots go
+        // out in this loop's Ready.
+        self.build_snapshots(&touched, host)?;
         let mut write = LogWrite {
             seq: Some(self.next_seq),
             ..Default::default()
@@ -82,8 +85,16 @@ impl<T: Types> Driver<T> {
                 not_served.extend(reads.into_iter().map(|read| (*range, read)));
             }
             peer.send(ready.take_messages(), host);
-            if !ready.snapshot().is_empty() {
-                return Err(Fatal::Snapshot { range: *range });
+            let snapshot = !ready.snapshot().is_empty();
+            if snapshot {
+                peer.install_snapshot(
+                    ready.snapshot(),
+                    record.seq,
+                    &mut write,
+                    &mut abandoned,
+                    host,
+                )?;
+                self.deferred_compactions.remove(range);
             }
             if !ready.read_states().is_empty() {
                 let mut reads = Vec::new();
@@ -101,7 +112,7 @@ impl<T: Types> Driver<T> {
             let hard_state = ready.hs().cloned();
             let after_persist = ready.take_persisted_messages();
             let number = ready.number();
-            let needs_persist = !appended.is_empty() || hard_state.is_some();
+            let needs_persist = !appended.is_empty() || hard_state.is_some() || snapshot;
             let seq = record.seq;
             if !appended.is_empty() {
                 peer.replica.raw.mut_store().append_unstable(&appended, seq);
@@ -177,6 +188,10 @@ impl<T: Types> Driver<T> {
             peer.persisting = peer.persisting.saturating_sub(1);
             peer.replica.raw.mut_store().on_durable(seq);
             peer.replica.raw.on_persist_ready(number);
+            peer.replica.sync_raft_applied();
+            if peer.replica.raw.raft.raft_log.persisted >= peer.snapshot_unpersisted {
+                peer.snapshot_unpersisted = 0;
+            }
             peer.send(messages, host);
             self.touched.insert(range);
         }

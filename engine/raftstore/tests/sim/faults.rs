@@ -37,7 +37,7 @@ impl World {
         }
     }
 
-    fn count(&mut self, what: &'static str) {
+    pub fn count(&mut self, what: &'static str) {
         *self.summary.faults.entry(what).or_insert(0) += 1;
         self.trace.u64(30).u64(what.len() as u64);
     }

@@ -14,7 +14,7 @@
 //! a crash keeps or loses them together, and a reopened replica loads the table back
 //! from it before replaying the log.
 
-use raft::eraftpb::{Entry, Message};
+use raft::eraftpb::{Entry, Message, MessageType};
 use rangekv_raftstore::session::{Recorded, SessionChanges};
 use rangekv_raftstore::{
     AdminEffect, Applying, Fatal, Heartbeat, HeartbeatKind, Host, LogWrite, Membership, RangeView,
@@ -24,7 +24,8 @@ use rangekv_types::{RangeId, StoreId};
 
 use super::clients::Reply;
 use super::log::SimLog;
-use super::world::{range_index, Event, Sm, World, MS};
+use super::store::Inbound;
+use super::world::{range_index, Event, Phase, Sm, World, MS};
 
 /// A client command inside a raft entry: an operation and, for a write of a client
 /// session, its place in the session (the node's `Command.session`). Encoded by hand
@@ -170,6 +171,18 @@ fn not_leader(refusal: Refusal) -> Reply {
 impl Host<SimTypes> for SimHost<'_> {
     fn send(&mut self, to: StoreId, range: RangeId, message: Message) {
         self.world.check_outgoing(self.node, range, &message);
+        if message.msg_type == MessageType::MsgSnapshot {
+            // The node's transport reports each snapshot stream's end; here the
+            // report comes at once, one in eight a failure.
+            let delivered = !self.world.net_rng.chance(125);
+            let report = Inbound::SnapshotSent {
+                range,
+                to: message.to,
+                delivered,
+            };
+            self.world.live_mut(self.node).inbox.push_back(report);
+            self.world.wake_soon(self.node);
+        }
         let to = self.store_node(to);
         let live = self.world.live_mut(self.node);
         live.outbox[to].messages.push((range, message));
@@ -253,7 +266,7 @@ impl Host<SimTypes> for SimHost<'_> {
             .check_entry_state(self.node, r, index, &handle.sessions);
     }
 
-    fn set_applied(&mut self, handle: &mut SimRange, range: RangeId, index: u64, _term: u64) {
+    fn set_applied(&mut self, handle: &mut SimRange, range: RangeId, index: u64, term: u64) {
         let r = range_index(range);
         // The sessions the batch's entries changed, into the same apply batch as the
         // data, once per range (the node's `persist_sessions`).
@@ -276,9 +289,122 @@ impl Host<SimTypes> for SimHost<'_> {
             ));
         }
         self.world.nodes[self.node].sm[r].applied = index;
+        self.world.nodes[self.node].sm[r].applied_term = term;
         // Sessions are persisted per batch, so the state is compared at the batch's
         // last entry (every node's state after applying `index` is the same).
         self.world.check_applied_state(self.node, r, index);
+    }
+
+    /// A copy of the state machine as applied (sessions as persisted: the batch that
+    /// applied `index` wrote them), kept in the world; the payload is its number.
+    fn generate_snapshot(
+        &mut self,
+        _handle: &SimRange,
+        range: RangeId,
+        index: u64,
+        term: u64,
+    ) -> Result<Option<Vec<u8>>, Fatal> {
+        let sm = &self.world.nodes[self.node].sm[range_index(range)];
+        if (sm.applied, sm.applied_term) != (index, term) {
+            let what = format!(
+                "n{} {range}: snapshot asked at {index}/t{term}, the state machine is at {}/t{}",
+                self.node + 1,
+                sm.applied,
+                sm.applied_term
+            );
+            self.world.fail(what);
+            return Ok(None);
+        }
+        let number = self.world.snapshots.len() as u64;
+        let copy = sm.clone();
+        self.world.snapshots.push(copy);
+        self.world.summary.snapshots_built += 1;
+        self.world.log(|| {
+            format!(
+                "n{} {range}: snapshot #{number} built at {index}/t{term}",
+                self.node + 1
+            )
+        });
+        Ok(Some(number.to_le_bytes().to_vec()))
+    }
+
+    /// Replaces the range's state machine with the snapshot's and makes it durable
+    /// at once: the node writes it with a sync after flushing what was applied before
+    /// it, so a crash keeps it and every apply batch before it.
+    fn install_snapshot(
+        &mut self,
+        handle: &mut SimRange,
+        range: RangeId,
+        index: u64,
+        term: u64,
+        membership: &Membership,
+        payload: &[u8],
+    ) -> Result<(), Fatal> {
+        let r = range_index(range);
+        let refused = |reason: String| Fatal::Snapshot {
+            range,
+            index,
+            reason,
+        };
+        let number = <[u8; 8]>::try_from(payload)
+            .map(u64::from_le_bytes)
+            .map_err(|_| refused("the payload is not a snapshot number".into()))?;
+        let mut sm = self
+            .world
+            .snapshots
+            .get(number as usize)
+            .cloned()
+            .ok_or_else(|| refused(format!("no snapshot #{number}")))?;
+        if (sm.applied, sm.applied_term) != (index, term) {
+            return Err(refused(format!(
+                "snapshot #{number} is at {}/t{}",
+                sm.applied, sm.applied_term
+            )));
+        }
+        let kept = sm
+            .membership
+            .clone()
+            .unwrap_or_else(|| self.world.bootstrap_membership());
+        if kept != *membership {
+            return Err(refused("its membership is not the state machine's".into()));
+        }
+        let records = sm.sessions.iter().map(|(id, s)| (*id, s.record.clone()));
+        handle.sessions = Sessions::load(records).map_err(|error| refused(error.to_string()))?;
+        sm.snapshot_index = index;
+        let durable = !self.world.opts.buggy_snapshot_not_durable;
+        let node = &mut self.world.nodes[self.node];
+        node.sm[r] = sm;
+        if durable {
+            node.sm_synced = node.sm.clone();
+            node.sm_unsynced.clear();
+        } else {
+            let state = node.sm.clone();
+            node.sm_unsynced.push(state);
+        }
+        self.world.summary.snapshots_installed += 1;
+        self.world.log(|| {
+            format!(
+                "n{} {range}: snapshot #{number} installed at {index}/t{term}",
+                self.node + 1
+            )
+        });
+        self.world.reset_chain(self.node, r, index, term);
+        self.world.check_applied_state(self.node, r, index);
+        // A targeted fault: the store crashes before the log's reset is durable (it
+        // must reset the log at open), one install in four.
+        if self.world.phase == Phase::Chaos && self.world.fault_rng.chance(250) {
+            self.world.count("crash right after a snapshot install");
+            let downtime = self.world.fault_rng.range(50 * MS, 500 * MS);
+            let until = self.world.now;
+            let bounce = Event::Bounce {
+                node: self.node,
+                downtime,
+                cut_from: None,
+                until,
+            };
+            self.world.after(0, bounce);
+        }
+        Ok(())
     }
 
     fn commit_apply(&mut self) -> Result<(), Fatal> {

@@ -150,26 +150,9 @@ impl World {
                 return;
             }
         }
-        // No follower needs a snapshot (there are none): a leader sends every follower
-        // from past its log's compaction point. Raft would otherwise ask its storage
-        // for a snapshot, be told none is available, and never replicate to it again.
-        if status.role == StateRole::Leader {
-            let peer = self.live(node).driver().peer(range).expect("hosted");
-            let stranded = peer
-                .progress()
-                .into_iter()
-                .find(|&(peer, _, next)| peer != id && next < status.first_index);
-            if let Some((follower, matched, next)) = stranded {
-                let first = status.first_index;
-                self.fail(format!(
-                    "{range}: leader n{id} needs a snapshot for n{follower}: its next index {next} \
-                     (matched {matched}) is below the log's first index {first}"
-                ));
-                return;
-            }
-        }
         // applied ≤ committed ≤ last, and applied ≤ persisted (raft hands out only
-        // entries that are committed and durable here).
+        // entries that are committed and durable here; a snapshot's index is applied
+        // once installed, persisted once its log reset is durable).
         let (applied, committed, last, persisted) = (
             status.applied,
             status.committed,
@@ -182,6 +165,7 @@ impl World {
             ));
             return;
         }
+        let persisted = persisted.max(status.snapshot_pending);
         if !(applied <= committed && committed <= last && applied <= persisted) {
             self.fail(format!(
                 "n{id} {range}: applied {applied}, committed {committed}, last {last}, persisted {persisted}"
@@ -460,6 +444,24 @@ impl World {
         for (index, term, hash) in added {
             self.check_chain(node, r, index, term, hash);
         }
+    }
+
+    /// The chain of a replica that installed a snapshot at (index, term): its log
+    /// restarts after that entry, which some replica held.
+    pub fn reset_chain(&mut self, node: usize, r: usize, index: u64, term: u64) {
+        let Some(&base_hash) = self.inv.ranges[r].chains.get(&(index, term)) else {
+            self.fail(format!(
+                "n{} {}: a snapshot at {index}/t{term}, an entry no log ever held",
+                node + 1,
+                range_id(r)
+            ));
+            return;
+        };
+        self.live_mut(node).chains[r] = Chain {
+            base_index: index,
+            base_hash,
+            hashes: Vec::new(),
+        };
     }
 
     /// The chain of a reopened replica: its durable log, from its compaction point,

@@ -72,6 +72,13 @@ impl RangeLog {
     }
 
     /// Returns whether the compaction point moved.
+    /// A snapshot installed at (index, term): the log restarts after it.
+    pub fn reset(&mut self, index: u64, term: u64) {
+        self.entries.clear();
+        self.truncated_index = index;
+        self.truncated_term = term;
+    }
+
     fn compact(&mut self, index: u64, term: u64) -> bool {
         if index <= self.truncated_index {
             return false;
@@ -99,7 +106,7 @@ impl Disk {
     /// One log write reaching the disk: appends, then hard states, then compaction
     /// points (the order `LogBatch` records them in). Returns how many compaction
     /// points moved a range's first index.
-    fn range_mut(&mut self, range: RangeId) -> &mut RangeLog {
+    pub fn range_mut(&mut self, range: RangeId) -> &mut RangeLog {
         let at = range.get() as usize - 1;
         if self.ranges.len() <= at {
             self.ranges.resize_with(at + 1, RangeLog::default);
@@ -108,6 +115,9 @@ impl Disk {
     }
 
     fn apply(&mut self, write: &LogWrite) -> Result<u64, String> {
+        for &(range, index, term) in &write.resets {
+            self.range_mut(range).reset(index, term);
+        }
         for (range, entries) in &write.appends {
             self.range_mut(*range).append(*range, entries)?;
         }

@@ -31,6 +31,12 @@ pub enum Inbound {
     Heartbeats(Vec<Heartbeat>, HeartbeatKind),
     Write(RangeId, Command, u64),
     Read(RangeId, u64),
+    /// The transport delivered (or not) a snapshot this store's leader sent.
+    SnapshotSent {
+        range: RangeId,
+        to: u64,
+        delivered: bool,
+    },
 }
 
 /// What a store has queued for one other store.
@@ -144,6 +150,9 @@ impl World {
         for r in 0..self.ranges {
             let range = range_id(r);
             let applied = self.nodes[node].sm[r].applied;
+            if !self.recover_log(node, r) {
+                return;
+            }
             let persisted = self.nodes[node].sm[r].sessions.iter();
             let records = persisted.map(|(id, session)| (*id, session.record.clone()));
             let sessions = match Sessions::load(records) {
@@ -203,6 +212,40 @@ impl World {
             },
         );
         self.wake_at(node, self.now);
+    }
+
+    /// The node's recovery at open: a snapshot installed before a crash that came
+    /// before its log reset was durable leaves the log behind the state machine; the
+    /// log restarts after the snapshot. Anything else missing from the log is lost
+    /// data. Returns false on a failure.
+    fn recover_log(&mut self, node: usize, r: usize) -> bool {
+        let range = range_id(r);
+        let sm = &self.nodes[node].sm[r];
+        let (applied, term, snapshot) = (sm.applied, sm.applied_term, sm.snapshot_index);
+        let log = self.nodes[node].log.clone();
+        if !rangekv_raftstore::operation::snapshot::log_needs_reset(&log, range, applied, term) {
+            return true;
+        }
+        if applied != snapshot {
+            self.fail(format!(
+                "n{} {range}: applied {applied}/t{term} but the log does not hold that entry (no snapshot there)",
+                node + 1
+            ));
+            return false;
+        }
+        log.0
+            .borrow_mut()
+            .disk
+            .range_mut(range)
+            .reset(applied, term);
+        self.summary.logs_reset_at_open += 1;
+        self.log(|| {
+            format!(
+                "n{} {range}: log reset to the snapshot at {applied}/t{term}",
+                node + 1
+            )
+        });
+        true
     }
 
     /// Lends `node`'s driver and the world (as its host) to `f`.
@@ -327,6 +370,15 @@ impl World {
             Inbound::Raft(range, message) => {
                 self.drive(node, |driver, host| {
                     driver.on_raft(range, message, now, host)
+                });
+            }
+            Inbound::SnapshotSent {
+                range,
+                to,
+                delivered,
+            } => {
+                self.drive(node, |driver, _| {
+                    driver.on_snapshot_sent(range, to, delivered)
                 });
             }
             Inbound::Heartbeats(heartbeats, kind) => {

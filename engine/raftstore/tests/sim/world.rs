@@ -69,6 +69,10 @@ pub struct Options {
     /// they began with, not those its state machine kept. Only for the test proving
     /// the checks bite.
     pub buggy_forget_membership: bool,
+    /// Deliberately broken: a snapshot install is written like an apply batch,
+    /// without sync, so a crash may lose it after its log reset is durable. Only for
+    /// the test proving the checks bite.
+    pub buggy_snapshot_not_durable: bool,
 }
 
 impl Options {
@@ -83,6 +87,7 @@ impl Options {
             buggy_deaf_to_silence: false,
             buggy_reapply: false,
             buggy_forget_membership: false,
+            buggy_snapshot_not_durable: false,
         }
     }
 }
@@ -152,6 +157,11 @@ pub struct Summary {
     pub membership_applied: u64,
     pub joint_entered: u64,
     pub joint_left: u64,
+    /// Snapshots built by leaders, installed by followers; logs reset at open
+    /// (a crash between a snapshot's install and its log reset).
+    pub snapshots_built: u64,
+    pub snapshots_installed: u64,
+    pub logs_reset_at_open: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -193,9 +203,14 @@ pub struct Sm {
     /// batches since the last flush until changed).
     pub sessions: Rc<BTreeMap<SessionId, PersistedSession>>,
     pub applied: u64,
+    /// The term of the entry at `applied`.
+    pub applied_term: u64,
     /// The range's members (its descriptor), written with the entry that changed
     /// them; `None` until the first change: the bootstrap membership.
     pub membership: Option<Membership>,
+    /// The index of the last snapshot installed (0: none): a crash may leave the
+    /// log behind it until the store resets the log at open.
+    pub snapshot_index: u64,
 }
 
 /// A client session as a state machine holds it: its record (`encode_session`), and
@@ -472,6 +487,8 @@ pub struct World {
     /// The range (index) of each key.
     pub key_range: Vec<usize>,
     pub inv: Invariants,
+    /// Every snapshot a leader built, by number (its payload).
+    pub snapshots: Vec<Sm>,
     /// Stores whose state a step may have changed: their invariants are checked and
     /// their state hashed into the trace after it.
     pub dirty: Vec<bool>,
@@ -521,6 +538,8 @@ fn core_config(rng: &mut Rng) -> CoreConfig {
     if rng.chance(300) {
         config.loop_bytes_target = rng.range(60, 400) as usize;
     }
+    // Followers a little behind are left to catch up by snapshot.
+    config.log_gc_lag_entries = rng.range(2, 30);
     config
 }
 
@@ -610,6 +629,7 @@ impl World {
             keys,
             key_range,
             inv: Invariants::new(n, ranges),
+            snapshots: Vec::new(),
             dirty: vec![true; n],
             phase: Phase::Chaos,
             chaos_end,
@@ -977,8 +997,10 @@ impl World {
                 hs.term, hs.vote, hs.commit
             );
             // The restarted replica replays from the applied index that survived: the
-            // log must hold everything after it.
-            if applied > last || first > applied + 1 {
+            // log must hold everything after it — or the store resets it at open, if
+            // a snapshot was installed there.
+            let snapshot = self.nodes[node].sm[r].snapshot_index;
+            if (applied > last && applied != snapshot) || first > applied + 1 {
                 self.fail(format!(
                     "n{} {range}: applied index {applied} survives a crash but the durable log holds {first}..={last}",
                     node + 1

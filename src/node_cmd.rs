@@ -51,6 +51,8 @@ struct FileConfig {
     quiesce: Option<bool>,
     quiesce_after_ticks: Option<u32>,
     session_ttl_secs: Option<u64>,
+    log_gc_entries: Option<u64>,
+    log_gc_lag_entries: Option<u64>,
     #[serde(default)]
     log: LogFileConfig,
 }
@@ -132,6 +134,20 @@ impl NodeArgs {
                 "session_ttl_secs is {secs}; it must be in 10..=2592000 (30 days)"
             );
             config.store.session_ttl = Duration::from_secs(secs);
+        }
+        if let Some(entries) = file.log_gc_entries {
+            anyhow::ensure!(
+                entries >= 2,
+                "log_gc_entries is {entries}; it must be at least 2"
+            );
+            config.store.log_gc_entries = entries;
+        }
+        if let Some(entries) = file.log_gc_lag_entries {
+            anyhow::ensure!(
+                entries >= 1,
+                "log_gc_lag_entries is {entries}; it must be at least 1"
+            );
+            config.store.log_gc_lag_entries = entries;
         }
         if let Some(bytes) = file.request_bytes_max {
             anyhow::ensure!(

@@ -14,7 +14,9 @@
 //! failpoint that makes a node's raft-log fsync fail, after which that node must stop
 //! by itself (exit status 1) while the cluster keeps serving; and a range's leadership
 //! handed to another of its stores through `rangekv ctl transfer-leader` (the outcome
-//! is in the report's `exit` of that fault).
+//! is in the report's `exit` of that fault). The nodes keep short raft logs
+//! (`log_gc_lag_entries = 200`), so a node back from a crash, a pause or a partition
+//! often catches up by snapshot (the report counts `snapshots_installed`).
 //!
 //! Each kind of fault comes once, in a seeded order, before any repeats. The report
 //! (printed and written as JSON) gives ok / failed / unknown operations, acknowledged
@@ -290,6 +292,17 @@ impl Drop for Proc {
     }
 }
 
+/// Snapshots the nodes installed (followers left behind by log compaction while
+/// they were down or cut off), counted in their logs.
+fn snapshots_installed(dir: &Path) -> usize {
+    (1..=NODES)
+        .map(|host| {
+            std::fs::read_to_string(dir.join(format!("node{host}.log")))
+                .map_or(0, |log| log.matches("snapshot installed").count())
+        })
+        .sum()
+}
+
 /// The kinds of fault, in the order the report names them.
 const KINDS: [&str; 7] = [
     "kill -9, restart",
@@ -459,7 +472,12 @@ async fn register_and_set_workloads_under_process_and_network_faults() {
     // Small log segments: the stores rotate, compact, delete and reuse segments all
     // through the run, so kill -9 lands in every phase of that too.
     let node_config = dir.path().join("node.toml");
-    std::fs::write(&node_config, "[log]\nsegment_bytes = 1048576\n").unwrap();
+    // Short logs: a node that was down or cut off catches up by snapshot.
+    std::fs::write(
+        &node_config,
+        "log_gc_entries = 50\nlog_gc_lag_entries = 200\n[log]\nsegment_bytes = 1048576\n",
+    )
+    .unwrap();
     let mut nodes: Vec<Proc> = (1..=NODES)
         .map(|host| {
             Proc::start(
@@ -904,6 +922,7 @@ async fn register_and_set_workloads_under_process_and_network_faults() {
         },
         "faults": faults,
         "final_heal_to_every_range_readable_ms": final_heal_ms,
+        "snapshots_installed": snapshots_installed(dir.path()),
     });
     let text = serde_json::to_string_pretty(&report).unwrap();
     println!("{text}");

@@ -61,6 +61,12 @@ pub(crate) enum Control {
     },
     CreateRanges(Vec<RangeDescriptor>),
     Unreachable(StoreId),
+    /// A snapshot this store's leader of `range` sent to peer `to` left with the
+    /// transport.
+    SnapshotSent {
+        range: RangeId,
+        to: u64,
+    },
     /// A log write outside the Ready flow (compaction) failed.
     LogFailed(LogError),
     Shutdown,

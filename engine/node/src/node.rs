@@ -210,7 +210,11 @@ pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
     );
     let failed = Arc::new(Notify::new());
     let on_fatal = failed.clone();
-    let store_config = config.store.clone();
+    let mut store_config = config.store.clone();
+    // A snapshot travels inside one raft message, which the transport bounds.
+    store_config.snapshot_bytes_max = store_config
+        .snapshot_bytes_max
+        .min(config.request_bytes_max);
     let store_transport: Arc<dyn crate::transport::Transport> = Arc::new(transport.clone());
     let store = tokio::task::spawn_blocking(move || {
         Store::start(

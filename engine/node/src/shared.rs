@@ -32,6 +32,12 @@ pub struct StoreConfig {
     /// A leader proposes log compaction once at least this many applied entries, held
     /// by every follower, can be dropped.
     pub log_gc_entries: u64,
+    /// A follower more than this many entries behind its leader's applied index no
+    /// longer holds the log back; it catches up by snapshot.
+    pub log_gc_lag_entries: u64,
+    /// The largest snapshot (encoded range state) a leader sends; a larger range's
+    /// followers wait (snapshots travel inside one raft message).
+    pub snapshot_bytes_max: usize,
     /// A log compaction waiting for the state machine's flush (applies skip RocksDB's
     /// WAL, so the log keeps what is not flushed) asks RocksDB for a flush after this
     /// long. A busy store flushes by itself far sooner; an idle one would never.
@@ -53,6 +59,8 @@ impl Default for StoreConfig {
             quiesce: true,
             quiesce_after_ticks: 20,
             log_gc_entries: 4096,
+            log_gc_lag_entries: rangekv_raftstore::CoreConfig::default().log_gc_lag_entries,
+            snapshot_bytes_max: rangekv_types::limits::REQUEST_BYTES_MAX,
             log_gc_flush_after: Duration::from_secs(10),
             session_ttl: Duration::from_secs(600),
             election_seed: std::time::SystemTime::now()
@@ -153,6 +161,9 @@ pub struct StoreCounters {
     pub raft_messages_in: AtomicU64,
     pub heartbeats_in: AtomicU64,
     pub inbox_full: AtomicU64,
+    /// Snapshots this store built as a leader, and installed as a follower.
+    pub snapshots_built: AtomicU64,
+    pub snapshots_installed: AtomicU64,
 }
 
 pub(crate) struct StoreShared {

@@ -14,8 +14,9 @@ use prost::Message as _;
 use protobuf::Message as _;
 use raft::eraftpb::{Entry, Message};
 use rangekv_log::LogBatch;
+use rangekv_raftstore::operation::snapshot::log_needs_reset;
 use rangekv_raftstore::{
-    Applying, CoreConfig, Driver, Fatal, Heartbeat, HeartbeatKind, Host, LogWrite, Member,
+    Applying, CoreConfig, Driver, Fatal, Heartbeat, HeartbeatKind, Host, LogRead, LogWrite, Member,
     Membership, Peer, RangeView, Refusal, Role, Stamp, Types,
 };
 use rangekv_rpc::proto;
@@ -94,6 +95,14 @@ fn state_failed(error: rangekv_state::StateError) -> Fatal {
 
 impl Host<NodeTypes> for NodeHost<'_> {
     fn send(&mut self, to: StoreId, range: RangeId, message: Message) {
+        if message.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+            // Handed to the transport, which sends it or drops it like any raft
+            // message: raft-rs probes the follower again either way.
+            let _ = self.control.send(Control::SnapshotSent {
+                range,
+                to: message.to,
+            });
+        }
         match message.write_to_bytes() {
             Ok(bytes) => self.shared.transport.send(
                 to,
@@ -235,32 +244,145 @@ impl Host<NodeTypes> for NodeHost<'_> {
         }
     }
 
+    /// The range's state as RocksDB holds it now (between apply batches: exactly as
+    /// applied through `index`), encoded whole as a `RangeSnapshot`.
     fn generate_snapshot(
         &mut self,
-        _handle: &RangeHandle,
-        _range: RangeId,
-        _index: u64,
-        _term: u64,
-    ) -> Result<Option<Vec<u8>>, Fatal> {
-        // Not built by the node yet: its log is never compacted past a follower
-        // (`log_gc_lag_entries` is off), so no follower needs one.
-        Ok(None)
-    }
-
-    fn install_snapshot(
-        &mut self,
-        _handle: &mut RangeHandle,
+        handle: &RangeHandle,
         range: RangeId,
         index: u64,
-        _term: u64,
-        _membership: &Membership,
-        _payload: &[u8],
+        term: u64,
+    ) -> Result<Option<Vec<u8>>, Fatal> {
+        let descriptor = &handle.descriptor;
+        let image = self
+            .shared
+            .state
+            .range_image(range, &descriptor.start_key, &descriptor.end_key)
+            .map_err(state_failed)?;
+        let state = image.apply_state;
+        if (state.applied_index, state.applied_term) != (index, term) {
+            return Err(Fatal::StateMachine(format!(
+                "{range}: a snapshot at {index}/t{term} found the state machine at {}/t{}",
+                state.applied_index, state.applied_term
+            )));
+        }
+        let snapshot = proto::RangeSnapshot {
+            descriptor: Some(descriptor.clone()),
+            applied_index: index,
+            applied_term: term,
+            data: image
+                .data
+                .into_iter()
+                .map(|(key, value)| proto::KeyValue {
+                    key: key.into(),
+                    value: value.into(),
+                })
+                .collect(),
+            sessions: image
+                .sessions
+                .into_iter()
+                .map(|(id, record)| proto::SessionRecord {
+                    id: id.to_be_bytes().to_vec().into(),
+                    record: record.into(),
+                })
+                .collect(),
+        };
+        let encoded = snapshot.encode_to_vec();
+        let limit = self.shared.config.snapshot_bytes_max;
+        if encoded.len() > limit {
+            tracing::warn!(
+                %range,
+                bytes = encoded.len(),
+                limit,
+                "range too large for a snapshot: its lagging followers cannot catch up"
+            );
+            return Ok(None);
+        }
+        self.shared
+            .counters
+            .snapshots_built
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%range, index, term, bytes = encoded.len(), "snapshot built");
+        Ok(Some(encoded))
+    }
+
+    /// Replaces the range's state with the snapshot's in one synced RocksDB write
+    /// (`StateMachine::install_image`), then its descriptor and sessions here.
+    fn install_snapshot(
+        &mut self,
+        handle: &mut RangeHandle,
+        range: RangeId,
+        index: u64,
+        term: u64,
+        membership: &Membership,
+        payload: &[u8],
     ) -> Result<(), Fatal> {
-        Err(Fatal::Snapshot {
+        let refused = |reason: String| Fatal::Snapshot {
             range,
             index,
-            reason: "this node does not install snapshots yet".into(),
-        })
+            reason,
+        };
+        let snapshot = proto::RangeSnapshot::decode(payload)
+            .map_err(|error| refused(format!("its payload does not decode: {error}")))?;
+        let descriptor = snapshot
+            .descriptor
+            .ok_or_else(|| refused("it has no descriptor".into()))?;
+        if descriptor.range_id != range.get()
+            || (snapshot.applied_index, snapshot.applied_term) != (index, term)
+        {
+            return Err(refused(format!(
+                "it holds range {} at {}/t{}",
+                descriptor.range_id, snapshot.applied_index, snapshot.applied_term
+            )));
+        }
+        let members = membership_of(&descriptor).map_err(|error| refused(error.to_string()))?;
+        if members != *membership {
+            return Err(refused(
+                "its descriptor's members are not its raft configuration".into(),
+            ));
+        }
+        let mut sessions = Vec::with_capacity(snapshot.sessions.len());
+        for session in snapshot.sessions {
+            let id = <[u8; 16]>::try_from(&session.id[..])
+                .map_err(|_| refused("a session id is not 16 bytes".into()))?;
+            sessions.push((u128::from_be_bytes(id), session.record.to_vec()));
+        }
+        let table = command::Sessions::load(sessions.iter().cloned())
+            .map_err(|error| refused(error.to_string()))?;
+        let image = rangekv_state::RangeImage {
+            data: snapshot
+                .data
+                .into_iter()
+                .map(|pair| (pair.key.to_vec(), pair.value.to_vec()))
+                .collect(),
+            sessions,
+            apply_state: rangekv_state::ApplyState {
+                applied_index: index,
+                applied_term: term,
+            },
+        };
+        self.shared
+            .state
+            .install_image(
+                range,
+                &descriptor.start_key,
+                &descriptor.end_key,
+                &image,
+                &descriptor.encode_to_vec(),
+            )
+            .map_err(state_failed)?;
+        handle.sessions = table;
+        if let Ok(mut shared) = handle.info.descriptor.write() {
+            *shared = descriptor.clone();
+        }
+        handle.descriptor = descriptor;
+        handle.info.applied.store(index, Ordering::Relaxed);
+        self.shared
+            .counters
+            .snapshots_installed
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%range, index, term, keys = image.data.len(), "snapshot installed");
+        Ok(())
     }
 
     fn commit_apply(&mut self) -> Result<(), Fatal> {
@@ -358,8 +480,7 @@ impl Worker {
             quiesce: config.quiesce,
             quiesce_after_ticks: config.quiesce_after_ticks,
             log_gc_entries: config.log_gc_entries,
-            // The node builds no snapshots yet: compact only what every follower holds.
-            log_gc_lag_entries: u64::MAX,
+            log_gc_lag_entries: config.log_gc_lag_entries,
             log_gc_flush_after: config.log_gc_flush_after,
             loop_bytes_target: LOOP_BYTES_TARGET.min(shared.log.batch_bytes_max() / 4),
             entry_bytes_target: command::ENTRY_BYTES_TARGET,
@@ -397,6 +518,7 @@ impl Worker {
             .peer_id;
         let members = membership_of(&descriptor)?;
         let apply_state = self.shared.state.apply_state(range)?;
+        self.reset_log_behind_snapshot(range, apply_state)?;
         let sessions = command::Sessions::load(self.shared.state.sessions(range)?)
             .map_err(|error| NodeError::CorruptSession { range, error })?;
         let info = Arc::new(RangeInfo {
@@ -433,6 +555,29 @@ impl Worker {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(range, info);
+        Ok(())
+    }
+
+    /// A snapshot installed just before a crash whose log reset was lost: the log
+    /// restarts after the applied entry (its hard state kept) before the replica
+    /// opens. See `rangekv_raftstore::operation::snapshot`.
+    fn reset_log_behind_snapshot(
+        &self,
+        range: RangeId,
+        applied: rangekv_state::ApplyState,
+    ) -> Result<(), NodeError> {
+        let log = NodeLog(self.shared.log.clone());
+        let (index, term) = (applied.applied_index, applied.applied_term);
+        if !log_needs_reset(&log, range, index, term) {
+            return Ok(());
+        }
+        tracing::warn!(%range, index, term, "the log is behind the installed snapshot: restarting it there");
+        let hard_state = log.hard_state(range);
+        let mut batch = LogBatch::new();
+        batch.remove_range(range);
+        batch.compact_to(range, index, term);
+        batch.set_hard_state(range, hard_state);
+        self.shared.log.write_sync(batch)?;
         Ok(())
     }
 
@@ -508,6 +653,7 @@ impl Worker {
             },
             Control::CreateRanges(descriptors) => self.create_ranges(descriptors),
             Control::Unreachable(store) => self.driver.on_unreachable(store),
+            Control::SnapshotSent { range, to } => self.driver.on_snapshot_sent(range, to, true),
             Control::LogFailed(error) => self.stop_store(format!("raft log write failed: {error}")),
             Control::Shutdown => self.shutdown = true,
         }

@@ -674,6 +674,50 @@ async fn applied_log_is_compacted_on_every_replica_and_restart_still_has_everyth
     cluster.shutdown().await;
 }
 
+/// A follower down while its leader compacts the log past it catches up by snapshot
+/// when it comes back (the log no longer holds what it lacks), keeps the snapshot
+/// across its own restart, and goes on replicating.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_the_compacted_log_catches_up_by_snapshot() {
+    let mut cluster = Cluster::start_with(3, splits(), |config| {
+        config.store.log_gc_entries = 20;
+        config.store.log_gc_lag_entries = 30;
+        config.store.quiesce = false;
+    })
+    .await;
+    let range = RangeId(cluster.range_of(&key(1)).await.range_id);
+    cluster.put(&key(1), b"before").await;
+    cluster.wait_replicated(&key(1), b"before").await;
+    let leader = cluster.leader_of(range).unwrap();
+    let follower = (0..3).find(|i| *i != leader).unwrap();
+    cluster.kill(follower).await;
+    for i in 0..200 {
+        cluster.put(&key(1), format!("v{i}").as_bytes()).await;
+    }
+    cluster
+        .wait_until("the running replicas drop at least 100 entries", |c| {
+            c.running()
+                .all(|(_, n)| n.store().log().first_index(range) > 100)
+        })
+        .await;
+    cluster.restart(follower).await;
+    cluster.wait_replicated(&key(1), b"v199").await;
+    let installed = |c: &Cluster| {
+        c.node(follower)
+            .store()
+            .counters()
+            .snapshots_installed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert!(installed(&cluster) >= 1, "caught up by snapshot");
+    cluster.kill(follower).await;
+    cluster.restart(follower).await;
+    cluster.wait_replicated(&key(1), b"v199").await;
+    cluster.put(&key(1), b"after").await;
+    cluster.wait_replicated(&key(1), b"after").await;
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_range_going_idle_drops_its_applied_log() {
     // Applies skip RocksDB's WAL: the log keeps what the state machine has not flushed,

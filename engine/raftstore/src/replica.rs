@@ -475,16 +475,12 @@ impl<S: Storage, P, R> Replica<S, P, R> {
             self.applied
         );
         self.applied = index;
+        // raft-rs reads the entries past its applied index (an election scans them
+        // for membership changes): there are none up to the snapshot, and the log
+        // below it is gone. Set directly: `advance_apply_to` would refuse an index
+        // above what is persisted, and the snapshot's log reset is not durable yet.
+        self.raw.raft.raft_log.applied = index;
         self.drain_proposals()
-    }
-
-    /// Tells raft-rs what is applied once it may know (a snapshot's index, after the
-    /// snapshot is persisted): raft-rs reads the log from its applied index on.
-    pub fn sync_raft_applied(&mut self) {
-        let log = &self.raw.raft.raft_log;
-        if log.applied < self.applied && self.applied <= log.committed.min(log.persisted) {
-            self.raw.advance_apply_to(self.applied);
-        }
     }
 
     /// Notes a role change seen in a `Ready`'s soft state. `not_served` gets the reads

@@ -325,6 +325,51 @@ mod tests {
         assert!(storage.entries(1, 6, None, context()).is_err());
     }
 
+    /// Found in review: a follower that installed a snapshot and whose log reset was
+    /// not durable yet, left by its leader, campaigned, and raft-rs read the entries
+    /// past its applied index — below the reset, gone — and panicked.
+    #[test]
+    fn a_follower_can_campaign_before_its_snapshot_reset_is_durable() {
+        use raft::eraftpb::{Message, MessageType};
+        use std::time::Duration;
+
+        let log = Rc::new(RefCell::new(MemLog::default()));
+        let conf = ConfState {
+            voters: vec![1, 2, 3],
+            ..Default::default()
+        };
+        let storage = PeerStorage::new(log, RangeId(1), conf.clone(), 0);
+        let settings = crate::ReplicaConfig::default();
+        let config = settings.raft_config(rangekv_types::PeerId(2), 0).unwrap();
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let raw = raft::RawNode::new(&config, storage, &logger).unwrap();
+        let mut replica: crate::replica::Replica<_, (), ()> =
+            crate::replica::Replica::new(raw, 0, Duration::from_secs(1), 7);
+        let mut message = Message::default();
+        message.set_msg_type(MessageType::MsgSnapshot);
+        (message.from, message.to, message.term) = (1, 2, 2);
+        let snapshot = message.mut_snapshot().mut_metadata();
+        (snapshot.index, snapshot.term) = (10, 2);
+        snapshot.set_conf_state(conf);
+        replica.step(message).unwrap();
+        let ready = replica.raw.ready();
+        assert_eq!(ready.snapshot().get_metadata().index, 10);
+        replica.raw.mut_store().reset(10, 2, 1);
+        replica.on_snapshot(10);
+        replica.raw.advance_append_async(ready);
+        // The leader goes silent before log write 1 is durable.
+        for _ in 0..4 * settings.election_timeout_ticks {
+            replica.tick();
+        }
+        assert_ne!(replica.raw.raft.state, raft::StateRole::Follower);
+        let ready = replica.raw.ready();
+        let number = ready.number();
+        replica.raw.advance_append_async(ready);
+        replica.raw.mut_store().on_durable(1);
+        replica.raw.on_persist_ready(number);
+        assert_eq!(replica.raw.raft.raft_log.persisted, 10);
+    }
+
     #[test]
     fn commit_is_at_least_the_applied_index() {
         let log = Rc::new(RefCell::new(MemLog::default()));

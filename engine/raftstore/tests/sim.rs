@@ -588,10 +588,14 @@ fn the_simulation_exercises_batching_quiescence_compaction_and_sessions() {
 /// (next index = matched) before `Replica::step` floored the next index: a leader
 /// then compacted its log to the matched index and needed a snapshot to reach that
 /// follower, which never caught up (SEED=464: "leader n3 needs a snapshot for n2").
+/// Without snapshots, as then: a snapshot would rescue the follower and hide it (the
+/// seeds' runs have shifted since; they stay as a regression set).
 #[test]
 fn a_stale_rejection_does_not_strand_a_follower_behind_a_compaction() {
     for seed in [245, 258, 464, 1039, 1306, 1508, 1601, 1647] {
-        if let Err(failure) = run(options(seed)) {
+        let mut opts = options(seed);
+        opts.no_snapshots = true;
+        if let Err(failure) = run(opts) {
             panic!("{}", with_tail(failure));
         }
     }

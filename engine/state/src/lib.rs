@@ -78,6 +78,16 @@ pub enum Write<'a> {
 /// A key and its value.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
 
+/// A range's state machine as of its applied index: what a snapshot carries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RangeImage {
+    /// The user keys of the range's span, in order.
+    pub data: Vec<KeyValue>,
+    /// Its client session records, by session id.
+    pub sessions: Vec<(u128, Vec<u8>)>,
+    pub apply_state: ApplyState,
+}
+
 pub struct StateMachine {
     db: DB,
     direct_io: bool,
@@ -345,6 +355,102 @@ impl StateMachine {
         Ok(out)
     }
 
+    /// `range`'s state for a snapshot: the user keys of `[start, end)` (an empty `end`
+    /// is +infinity), its sessions and its apply state, read from one RocksDB
+    /// snapshot so that they agree.
+    pub fn range_image(
+        &self,
+        range: RangeId,
+        start: &[u8],
+        end: &[u8],
+    ) -> Result<RangeImage, StateError> {
+        let snapshot = self.db.snapshot();
+        let mut options = ReadOptions::default();
+        options.set_snapshot(&snapshot);
+        if !end.is_empty() {
+            options.set_iterate_upper_bound(end.to_vec());
+        }
+        let mut data = Vec::new();
+        let iter = self.db.iterator_cf_opt(
+            self.cf(CF_DATA),
+            options,
+            IteratorMode::From(start, Direction::Forward),
+        );
+        for item in iter {
+            let (key, value) = item?;
+            data.push((key.into_vec(), value.into_vec()));
+        }
+        let prefix = range_meta_key(SESSION_PREFIX, range);
+        let mut options = ReadOptions::default();
+        options.set_snapshot(&snapshot);
+        let iter = self.db.iterator_cf_opt(
+            self.cf(CF_META),
+            options,
+            IteratorMode::From(&prefix, Direction::Forward),
+        );
+        let mut sessions = Vec::new();
+        for item in iter {
+            let (key, value) = item?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let id: [u8; 16] = key[9..].try_into().map_err(|_| StateError::CorruptMeta {
+                range,
+                what: "session key is not 25 bytes",
+            })?;
+            sessions.push((u128::from_be_bytes(id), value.into_vec()));
+        }
+        let apply_state = match snapshot.get_cf(self.cf(CF_META), apply_state_key(range))? {
+            Some(raw) => ApplyState::decode(range, &raw)?,
+            None => ApplyState::default(),
+        };
+        Ok(RangeImage {
+            data,
+            sessions,
+            apply_state,
+        })
+    }
+
+    /// Replaces `range`'s state with `image` (a snapshot's) in **one synced write**:
+    /// every key of `[start, end)` and every session of the range deleted, the
+    /// image's keys, sessions and apply state written, with the range's descriptor
+    /// (encoded by the caller). A crash leaves the old state or the new one, and the
+    /// new one is durable when this returns: it rides the WAL, unlike apply batches
+    /// (`durable_apply_state`, which reads only what a flush persisted, sees it after
+    /// the next flush: conservative for log compaction).
+    pub fn install_image(
+        &self,
+        range: RangeId,
+        start: &[u8],
+        end: &[u8],
+        image: &RangeImage,
+        descriptor: &[u8],
+    ) -> Result<(), StateError> {
+        let data = self.cf(CF_DATA);
+        let meta = self.cf(CF_META);
+        let mut batch = WriteBatch::default();
+        // Point deletes of what is there: the span may reach +infinity, which no
+        // range deletion bounds.
+        for (key, _) in self.scan(start, end, usize::MAX, true)? {
+            batch.delete_cf(data, key);
+        }
+        for (session, _) in self.sessions(range)? {
+            batch.delete_cf(meta, session_key(range, session));
+        }
+        for (key, value) in &image.data {
+            batch.put_cf(data, key, value);
+        }
+        for (session, record) in &image.sessions {
+            batch.put_cf(meta, session_key(range, *session), record);
+        }
+        batch.put_cf(meta, apply_state_key(range), image.apply_state.encode());
+        batch.put_cf(meta, descriptor_key(range), descriptor);
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db.write_opt(batch, &options)?;
+        Ok(())
+    }
+
     /// The store id this data directory belongs to, once assigned.
     pub fn store_id(&self) -> Result<Option<u64>, StateError> {
         match self.db.get_cf(self.cf(CF_META), STORE_ID_KEY)? {
@@ -509,6 +615,71 @@ fn without_wal() -> WriteOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A snapshot's image is taken whole (data of the span only, the range's
+    /// sessions, its apply state) and installed in place of what another replica had:
+    /// after a reopen the old keys of the span are gone, the image's are there, keys
+    /// outside the span untouched.
+    #[test]
+    fn a_range_image_replaces_the_span_it_was_taken_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let range = RangeId(3);
+        let image = {
+            let leader = StateMachine::open(&dir.path().join("leader")).unwrap();
+            let mut batch = leader.batch();
+            batch.put(b"b1", b"new");
+            batch.put(b"b2", b"two");
+            batch.put(b"z", b"outside");
+            batch.set_session(range, 9, Some(b"session".to_vec()));
+            batch.set_apply_state(
+                range,
+                ApplyState {
+                    applied_index: 40,
+                    applied_term: 3,
+                },
+            );
+            batch.commit().unwrap();
+            leader.range_image(range, b"b", b"c").unwrap()
+        };
+        assert_eq!(
+            image.data,
+            vec![
+                (b"b1".to_vec(), b"new".to_vec()),
+                (b"b2".to_vec(), b"two".to_vec())
+            ]
+        );
+        assert_eq!(image.sessions, vec![(9, b"session".to_vec())]);
+        assert_eq!(image.apply_state.applied_index, 40);
+
+        let path = dir.path().join("follower");
+        {
+            let follower = StateMachine::open(&path).unwrap();
+            let mut batch = follower.batch();
+            batch.put(b"b0", b"stale");
+            batch.put(b"b1", b"old");
+            batch.put(b"a", b"left");
+            batch.set_session(range, 4, Some(b"gone".to_vec()));
+            batch.commit().unwrap();
+            follower.flush(true).unwrap();
+            follower
+                .install_image(range, b"b", b"c", &image, b"descriptor")
+                .unwrap();
+            assert_eq!(follower.apply_state(range).unwrap().applied_index, 40);
+        }
+        let follower = StateMachine::open(&path).unwrap();
+        assert_eq!(follower.get(b"b0").unwrap(), None, "stale key of the span");
+        assert_eq!(follower.get(b"b1").unwrap().as_deref(), Some(&b"new"[..]));
+        assert_eq!(follower.get(b"a").unwrap().as_deref(), Some(&b"left"[..]));
+        assert_eq!(follower.sessions(range).unwrap(), image.sessions);
+        assert_eq!(follower.apply_state(range).unwrap().applied_index, 40);
+        assert_eq!(
+            follower.descriptors().unwrap(),
+            vec![(range, b"descriptor".to_vec())]
+        );
+        // An image of a span reaching +infinity.
+        let whole = follower.range_image(range, b"", b"").unwrap();
+        assert_eq!(whole.data.len(), 3);
+    }
 
     #[test]
     fn apply_writes_data_and_applied_index_together_and_survives_reopen() {

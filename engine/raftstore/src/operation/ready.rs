@@ -109,7 +109,12 @@ impl<T: Types> Driver<T> {
                 committed.push((*range, entries));
             }
             let appended = ready.take_entries();
-            let hard_state = ready.hs().cloned();
+            // A reset drops the range's whole log, hard state included: one is
+            // written after it in the same write.
+            let hard_state = match ready.hs() {
+                None if snapshot => Some(peer.replica.raw.raft.hard_state()),
+                hard_state => hard_state.cloned(),
+            };
             let after_persist = ready.take_persisted_messages();
             let number = ready.number();
             let needs_persist = !appended.is_empty() || hard_state.is_some() || snapshot;
@@ -188,7 +193,6 @@ impl<T: Types> Driver<T> {
             peer.persisting = peer.persisting.saturating_sub(1);
             peer.replica.raw.mut_store().on_durable(seq);
             peer.replica.raw.on_persist_ready(number);
-            peer.replica.sync_raft_applied();
             if peer.replica.raw.raft.raft_log.persisted >= peer.snapshot_unpersisted {
                 peer.snapshot_unpersisted = 0;
             }

@@ -46,8 +46,16 @@ pub(crate) fn offer(
 ) -> raft::Result<Snapshot> {
     let mut snapshots = snapshots.borrow_mut();
     if let Some(built) = &snapshots.built {
-        let index = built.get_metadata().index;
-        if index >= request_index && index + 1 >= first_index {
+        let meta = built.get_metadata();
+        let conf = meta.get_conf_state();
+        // raft-rs refuses a snapshot whose configuration lacks its recipient.
+        let names_to = conf
+            .get_voters()
+            .iter()
+            .chain(conf.get_learners())
+            .chain(conf.get_voters_outgoing())
+            .any(|id| *id == to);
+        if names_to && meta.index >= request_index && meta.index + 1 >= first_index {
             return Ok(built.clone());
         }
     }
@@ -154,6 +162,18 @@ impl<T: Types> Driver<T> {
             raft::SnapshotStatus::Failure
         };
         peer.replica.raw.report_snapshot(to, status);
+        // Kept while a follower may still need it (its payload may pin state in the
+        // host); the next follower behind gets a fresh one.
+        let sending = peer
+            .replica
+            .raw
+            .raft
+            .prs()
+            .iter()
+            .any(|(_, p)| p.state == raft::ProgressState::Snapshot);
+        if !sending {
+            peer.replica.raw.store().snapshots.borrow_mut().built = None;
+        }
         self.touched.insert(range);
     }
 }
@@ -236,6 +256,7 @@ mod tests {
         assert_eq!(snapshots.borrow().wanted_by, vec![2], "noted once");
         let mut built = Snapshot::default();
         built.mut_metadata().index = 20;
+        built.mut_metadata().mut_conf_state().voters = vec![2, 3];
         snapshots.borrow_mut().built = Some(built);
         snapshots.borrow_mut().wanted_by.clear();
         assert_eq!(
@@ -250,5 +271,10 @@ mod tests {
             unavailable(offer(&snapshots, 21, 25, 3)),
             "the follower asked for a newer one"
         );
+        assert!(
+            unavailable(offer(&snapshots, 21, 0, 4)),
+            "its configuration lacks the follower (raft-rs would refuse it)"
+        );
+        assert_eq!(snapshots.borrow().wanted_by, vec![3, 4]);
     }
 }

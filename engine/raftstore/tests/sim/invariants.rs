@@ -150,6 +150,24 @@ impl World {
                 return;
             }
         }
+        // Without snapshots, no follower may need one: a leader sends every follower
+        // from past its log's compaction point. Raft would otherwise ask for a
+        // snapshot, be told none is available, and never replicate to it again.
+        if status.role == StateRole::Leader && self.core.log_gc_lag_entries == u64::MAX {
+            let peer = self.live(node).driver().peer(range).expect("hosted");
+            let stranded = peer
+                .progress()
+                .into_iter()
+                .find(|&(peer, _, next)| peer != id && next < status.first_index);
+            if let Some((follower, matched, next)) = stranded {
+                let first = status.first_index;
+                self.fail(format!(
+                    "{range}: leader n{id} needs a snapshot for n{follower}: its next index {next} \
+                     (matched {matched}) is below the log's first index {first}"
+                ));
+                return;
+            }
+        }
         // applied ≤ committed ≤ last, and applied ≤ persisted (raft hands out only
         // entries that are committed and durable here; a snapshot's index is applied
         // once installed, persisted once its log reset is durable).

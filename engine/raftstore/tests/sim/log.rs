@@ -72,9 +72,12 @@ impl RangeLog {
     }
 
     /// Returns whether the compaction point moved.
-    /// A snapshot installed at (index, term): the log restarts after it.
+    /// A snapshot installed at (index, term): the log restarts after it. As the
+    /// node's log engine does (a range removal), the hard state goes too: whoever
+    /// resets writes one after.
     pub fn reset(&mut self, index: u64, term: u64) {
         self.entries.clear();
+        self.hard_state = HardState::default();
         self.truncated_index = index;
         self.truncated_term = term;
     }

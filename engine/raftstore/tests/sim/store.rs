@@ -233,11 +233,12 @@ impl World {
             ));
             return false;
         }
-        log.0
-            .borrow_mut()
-            .disk
-            .range_mut(range)
-            .reset(applied, term);
+        let mut state = log.0.borrow_mut();
+        let disk_log = state.disk.range_mut(range);
+        let hard_state = disk_log.hard_state.clone();
+        disk_log.reset(applied, term);
+        disk_log.hard_state = hard_state;
+        drop(state);
         self.summary.logs_reset_at_open += 1;
         self.log(|| {
             format!(

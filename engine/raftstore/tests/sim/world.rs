@@ -73,6 +73,8 @@ pub struct Options {
     /// without sync, so a crash may lose it after its log reset is durable. Only for
     /// the test proving the checks bite.
     pub buggy_snapshot_not_durable: bool,
+    /// No snapshots (as a node without them): the log waits for every follower.
+    pub no_snapshots: bool,
 }
 
 impl Options {
@@ -88,6 +90,7 @@ impl Options {
             buggy_reapply: false,
             buggy_forget_membership: false,
             buggy_snapshot_not_durable: false,
+            no_snapshots: false,
         }
     }
 }
@@ -538,8 +541,14 @@ fn core_config(rng: &mut Rng) -> CoreConfig {
     if rng.chance(300) {
         config.loop_bytes_target = rng.range(60, 400) as usize;
     }
-    // Followers a little behind are left to catch up by snapshot.
-    config.log_gc_lag_entries = rng.range(2, 30);
+    // Followers a little behind are left to catch up by snapshot; in a quarter of
+    // the worlds, as in a node without snapshots, none is ever built and the log
+    // waits for every follower.
+    config.log_gc_lag_entries = if rng.chance(250) {
+        u64::MAX
+    } else {
+        rng.range(2, 30)
+    };
     config
 }
 
@@ -559,6 +568,9 @@ impl World {
             _ => 3,
         };
         let mut core = core_config(&mut fault_rng);
+        if opts.no_snapshots {
+            core.log_gc_lag_entries = u64::MAX;
+        }
         // Sometimes sessions idle for a few seconds are dropped (the default, 10
         // minutes, is longer than a run): expiry and `SessionExpired` happen.
         let short_session_ttl = clock_rng.chance(250);

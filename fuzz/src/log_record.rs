@@ -106,6 +106,12 @@ fn check_record(segment: &[u8], raw: &[u8], record: &Record, signature: u32) {
             format::encode_compaction_point(&mut out, *range, *truncated_index, *truncated_term);
         }
         Record::RangeRemoval { range } => format::encode_range_removal(&mut out, *range),
+        Record::Reset {
+            range,
+            index,
+            term,
+            hard_state,
+        } => format::encode_reset(&mut out, *range, *index, *term, hard_state),
     }
     format::sign_records(&mut out, signature);
     assert_eq!(out, raw, "record re-encodes to its bytes: {record:?}");

@@ -173,6 +173,12 @@ pub(crate) enum Update {
         truncated_index: u64,
         truncated_term: u64,
     },
+    Reset {
+        range: RangeId,
+        index: u64,
+        term: u64,
+        hard_state: HardState,
+    },
     Removal {
         range: RangeId,
     },
@@ -184,6 +190,7 @@ impl Update {
             Update::Entries { range, .. }
             | Update::HardState { range, .. }
             | Update::Compaction { range, .. }
+            | Update::Reset { range, .. }
             | Update::Removal { range } => *range,
         }
     }
@@ -238,6 +245,18 @@ impl LogBatch {
             range,
             truncated_index,
             truncated_term,
+        });
+    }
+
+    /// Restarts `range`'s log after `index` (of `term`), every entry dropped, with
+    /// `hard_state`: a snapshot was installed. One record (see `format`).
+    pub fn reset(&mut self, range: RangeId, index: u64, term: u64, hard_state: HardState) {
+        format::encode_reset(&mut self.buf, range, index, term, &hard_state);
+        self.updates.push(Update::Reset {
+            range,
+            index,
+            term,
+            hard_state,
         });
     }
 
@@ -733,6 +752,11 @@ fn replay(fs: &dyn FileSystem) -> Result<Recovered, LogError> {
             Record::RangeRemoval { range } => {
                 floors.remove(range);
             }
+            Record::Reset {
+                range, index, term, ..
+            } => {
+                floors.insert(*range, (*index, *term, *segment));
+            }
             _ => {}
         }
     }
@@ -777,6 +801,13 @@ fn replay(fs: &dyn FileSystem) -> Result<Recovered, LogError> {
             }
             Record::RangeRemoval { range } => {
                 ranges.remove(&range);
+            }
+            Record::Reset {
+                range, hard_state, ..
+            } => {
+                let mut log = start(&range);
+                log.set_hard_state(hard_state, segment);
+                ranges.insert(range, log);
             }
         }
     }

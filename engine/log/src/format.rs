@@ -25,7 +25,12 @@
 //! HardState       range u64 | term u64 | vote u64 | commit u64
 //! CompactionPoint range u64 | truncated_index u64 | truncated_term u64
 //! RangeRemoval    range u64
+//! Reset           range u64 | index u64 | term u64 | hs_term u64 | hs_vote u64 | hs_commit u64
 //! ```
+//!
+//! A reset (a snapshot was installed) drops every entry of the range, restarts its log
+//! after (index, term) and sets its hard state, in one record: a torn write keeps all
+//! of it or none (a removal and a hard state in two records could lose the vote).
 //!
 //! An entry's index is implicit (`first_index` + position), which also makes every
 //! record's entries contiguous.
@@ -55,6 +60,7 @@ pub enum RecordKind {
     HardState = 2,
     CompactionPoint = 3,
     RangeRemoval = 4,
+    Reset = 5,
 }
 
 impl RecordKind {
@@ -64,6 +70,7 @@ impl RecordKind {
             2 => Some(RecordKind::HardState),
             3 => Some(RecordKind::CompactionPoint),
             4 => Some(RecordKind::RangeRemoval),
+            5 => Some(RecordKind::Reset),
             _ => None,
         }
     }
@@ -249,6 +256,23 @@ pub fn encode_range_removal(out: &mut Vec<u8>, range: RangeId) {
     finish_record(out, payload_at);
 }
 
+pub fn encode_reset(
+    out: &mut Vec<u8>,
+    range: RangeId,
+    index: u64,
+    term: u64,
+    hard_state: &HardState,
+) {
+    let payload_at = begin_record(out, RecordKind::Reset);
+    out.extend_from_slice(&range.get().to_le_bytes());
+    out.extend_from_slice(&index.to_le_bytes());
+    out.extend_from_slice(&term.to_le_bytes());
+    out.extend_from_slice(&hard_state.term.to_le_bytes());
+    out.extend_from_slice(&hard_state.vote.to_le_bytes());
+    out.extend_from_slice(&hard_state.commit.to_le_bytes());
+    finish_record(out, payload_at);
+}
+
 /// Decodes one entry's bytes (as located by an [`EncodedEntry`]) into an `Entry`.
 pub fn decode_entry(raw: &[u8], index: u64) -> Result<Entry, &'static str> {
     if raw.len() < ENTRY_HEADER_BYTES {
@@ -295,6 +319,12 @@ pub enum Record {
         range: RangeId,
         truncated_index: u64,
         truncated_term: u64,
+    },
+    Reset {
+        range: RangeId,
+        index: u64,
+        term: u64,
+        hard_state: HardState,
     },
     RangeRemoval {
         range: RangeId,
@@ -436,6 +466,27 @@ fn decode_payload(
                 return Err("removal record has the wrong length");
             }
             Ok(Record::RangeRemoval { range })
+        }
+        RecordKind::Reset => {
+            if payload.len() != 48 {
+                return Err("reset record has the wrong length");
+            }
+            let index = read_u64(payload, 8);
+            if index > INDEX_MAX {
+                return Err("reset point out of bounds");
+            }
+            let hard_state = HardState {
+                term: read_u64(payload, 24),
+                vote: read_u64(payload, 32),
+                commit: read_u64(payload, 40),
+                ..Default::default()
+            };
+            Ok(Record::Reset {
+                range,
+                index,
+                term: read_u64(payload, 16),
+                hard_state,
+            })
         }
     }
 }

@@ -516,19 +516,48 @@ mod conformance {
             let engine = open(&store, small_config(io));
             append(&engine, RangeId(1), 1, 4);
             append(&engine, RangeId(2), 1, 4);
+            append(&engine, RangeId(4), 1, 8);
+            let mut batch = LogBatch::new();
+            batch.set_hard_state(RangeId(4), hard_state(2, 2, 8));
+            engine.write_sync(batch).unwrap();
             let mut batch = LogBatch::new();
             batch.remove_range(RangeId(1));
             // A snapshot (or a bootstrap) restarts range 3's log after index 5.
             batch.compact_to(RangeId(3), 5, 5);
+            // A snapshot installed at 6 over a log holding 1..=8: every entry goes
+            // (7 and 8 too), the hard state is the reset's.
+            batch.reset(RangeId(4), 6, 6, hard_state(7, 3, 6));
             engine.write_sync(batch).unwrap();
-            assert_eq!(engine.ranges(), vec![RangeId(2), RangeId(3)]);
+            let reset_holds = |engine: &LogEngine| {
+                assert_eq!(engine.first_index(RangeId(4)), 7);
+                assert_eq!(engine.last_index(RangeId(4)), 6);
+                assert_eq!(engine.term(RangeId(4), 6).unwrap(), 6);
+                assert_eq!(engine.hard_state(RangeId(4)), hard_state(7, 3, 6));
+            };
+            reset_holds(&engine);
+            assert_eq!(engine.ranges(), vec![RangeId(2), RangeId(3), RangeId(4)]);
             append(&engine, RangeId(3), 6, 7);
         }
         let engine = open(&store, small_config(io));
-        assert_eq!(engine.ranges(), vec![RangeId(2), RangeId(3)]);
+        assert_eq!(engine.ranges(), vec![RangeId(2), RangeId(3), RangeId(4)]);
         assert_eq!(engine.last_index(RangeId(1)), 0);
         assert_log(&engine, RangeId(3), 6, 7);
         assert_eq!(engine.term(RangeId(3), 5).unwrap(), 5);
+        assert_eq!(engine.first_index(RangeId(4)), 7);
+        assert_eq!(engine.last_index(RangeId(4)), 6);
+        assert_eq!(engine.term(RangeId(4), 6).unwrap(), 6);
+        assert_eq!(engine.hard_state(RangeId(4)), hard_state(7, 3, 6));
+        append(&engine, RangeId(4), 7, 9);
+        assert_log(&engine, RangeId(4), 7, 9);
+    }
+
+    fn hard_state(term: u64, vote: u64, commit: u64) -> HardState {
+        HardState {
+            term,
+            vote,
+            commit,
+            ..Default::default()
+        }
     }
 
     pub fn reads_from_disk_once_evicted(kind: &str, io: LogIo) {

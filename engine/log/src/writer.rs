@@ -823,6 +823,18 @@ impl Writer {
                         last_index: 0,
                     };
                 }
+                Update::Reset { index, .. } => {
+                    if *index > format::INDEX_MAX {
+                        return Err(LogError::Invalid {
+                            range,
+                            reason: format!("reset point {index} is past {}", format::INDEX_MAX),
+                        });
+                    }
+                    view = RangeView {
+                        truncated_index: *index,
+                        last_index: *index,
+                    };
+                }
             }
             views.insert(range, view);
         }
@@ -1108,6 +1120,23 @@ impl Writer {
                         let freed =
                             lock(&log).compact(*truncated_index, *truncated_term, group.segment);
                         self.cache_bytes -= freed as isize;
+                        wants_gc = true;
+                    }
+                    Update::Reset {
+                        range,
+                        index,
+                        term,
+                        hard_state,
+                    } => {
+                        last = None;
+                        if let Some(log) = write(&self.shared.ranges).remove(range) {
+                            let freed = lock(&log).evict_cache_through(u64::MAX);
+                            self.cache_bytes -= freed as isize;
+                        }
+                        let log = self.shared.range_or_insert(*range);
+                        let mut log = lock(&log);
+                        log.compact(*index, *term, group.segment);
+                        log.set_hard_state(hard_state.clone(), group.segment);
                         wants_gc = true;
                     }
                     Update::Removal { range } => {

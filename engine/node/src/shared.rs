@@ -33,7 +33,9 @@ pub struct StoreConfig {
     /// by every follower, can be dropped.
     pub log_gc_entries: u64,
     /// A follower more than this many entries behind its leader's applied index no
-    /// longer holds the log back; it catches up by snapshot.
+    /// longer holds the log back; it catches up by snapshot. Off (`u64::MAX`) by
+    /// default: snapshots travel in one message, so only ranges below
+    /// `snapshot_bytes_max` can be caught up that way.
     pub log_gc_lag_entries: u64,
     /// The largest snapshot (encoded range state) a leader sends; a larger range's
     /// followers wait (snapshots travel inside one raft message).
@@ -59,7 +61,9 @@ impl Default for StoreConfig {
             quiesce: true,
             quiesce_after_ticks: 20,
             log_gc_entries: 4096,
-            log_gc_lag_entries: rangekv_raftstore::CoreConfig::default().log_gc_lag_entries,
+            // Off: a snapshot is one message, so a range larger than
+            // `snapshot_bytes_max` could leave a follower stranded below the log.
+            log_gc_lag_entries: u64::MAX,
             snapshot_bytes_max: rangekv_types::limits::REQUEST_BYTES_MAX,
             log_gc_flush_after: Duration::from_secs(10),
             session_ttl: Duration::from_secs(600),

@@ -149,11 +149,10 @@ impl Host<NodeTypes> for NodeHost<'_> {
 
     fn submit_log(&mut self, write: LogWrite) {
         let mut batch = LogBatch::new();
-        for (range, index, term) in write.resets {
+        for (range, index, term, hard_state) in write.resets {
             // The log restarts after the snapshot: every entry gone, divergent ones
-            // above its index too.
-            batch.remove_range(range);
-            batch.compact_to(range, index, term);
+            // above its index too; one record with the hard state.
+            batch.reset(range, index, term, hard_state);
         }
         for (range, entries) in write.appends {
             batch.append(range, entries);
@@ -254,6 +253,18 @@ impl Host<NodeTypes> for NodeHost<'_> {
         term: u64,
     ) -> Result<Option<Vec<u8>>, Fatal> {
         let descriptor = &handle.descriptor;
+        let limit = self.shared.config.snapshot_bytes_max;
+        // Stop before reading a range too large to send whole (the encoding adds
+        // a few bytes per key: checked again below).
+        if self
+            .shared
+            .state
+            .span_exceeds(&descriptor.start_key, &descriptor.end_key, limit)
+            .map_err(state_failed)?
+        {
+            tracing::warn!(%range, limit, "range too large for a snapshot: its lagging followers cannot catch up");
+            return Ok(None);
+        }
         let image = self
             .shared
             .state
@@ -288,7 +299,6 @@ impl Host<NodeTypes> for NodeHost<'_> {
                 .collect(),
         };
         let encoded = snapshot.encode_to_vec();
-        let limit = self.shared.config.snapshot_bytes_max;
         if encoded.len() > limit {
             tracing::warn!(
                 %range,
@@ -572,11 +582,8 @@ impl Worker {
             return Ok(());
         }
         tracing::warn!(%range, index, term, "the log is behind the installed snapshot: restarting it there");
-        let hard_state = log.hard_state(range);
         let mut batch = LogBatch::new();
-        batch.remove_range(range);
-        batch.compact_to(range, index, term);
-        batch.set_hard_state(range, hard_state);
+        batch.reset(range, index, term, log.hard_state(range));
         self.shared.log.write_sync(batch)?;
         Ok(())
     }

@@ -701,15 +701,22 @@ async fn a_follower_behind_the_compacted_log_catches_up_by_snapshot() {
         })
         .await;
     cluster.restart(follower).await;
+    let behind = cluster.node(follower).store().log().last_index(range);
+    assert!(
+        behind < 100,
+        "n{follower} restarted with its log at {behind}"
+    );
+    cluster
+        .wait_until("the follower installs a snapshot", |c| {
+            c.node(follower)
+                .store()
+                .counters()
+                .snapshots_installed
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 1
+        })
+        .await;
     cluster.wait_replicated(&key(1), b"v199").await;
-    let installed = |c: &Cluster| {
-        c.node(follower)
-            .store()
-            .counters()
-            .snapshots_installed
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
-    assert!(installed(&cluster) >= 1, "caught up by snapshot");
     cluster.kill(follower).await;
     cluster.restart(follower).await;
     cluster.wait_replicated(&key(1), b"v199").await;

@@ -42,10 +42,11 @@ pub struct LogWrite {
     pub seq: Option<u64>,
     pub appends: Vec<(RangeId, Vec<Entry>)>,
     pub hard_states: Vec<(RangeId, HardState)>,
-    /// (range, index, term): a snapshot was installed, the range's log restarts after
-    /// it — every entry dropped, the compaction point set there. Before the appends
-    /// of the same write.
-    pub resets: Vec<(RangeId, u64, u64)>,
+    /// (range, index, term, hard state): a snapshot was installed, the range's log
+    /// restarts after it — every entry dropped, the compaction point set there, this
+    /// hard state — as one atomic step (a torn write must not keep the drop and lose
+    /// the vote). Before the appends of the same write.
+    pub resets: Vec<(RangeId, u64, u64, HardState)>,
     /// (range, truncated index, truncated term).
     pub compactions: Vec<(RangeId, u64, u64)>,
     /// Payload bytes (entry data), to bound one write.

@@ -411,13 +411,14 @@ impl StateMachine {
         })
     }
 
-    /// Replaces `range`'s state with `image` (a snapshot's) in **one synced write**:
-    /// every key of `[start, end)` and every session of the range deleted, the
-    /// image's keys, sessions and apply state written, with the range's descriptor
-    /// (encoded by the caller). A crash leaves the old state or the new one, and the
-    /// new one is durable when this returns: it rides the WAL, unlike apply batches
-    /// (`durable_apply_state`, which reads only what a flush persisted, sees it after
-    /// the next flush: conservative for log compaction).
+    /// Replaces `range`'s state with `image` (a snapshot's) in **one write, then a
+    /// flush**: every key of `[start, end)` and every session of the range deleted,
+    /// the image's keys, sessions and apply state written, with the range's
+    /// descriptor (encoded by the caller). Like an apply batch it skips the WAL, and
+    /// the atomic flush of both families makes it durable, with every apply batch
+    /// before it, before this returns: a crash leaves the old state or the new one.
+    /// (Written through the WAL instead, it could outlive an earlier WAL-less delete
+    /// of a key of the span that the scan no longer saw: the key would come back.)
     pub fn install_image(
         &self,
         range: RangeId,
@@ -445,10 +446,36 @@ impl StateMachine {
         }
         batch.put_cf(meta, apply_state_key(range), image.apply_state.encode());
         batch.put_cf(meta, descriptor_key(range), descriptor);
-        let mut options = WriteOptions::default();
-        options.set_sync(true);
-        self.db.write_opt(batch, &options)?;
-        Ok(())
+        self.db.write_opt(batch, &without_wal())?;
+        self.flush(true)
+    }
+
+    /// Whether `[start, end)` of the data family holds more than `bytes_max` bytes of
+    /// keys and values (a scan that stops once past it).
+    pub fn span_exceeds(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        bytes_max: usize,
+    ) -> Result<bool, StateError> {
+        let mut options = ReadOptions::default();
+        if !end.is_empty() {
+            options.set_iterate_upper_bound(end.to_vec());
+        }
+        let iter = self.db.iterator_cf_opt(
+            self.cf(CF_DATA),
+            options,
+            IteratorMode::From(start, Direction::Forward),
+        );
+        let mut bytes = 0usize;
+        for item in iter {
+            let (key, value) = item?;
+            bytes += key.len() + value.len();
+            if bytes > bytes_max {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// The store id this data directory belongs to, once assigned.
@@ -664,7 +691,13 @@ mod tests {
             follower
                 .install_image(range, b"b", b"c", &image, b"descriptor")
                 .unwrap();
-            assert_eq!(follower.apply_state(range).unwrap().applied_index, 40);
+            assert_eq!(
+                follower.durable_apply_state(range).unwrap().applied_index,
+                40,
+                "durable (flushed) when install_image returns"
+            );
+            assert!(follower.span_exceeds(b"b", b"c", 5).unwrap());
+            assert!(!follower.span_exceeds(b"b", b"c", 100).unwrap());
         }
         let follower = StateMachine::open(&path).unwrap();
         assert_eq!(follower.get(b"b0").unwrap(), None, "stale key of the span");

@@ -87,8 +87,15 @@ impl<T: Types> Driver<T> {
             peer.send(ready.take_messages(), host);
             let snapshot = !ready.snapshot().is_empty();
             if snapshot {
+                // The reset carries the hard state (the Ready's, else the current one):
+                // one atomic step in the log.
+                let hard_state = ready
+                    .hs()
+                    .cloned()
+                    .unwrap_or_else(|| peer.replica.raw.raft.hard_state());
                 peer.install_snapshot(
                     ready.snapshot(),
+                    hard_state,
                     record.seq,
                     &mut write,
                     &mut abandoned,
@@ -109,12 +116,8 @@ impl<T: Types> Driver<T> {
                 committed.push((*range, entries));
             }
             let appended = ready.take_entries();
-            // A reset drops the range's whole log, hard state included: one is
-            // written after it in the same write.
-            let hard_state = match ready.hs() {
-                None if snapshot => Some(peer.replica.raw.raft.hard_state()),
-                hard_state => hard_state.cloned(),
-            };
+            // With a snapshot, the reset carries the hard state.
+            let hard_state = ready.hs().cloned().filter(|_| !snapshot);
             let after_persist = ready.take_persisted_messages();
             let number = ready.number();
             let needs_persist = !appended.is_empty() || hard_state.is_some() || snapshot;

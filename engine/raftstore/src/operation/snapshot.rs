@@ -23,7 +23,7 @@
 
 use std::cell::RefCell;
 
-use raft::eraftpb::{Snapshot, SnapshotMetadata};
+use raft::eraftpb::{HardState, Snapshot, SnapshotMetadata};
 use rangekv_types::RangeId;
 
 use crate::driver::Driver;
@@ -180,11 +180,12 @@ impl<T: Types> Driver<T> {
 
 impl<T: Types> Peer<T> {
     /// Installs the snapshot a `Ready` carries (see the module documentation); the
-    /// log's reset joins `write` (log write `seq`). The proposals this replica still
-    /// awaited go to `abandoned`.
+    /// log's reset, with `hard_state`, joins `write` (log write `seq`). The proposals
+    /// this replica still awaited go to `abandoned`.
     pub(crate) fn install_snapshot(
         &mut self,
         snapshot: &Snapshot,
+        hard_state: HardState,
         seq: u64,
         write: &mut LogWrite,
         abandoned: &mut Vec<Vec<T::WriteReply>>,
@@ -207,7 +208,7 @@ impl<T: Types> Peer<T> {
         self.membership = membership;
         abandoned.extend(self.replica.on_snapshot(index));
         self.replica.raw.mut_store().reset(index, term, seq);
-        write.resets.push((range, index, term));
+        write.resets.push((range, index, term, hard_state));
         self.snapshots_installed += 1;
         self.snapshot_unpersisted = index;
         Ok(())

@@ -72,9 +72,8 @@ impl RangeLog {
     }
 
     /// Returns whether the compaction point moved.
-    /// A snapshot installed at (index, term): the log restarts after it. As the
-    /// node's log engine does (a range removal), the hard state goes too: whoever
-    /// resets writes one after.
+    /// A snapshot installed at (index, term): the log restarts after it, its hard
+    /// state replaced by the one the reset carries (set by the caller).
     pub fn reset(&mut self, index: u64, term: u64) {
         self.entries.clear();
         self.hard_state = HardState::default();
@@ -118,8 +117,10 @@ impl Disk {
     }
 
     fn apply(&mut self, write: &LogWrite) -> Result<u64, String> {
-        for &(range, index, term) in &write.resets {
-            self.range_mut(range).reset(index, term);
+        for (range, index, term, hard_state) in &write.resets {
+            let log = self.range_mut(*range);
+            log.reset(*index, *term);
+            log.hard_state = hard_state.clone();
         }
         for (range, entries) in &write.appends {
             self.range_mut(*range).append(*range, entries)?;

@@ -697,6 +697,14 @@ impl Worker {
         let mut host = NodeHost::new(&self.shared, &self.control_sender);
         match message {
             Inbound::Raft { range, message } => {
+                // Once raft-rs takes a snapshot, one that cannot be installed stops
+                // the store: a malformed one is dropped here, as the network might.
+                if message.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                    if let Err(why) = check_snapshot(range, message.get_snapshot()) {
+                        tracing::warn!(%range, from = message.from, why, "dropping a malformed snapshot");
+                        return;
+                    }
+                }
                 self.driver.on_raft(range, message, received, &mut host)
             }
             Inbound::Heartbeats { heartbeats, kind } => {
@@ -790,6 +798,40 @@ fn internal(why: &str) -> proto::Error {
 }
 
 /// The core's view of a descriptor's members (`conf_ver` from its epoch).
+/// Whether `snapshot` of `range` can be installed here: the core's framing, a
+/// `RangeSnapshot` of this range at the snapshot's index and term, whose descriptor
+/// names the members of its raft configuration. What `install_snapshot` relies on.
+fn check_snapshot(range: RangeId, snapshot: &raft::eraftpb::Snapshot) -> Result<(), String> {
+    let meta = snapshot.get_metadata();
+    let (membership, payload) = rangekv_raftstore::operation::snapshot::decode(snapshot.get_data())
+        .ok_or("its framing does not decode")?;
+    if !membership.matches(meta.get_conf_state()) {
+        return Err("its membership is not its raft configuration".into());
+    }
+    let decoded = proto::RangeSnapshot::decode(payload).map_err(|error| error.to_string())?;
+    let descriptor = decoded.descriptor.ok_or("it has no descriptor")?;
+    if descriptor.range_id != range.get()
+        || (decoded.applied_index, decoded.applied_term) != (meta.index, meta.term)
+    {
+        return Err(format!(
+            "it holds range {} at {}/t{}",
+            descriptor.range_id, decoded.applied_index, decoded.applied_term
+        ));
+    }
+    let members = membership_of(&descriptor).map_err(|error| error.to_string())?;
+    if members != membership {
+        return Err("its descriptor's members are not its membership".into());
+    }
+    let mut sessions = Vec::with_capacity(decoded.sessions.len());
+    for session in decoded.sessions {
+        let id =
+            <[u8; 16]>::try_from(&session.id[..]).map_err(|_| "a session id is not 16 bytes")?;
+        sessions.push((u128::from_be_bytes(id), session.record.to_vec()));
+    }
+    command::Sessions::load(sessions).map_err(|error| error.to_string())?;
+    Ok(())
+}
+
 fn membership_of(descriptor: &RangeDescriptor) -> Result<Membership, NodeError> {
     let mut members = Vec::with_capacity(descriptor.replicas.len());
     for p in &descriptor.replicas {
@@ -816,4 +858,106 @@ fn membership_of(descriptor: &RangeDescriptor) -> Result<Membership, NodeError> 
         descriptor.epoch.unwrap_or_default().conf_ver,
         members,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn descriptor(range: u64) -> RangeDescriptor {
+        RangeDescriptor {
+            range_id: range,
+            epoch: Some(proto::RangeEpoch {
+                version: 1,
+                conf_ver: 2,
+            }),
+            replicas: (1..=3)
+                .map(|id| proto::Peer {
+                    peer_id: id,
+                    store_id: id,
+                    role: proto::PeerRole::Voter as i32,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// A snapshot as a leader frames it: `payload` after the members of `framed`.
+    fn snapshot(
+        framed: &RangeDescriptor,
+        payload: &proto::RangeSnapshot,
+    ) -> raft::eraftpb::Snapshot {
+        let membership = membership_of(framed).unwrap();
+        let data =
+            rangekv_raftstore::operation::snapshot::encode(&membership, &payload.encode_to_vec());
+        let mut snapshot = raft::eraftpb::Snapshot::default();
+        snapshot.set_data(data.into());
+        let meta = snapshot.mut_metadata();
+        (meta.index, meta.term) = (40, 3);
+        meta.set_conf_state(membership.conf_state());
+        snapshot
+    }
+
+    /// A malformed snapshot is refused before raft-rs takes it (after, it would stop
+    /// the store): each way a peer could get it wrong.
+    #[test]
+    fn only_a_snapshot_this_store_can_install_is_taken() {
+        let range = RangeId(5);
+        let good = proto::RangeSnapshot {
+            descriptor: Some(descriptor(5)),
+            applied_index: 40,
+            applied_term: 3,
+            data: vec![proto::KeyValue {
+                key: b"k".to_vec().into(),
+                value: b"v".to_vec().into(),
+            }],
+            sessions: Vec::new(),
+        };
+        assert_eq!(
+            check_snapshot(range, &snapshot(&descriptor(5), &good)),
+            Ok(())
+        );
+
+        let mut garbage = snapshot(&descriptor(5), &good);
+        garbage.set_data(b"garbage".to_vec().into());
+        let refused = |snapshot: raft::eraftpb::Snapshot, why: &str| {
+            let error = check_snapshot(range, &snapshot).unwrap_err();
+            assert!(error.contains(why), "{error}");
+        };
+        refused(garbage, "framing");
+        let other_range = proto::RangeSnapshot {
+            descriptor: Some(descriptor(6)),
+            ..good.clone()
+        };
+        refused(snapshot(&descriptor(5), &other_range), "holds range 6");
+        let stale = proto::RangeSnapshot {
+            applied_index: 39,
+            ..good.clone()
+        };
+        refused(snapshot(&descriptor(5), &stale), "at 39/t3");
+        let mut two_members = descriptor(5);
+        two_members.replicas.pop();
+        let mismatched = proto::RangeSnapshot {
+            descriptor: Some(two_members),
+            ..good.clone()
+        };
+        refused(snapshot(&descriptor(5), &mismatched), "members");
+        let bad_session = proto::RangeSnapshot {
+            sessions: vec![proto::SessionRecord {
+                id: vec![1; 15].into(),
+                record: Vec::new().into(),
+            }],
+            ..good.clone()
+        };
+        refused(snapshot(&descriptor(5), &bad_session), "16 bytes");
+        let corrupt_session = proto::RangeSnapshot {
+            sessions: vec![proto::SessionRecord {
+                id: vec![1; 16].into(),
+                record: b"x".to_vec().into(),
+            }],
+            ..good
+        };
+        let error = check_snapshot(range, &snapshot(&descriptor(5), &corrupt_session)).unwrap_err();
+        assert!(!error.is_empty());
+    }
 }

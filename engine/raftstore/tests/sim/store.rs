@@ -432,7 +432,13 @@ impl World {
             .u64(write.seq.unwrap_or(0))
             .u64(write.appends.len() as u64)
             .u64(write.compactions.len() as u64);
-        let latency = if self.disk_rng.chance(20) {
+        let stall = self.core.election_timeout().as_nanos() as u64;
+        let stalls = self.phase == super::world::Phase::Chaos;
+        let latency = if self.disk_rng.chance(1) && stalls {
+            // A disk stall longer than an election timeout: the store's followers
+            // campaign with log writes (a snapshot's reset among them) in flight.
+            self.disk_rng.range(stall, 3 * stall)
+        } else if self.disk_rng.chance(20) {
             self.disk_rng.range(10 * MS, 200 * MS)
         } else {
             self.disk_rng.range(MS / 5, 3 * MS)

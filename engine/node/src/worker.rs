@@ -316,8 +316,8 @@ impl Host<NodeTypes> for NodeHost<'_> {
         Ok(Some(encoded))
     }
 
-    /// Replaces the range's state with the snapshot's in one synced RocksDB write
-    /// (`StateMachine::install_image`), then its descriptor and sessions here.
+    /// Replaces the range's state with the snapshot's in one RocksDB write and a
+    /// flush (`StateMachine::install_image`), then its descriptor and sessions here.
     fn install_snapshot(
         &mut self,
         handle: &mut RangeHandle,

@@ -335,9 +335,19 @@ impl StateMachine {
     /// The client sessions recorded for `range` (see `rangekv_raftstore::session`),
     /// by session id, as the apply batches wrote them.
     pub fn sessions(&self, range: RangeId) -> Result<Vec<(u128, Vec<u8>)>, StateError> {
+        self.sessions_with(range, ReadOptions::default())
+    }
+
+    /// `sessions`, read with `options` (a snapshot's, say).
+    fn sessions_with(
+        &self,
+        range: RangeId,
+        options: ReadOptions,
+    ) -> Result<Vec<(u128, Vec<u8>)>, StateError> {
         let start = range_meta_key(SESSION_PREFIX, range);
-        let iter = self.db.iterator_cf(
+        let iter = self.db.iterator_cf_opt(
             self.cf(CF_META),
+            options,
             IteratorMode::From(&start, Direction::Forward),
         );
         let mut out = Vec::new();
@@ -380,26 +390,9 @@ impl StateMachine {
             let (key, value) = item?;
             data.push((key.into_vec(), value.into_vec()));
         }
-        let prefix = range_meta_key(SESSION_PREFIX, range);
         let mut options = ReadOptions::default();
         options.set_snapshot(&snapshot);
-        let iter = self.db.iterator_cf_opt(
-            self.cf(CF_META),
-            options,
-            IteratorMode::From(&prefix, Direction::Forward),
-        );
-        let mut sessions = Vec::new();
-        for item in iter {
-            let (key, value) = item?;
-            if !key.starts_with(&prefix) {
-                break;
-            }
-            let id: [u8; 16] = key[9..].try_into().map_err(|_| StateError::CorruptMeta {
-                range,
-                what: "session key is not 25 bytes",
-            })?;
-            sessions.push((u128::from_be_bytes(id), value.into_vec()));
-        }
+        let sessions = self.sessions_with(range, options)?;
         let apply_state = match snapshot.get_cf(self.cf(CF_META), apply_state_key(range))? {
             Some(raw) => ApplyState::decode(range, &raw)?,
             None => ApplyState::default(),
